@@ -1,0 +1,43 @@
+# Countersign — two commands: `make demo` and `make test`. Everything installs into .venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+IDP_STAMP  := tests/idp/node_modules/.installed
+
+.PHONY: demo test lint unit install clean bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip==26.3"
+
+$(STAMP): pyproject.toml requirements.lock | $(BIN)/python
+	$(BIN)/pip install --quiet -c requirements.lock -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP) pyproject.toml requirements.lock
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[test]'
+	touch $@
+
+$(IDP_STAMP): tests/idp/package.json tests/idp/package-lock.json
+	cd tests/idp && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/countersign demo
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff format --check proxy tests bench
+	$(BIN)/mypy proxy
+
+unit: $(TEST_STAMP) $(IDP_STAMP)
+	$(BIN)/pytest -q
+
+test: lint unit
+
+clean:
+	rm -rf $(VENV) tests/idp/node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,65 @@
+"""Plain data passed between the parts of the request path.
+
+Nothing here imports aiohttp, redis or slack: authn produces an `Identity`, the server turns a
+request into a `RequestInfo`, policy returns a `Decision`. Keeping these dumb lets the pure parts
+(policy, approvals) be tested and benchmarked without a server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Action(str, Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+    APPROVE = "approve"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is calling, as established by authn.
+
+    `owner` is the human an agent acts for (the `act.sub` claim by default); approvals use it to
+    refuse self-approval by the agent's own operator.
+    """
+
+    subject: str
+    issuer: str  # the OIDC issuer URL, or "api-key" for static keys
+    client_id: str | None = None
+    email: str | None = None
+    groups: frozenset[str] = frozenset()
+    owner: str | None = None
+    claims: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_log(self) -> dict[str, Any]:
+        """The fields worth putting in an audit event (never the raw claims: they may hold PII)."""
+        return {
+            "subject": self.subject,
+            "issuer": self.issuer,
+            "client_id": self.client_id,
+            "email": self.email,
+            "groups": sorted(self.groups),
+            "owner": self.owner,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What the policy judges: the method and the normalized path that will be forwarded."""
+
+    method: str
+    path: str  # percent-decoded, normalized; exactly what is forwarded upstream
+    route: str | None  # route name, None when no route matched
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy's verdict and why (`reason` is human-readable, used by `countersign explain`)."""
+
+    action: Action
+    rule: str | None  # rule name; None when the default applied
+    reason: str

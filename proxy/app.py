@@ -1,0 +1,90 @@
+"""The one wiring point: builds every part from `Settings` and owns their lifecycles.
+
+Nothing else chooses concrete classes. authn, policy, routing and forward never import each
+other; the server handler receives them ready-made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from .audit import AuditLog, StreamSink, null_audit
+from .authn import Authenticator
+from .authn.apikeys import ApiKeyAuthenticator
+from .authn.oidc import OIDCVerifier
+from .config import Settings
+from .forward import Forwarder
+from .policy import Policy
+from .routing import RouteTable
+from .server.internal import internal_routes
+from .server.metrics import Metrics
+from .server.proxy_handler import ProxyHandler
+
+SETTINGS_KEY = web.AppKey("settings", Settings)
+AUDIT_KEY = web.AppKey("audit", AuditLog)
+
+
+def build_audit(settings: Settings) -> AuditLog:
+    import sys
+
+    if not settings.audit.stdout:
+        return null_audit()
+    return AuditLog([StreamSink(sys.stdout)])
+
+
+def build_app(settings: Settings, *, audit_log: AuditLog | None = None) -> web.Application:
+    """An aiohttp application serving the proxy for `settings`.
+
+    Parts that need a running loop (the upstream connection pool) are created on startup and
+    closed on cleanup.
+    """
+    audit_log = audit_log if audit_log is not None else build_audit(settings)
+    policy = Policy.compile(settings.policy)  # compiled once; errors surface before serving
+    routes = RouteTable(settings.routes)
+    metrics = Metrics()
+    # client_max_size bounds only bodies the proxy itself reads (API calls); proxied bodies
+    # are streamed and never read whole.
+    app = web.Application(client_max_size=settings.server.max_body_bytes)
+    app[SETTINGS_KEY] = settings
+    app[AUDIT_KEY] = audit_log
+    holder: dict[str, ProxyHandler] = {}
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        forwarder = Forwarder(
+            connect_timeout=settings.server.upstream_connect_timeout_seconds,
+            read_timeout=settings.server.upstream_timeout_seconds,
+        )
+        oidc = OIDCVerifier(
+            settings.identity.issuers,
+            settings.identity.claims,
+            forwarder.session,
+            cache_size=settings.identity.token_cache_size,
+            refresh_cooldown=settings.identity.jwks_refresh_cooldown_seconds,
+        )
+        authenticator = Authenticator(ApiKeyAuthenticator(settings.identity.api_keys), oidc)
+        holder["proxy"] = ProxyHandler(
+            server=settings.server,
+            authenticator=authenticator,
+            routes=routes,
+            policy=policy,
+            forwarder=forwarder,
+            audit_log=audit_log,
+            metrics=metrics,
+        )
+        try:
+            yield
+        finally:
+            await forwarder.aclose()
+            await audit_log.aclose()
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        return await holder["proxy"].handle(request)
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_routes(internal_routes(metrics, ready=lambda: {"proxy": "proxy" in holder}))
+    # [\s\S] and not ".": a decoded path may hold a newline, and such a request must still reach
+    # the proxy handler to be refused with a clear 400 rather than aiohttp's plain-text 404.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", proxy)
+    return app

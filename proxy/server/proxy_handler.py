@@ -1,0 +1,291 @@
+"""The proxy handler: authn → route → policy → (gate) → forward, with an audit event per step.
+
+Every refusal is a JSON body with an `error` code and the request id. The path is normalized
+once here; the policy judges that path and the very same path is what goes upstream.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .. import audit
+from ..audit import AuditLog
+from ..authn import Authenticator, AuthError, IdentityUnavailable
+from ..config import RouteSettings, ServerSettings
+from ..forward import HOP_BY_HOP, Forwarder, UpstreamError, UpstreamResponse
+from ..paths import AmbiguousRequest, check_method_override, encode_path, normalize_path
+from ..policy import Policy
+from ..routing import RouteTable, upstream_path
+from ..types import Action, Identity, RequestInfo
+from .metrics import Metrics
+from .responses import REQUEST_ID_HEADER, error_response
+
+# Headers the client sends for us, never for the upstream.
+_CLIENT_ONLY = frozenset(
+    {
+        "host",
+        "authorization",
+        "countersign-reason",
+        "countersign-approval",
+        "expect",
+        REQUEST_ID_HEADER.lower(),
+    }
+)
+_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class _Route:
+    """A route's per-request constants, computed once at start."""
+
+    __slots__ = ("inject", "origin", "settings")
+
+    def __init__(self, settings: RouteSettings) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(settings.upstream)
+        self.settings = settings
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        self.inject = tuple(settings.inject_headers.items())
+
+
+class ProxyHandler:
+    def __init__(
+        self,
+        *,
+        server: ServerSettings,
+        authenticator: Authenticator,
+        routes: RouteTable,
+        policy: Policy,
+        forwarder: Forwarder,
+        audit_log: AuditLog,
+        metrics: Metrics,
+    ) -> None:
+        self._authenticator = authenticator
+        self._routes = routes
+        self._route_info: dict[str, _Route] = {}
+        self._policy = policy
+        self._forwarder = forwarder
+        self._audit = audit_log
+        self._metrics = metrics
+        self._trusted = tuple(ipaddress.ip_network(n, strict=False) for n in server.trusted_proxies)
+        self._read_timeout = server.upstream_timeout_seconds
+
+    def _route(self, settings: RouteSettings) -> _Route:
+        info = self._route_info.get(settings.name)
+        if info is None:
+            info = self._route_info[settings.name] = _Route(settings)
+        return info
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        request_id = uuid.uuid4().hex
+        started = time.monotonic()
+        raw_path, _, query = request.raw_path.partition("?")
+        self._audit.emit(
+            audit.REQUEST_RECEIVED,
+            request_id=request_id,
+            method=request.method,
+            path=raw_path,
+            remote=request.remote,
+        )
+        outcome, status = "error", 500
+        try:
+            response = await self._handle(request, request_id, raw_path, query)
+            # Refusals are complete `web.Response`s; forwarded answers are streamed.
+            outcome = "refused" if isinstance(response, web.Response) else "forwarded"
+            status = response.status
+            return response
+        finally:
+            self._metrics.observe(outcome, status, time.monotonic() - started)
+
+    async def _handle(
+        self, request: web.Request, request_id: str, raw_path: str, query: str
+    ) -> web.StreamResponse:
+        def refuse(status: int, error: str, identity: Identity | None = None, **fields: Any
+                   ) -> web.Response:
+            self._audit.emit(
+                audit.REQUEST_REFUSED,
+                request_id=request_id,
+                status=status,
+                error=error,
+                identity=identity.to_log() if identity else None,
+                **fields,
+            )
+            headers = None
+            if status == 401:
+                description = str(fields.get("message", "")).replace('"', "'")
+                headers = {
+                    "WWW-Authenticate": f'Bearer error="invalid_token", '
+                    f'error_description="{description}"'
+                }
+            return error_response(status, error, request_id=request_id, headers=headers, **fields)
+
+        if request.method == "CONNECT":
+            return refuse(405, "method_not_allowed", message="CONNECT is not proxied")
+        try:
+            check_method_override(request.headers.keys())
+            path = normalize_path(raw_path)
+        except AmbiguousRequest as exc:
+            return refuse(400, "ambiguous_request", reason=exc.reason, message=exc.message)
+
+        try:
+            identity = await self._authenticator.authenticate(request.headers.get("Authorization"))
+        except AuthError as exc:
+            return refuse(401, "unauthorized", message=exc.description)
+        except IdentityUnavailable:
+            return refuse(503, "identity_unavailable", message="cannot verify tokens right now")
+
+        route_settings = self._routes.match(path)
+        if route_settings is None:
+            return refuse(404, "no_route", identity, path=path)
+        route = self._route(route_settings)
+
+        info = RequestInfo(method=request.method, path=path, route=route_settings.name)
+        decision = self._policy.evaluate(info, identity)
+        self._audit.emit(
+            audit.POLICY_DECIDED,
+            request_id=request_id,
+            identity=identity.to_log(),
+            method=info.method,
+            path=path,
+            route=info.route,
+            rule=decision.rule,
+            action=decision.action.value,
+        )
+        if decision.action is Action.DENY:
+            return refuse(403, "policy_denied", identity, rule=decision.rule, route=info.route)
+        if decision.action is Action.APPROVE:
+            # The approval gate arrives with the approvals service; until then, fail closed.
+            return refuse(
+                503,
+                "approvals_unavailable",
+                identity,
+                rule=decision.rule,
+                route=info.route,
+                message="approvals are not available on this proxy yet",
+            )
+        return await self._forward(request, request_id, identity, route, path, query, decision.rule)
+
+    def _upstream_headers(self, request: web.Request, route: _Route, request_id: str
+                          ) -> CIMultiDict[str]:
+        headers = request.headers
+        named: set[str] = set()
+        for value in headers.getall("Connection", ()):
+            named.update(token.strip().lower() for token in value.split(","))
+        trusted = self._is_trusted(request.remote)
+        out: CIMultiDict[str] = CIMultiDict()
+        for key, value in headers.items():
+            lower = key.lower()
+            if lower in HOP_BY_HOP or lower in _CLIENT_ONLY or lower in named:
+                continue
+            if lower in _FORWARDED and not trusted:
+                continue
+            if lower.startswith("x-forwarded-") and lower in _FORWARDED:
+                continue  # rebuilt below from the trusted values
+            out.add(key, value)
+        peer = request.remote or ""
+        prior_for = headers.get("X-Forwarded-For") if trusted else None
+        out["X-Forwarded-For"] = f"{prior_for}, {peer}" if prior_for else peer
+        out["X-Forwarded-Proto"] = (
+            headers.get("X-Forwarded-Proto", request.scheme) if trusted else request.scheme
+        )
+        out["X-Forwarded-Host"] = (
+            headers.get("X-Forwarded-Host", request.host) if trusted else request.host
+        )
+        out[REQUEST_ID_HEADER] = request_id
+        for key, value in route.inject:
+            out[key] = value
+        return out
+
+    def _is_trusted(self, remote: str | None) -> bool:
+        if not self._trusted or not remote:
+            return False
+        try:
+            address = ipaddress.ip_address(remote)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
+
+    async def _forward(
+        self,
+        request: web.Request,
+        request_id: str,
+        identity: Identity,
+        route: _Route,
+        path: str,
+        query: str,
+        rule: str | None,
+    ) -> web.StreamResponse:
+        started = time.monotonic()
+        target = route.origin + encode_path(upstream_path(route.settings, path))
+        if query:
+            target += "?" + query
+        body = request.content.iter_any() if request.body_exists else None
+        try:
+            upstream = await self._forwarder.send(
+                request.method,
+                target,
+                self._upstream_headers(request, route, request_id).items(),
+                body,
+                read_timeout=route.settings.timeout_seconds or self._read_timeout,
+            )
+        except UpstreamError as exc:
+            self._audit.emit(
+                audit.REQUEST_REFUSED,
+                request_id=request_id,
+                status=exc.status,
+                error=exc.code,
+                identity=identity.to_log(),
+                route=route.settings.name,
+                rule=rule,
+                message=str(exc),
+            )
+            return error_response(
+                exc.status, exc.code, request_id=request_id, route=route.settings.name
+            )
+        try:
+            response, sent = await self._stream_back(request, upstream, request_id)
+        finally:
+            upstream.close()
+        self._audit.emit(
+            audit.REQUEST_FORWARDED,
+            request_id=request_id,
+            identity=identity.to_log(),
+            method=request.method,
+            path=path,
+            route=route.settings.name,
+            rule=rule,
+            status=upstream.status,
+            bytes_sent=sent,
+            duration_ms=round((time.monotonic() - started) * 1000, 3),
+        )
+        return response
+
+    async def _stream_back(
+        self, request: web.Request, upstream: UpstreamResponse, request_id: str
+    ) -> tuple[web.StreamResponse, int]:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(upstream.headers)
+        response.headers[REQUEST_ID_HEADER] = request_id
+        length = upstream.content_length
+        if length is not None:
+            response.content_length = length
+        await response.prepare(request)
+        sent = 0
+        if request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES:
+            async for chunk in upstream.iter_body():
+                await response.write(chunk)
+                sent += len(chunk)
+        await response.write_eof()
+        return response, sent
+
+
+def reserved_not_found(request_id_headers: Sequence[str] = ()) -> web.Response:
+    return error_response(404, "not_found", message="unknown /_countersign/ endpoint")

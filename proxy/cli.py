@@ -90,7 +90,7 @@ def _claim(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="countersign",
-        description="Identity-aware proxy that holds AI agents' privileged calls for human approval.",
+        description="Identity-aware proxy: AI agents' privileged calls wait for human approval.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

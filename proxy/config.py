@@ -101,7 +101,8 @@ class IssuerSettings(_Model):
                 raise ValueError(f"algorithm {alg!r} is never accepted (HS* and none are refused)")
             if alg not in ALLOWED_ALGORITHMS:
                 raise ValueError(
-                    f"unknown algorithm {alg!r}; use some of {', '.join(sorted(ALLOWED_ALGORITHMS))}"
+                    f"unknown algorithm {alg!r}; "
+                    f"use some of {', '.join(sorted(ALLOWED_ALGORITHMS))}"
                 )
         if not v:
             raise ValueError("at least one algorithm is required")
@@ -287,7 +288,9 @@ class Settings(_Model):
         rule_names = [r.name for r in self.policy.rules]
         dup = {n for n in rule_names if rule_names.count(n) > 1}
         if dup:
-            raise _RefError(("policy", "rules"), f"duplicate rule name(s): {', '.join(sorted(dup))}")
+            raise _RefError(
+                ("policy", "rules"), f"duplicate rule name(s): {', '.join(sorted(dup))}"
+            )
         for i, rule in enumerate(self.policy.rules):
             if rule.route is not None and rule.route not in names:
                 raise _RefError(
@@ -363,7 +366,10 @@ class _Builder:
                     what = "duplicate key" if key in out else "keys must be plain strings"
                     self.issues.append(
                         ConfigIssue(
-                            self.file, key_node.start_mark.line + 1, format_loc(loc), f"{what}: {key}"
+                            self.file,
+                            key_node.start_mark.line + 1,
+                            format_loc(loc),
+                            f"{what}: {key}",
                         )
                     )
                     continue
@@ -404,7 +410,9 @@ class _Builder:
 _SCALAR_LOADER = yaml.SafeLoader("")
 
 
-def load_settings_text(text: str, file: str = "<config>", env: Mapping[str, str] | None = None) -> Settings:
+def load_settings_text(
+    text: str, file: str = "<config>", env: Mapping[str, str] | None = None
+) -> Settings:
     """Parse and validate a configuration; raise `ConfigError` listing every problem found."""
     env = os.environ if env is None else env
     try:
@@ -430,7 +438,9 @@ def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Set
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([ConfigIssue(str(path), None, "", f"cannot read: {exc.strerror}")]) from None
+        raise ConfigError(
+            [ConfigIssue(str(path), None, "", f"cannot read: {exc.strerror}")]
+        ) from None
     return load_settings_text(text, str(path), env)
 
 
@@ -473,7 +483,8 @@ def summary(settings: Settings) -> str:
     """The short line `countersign check` prints on success."""
     approve = sum(1 for r in settings.policy.rules if r.action is Action.APPROVE)
     return (
-        f"{len(settings.identity.issuers)} issuer(s), {len(settings.identity.api_keys)} API key(s), "
+        f"{len(settings.identity.issuers)} issuer(s), "
+        f"{len(settings.identity.api_keys)} API key(s), "
         f"{len(settings.routes)} route(s), {len(settings.policy.rules)} rule(s) "
         f"({approve} approve), default {settings.policy.default.value}, "
         f"store {settings.store.url.split('://')[0]}"

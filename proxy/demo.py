@@ -101,7 +101,8 @@ A forbidden delete (rule "no-deletes"): 403 policy_denied
   curl -s -X DELETE {auth} {base}/cloud/buckets/reports
 
 A privileged export (rule "exports"): needs a human's approval
-  curl -s -X POST {auth} -H "Content-Type: application/json" -d '{export}' {base}/cloud/exports/customers
+  curl -s -X POST {auth} -H "Content-Type: application/json" \\
+       -d '{export}' {base}/cloud/exports/customers
 
 No token: 401 with WWW-Authenticate
   curl -si {base}/cloud/buckets

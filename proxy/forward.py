@@ -11,7 +11,6 @@ and pools keep-alive connections across all routes.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -52,7 +51,7 @@ class UpstreamTimeout(UpstreamError):
 
 def strip_hop_by_hop(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """A copy without hop-by-hop headers, including those named in `Connection`."""
-    named = set()
+    named: set[str] = set()
     for value in headers.getall("Connection", []) if isinstance(headers, CIMultiDictProxy) else []:
         named.update(token.strip().lower() for token in value.split(","))
     out: CIMultiDict[str] = CIMultiDict()
@@ -141,7 +140,7 @@ class Forwarder:
                 timeout=timeout,
                 compress=None,
             )
-        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(str(exc) or "upstream timed out") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(str(exc) or type(exc).__name__) from exc

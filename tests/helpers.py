@@ -42,7 +42,10 @@ policy:
       action: approve
       approvers: {{groups: [data-owners]}}
     - {{name: no-deletes, methods: [DELETE], action: deny}}
-    - {{name: uploads, methods: [PUT, POST], paths: ["/cloud/uploads/**", "/raw/**"], action: allow}}
+    - name: uploads
+      methods: [PUT, POST]
+      paths: ["/cloud/uploads/**", "/raw/**"]
+      action: allow
 """
 
 

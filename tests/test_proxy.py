@@ -168,9 +168,7 @@ async def test_ambiguous_paths_are_refused_with_400(
 
 async def test_method_override_headers_are_refused(make_proxy: Factory) -> None:
     client, _ = await make_proxy()
-    resp = await client.get(
-        "/cloud/buckets", headers={**AGENT, "X-HTTP-Method-Override": "DELETE"}
-    )
+    resp = await client.get("/cloud/buckets", headers={**AGENT, "X-HTTP-Method-Override": "DELETE"})
     assert resp.status == 400
     body = await resp.json()
     assert body == {**body, "error": "ambiguous_request", "reason": "method_override"}
@@ -268,9 +266,11 @@ async def test_no_decompression_and_no_cookie_jar(make_proxy: Factory) -> None:
     resp = await client.get("/cloud/cookie", headers=AGENT)
     assert "session=upstream-cookie" in resp.headers["set-cookie"]
     # The proxy must not remember the upstream's cookie for the next caller.
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as fresh:
-        async with fresh.get(client.make_url("/cloud/echo"), headers=AGENT) as resp:
-            assert "cookie" not in (await resp.json())["headers"]
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as fresh,
+        fresh.get(client.make_url("/cloud/echo"), headers=AGENT) as resp,
+    ):
+        assert "cookie" not in (await resp.json())["headers"]
 
 
 async def test_upload_streams_through(make_proxy: Factory) -> None:

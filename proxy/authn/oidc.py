@@ -29,6 +29,8 @@ from .errors import AuthError, IdentityUnavailable
 log = structlog.get_logger("countersign.authn")
 
 _FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
+# After a failed fetch, requests fail fast (503) for this long instead of each retrying the IdP.
+_FAILURE_BACKOFF_SECONDS = 1.0
 
 
 def claim_at(claims: Mapping[str, Any], path: str) -> Any:
@@ -72,7 +74,8 @@ class _IssuerKeys:
         self._cooldown = cooldown
         self._keys: dict[str, jwt.PyJWK] = {}
         self._jwks_uri: str | None = None
-        self._last_fetch = float("-inf")
+        self._last_miss_refresh = float("-inf")
+        self._last_failure = float("-inf")
         self._lock = asyncio.Lock()
 
     async def key_for(self, kid: str | None) -> jwt.PyJWK:
@@ -84,8 +87,15 @@ class _IssuerKeys:
             key = self._lookup(kid)
             if key is not None:
                 return key
-            if time.monotonic() - self._last_fetch < self._cooldown and self._keys:
-                raise AuthError("token signed with an unknown key")
+            now = time.monotonic()
+            if now - self._last_failure < _FAILURE_BACKOFF_SECONDS:
+                raise IdentityUnavailable(f"cannot fetch keys of {self.settings.issuer}")
+            if self._keys:
+                # Keys are loaded and this kid is not among them: refetch (key rotation), but
+                # at most once per cooldown, whatever kids strangers invent.
+                if now - self._last_miss_refresh < self._cooldown:
+                    raise AuthError("token signed with an unknown key")
+                self._last_miss_refresh = now
             await self._refresh()
         key = self._lookup(kid)
         if key is None:
@@ -99,7 +109,6 @@ class _IssuerKeys:
         return self._keys.get(kid)
 
     async def _refresh(self) -> None:
-        self._last_fetch = time.monotonic()
         issuer = self.settings.issuer
         try:
             if self._jwks_uri is None:
@@ -108,17 +117,18 @@ class _IssuerKeys:
                 )
                 discovery = await self._get_json(url)
                 if discovery.get("issuer") != issuer:
-                    raise IdentityUnavailable(
+                    raise ValueError(
                         f"discovery document at {url} names issuer {discovery.get('issuer')!r}, "
                         f"expected {issuer!r}"
                     )
                 jwks_uri = discovery.get("jwks_uri")
                 if not isinstance(jwks_uri, str):
-                    raise IdentityUnavailable(f"discovery document at {url} has no jwks_uri")
+                    raise ValueError(f"discovery document at {url} has no jwks_uri")
                 self._jwks_uri = jwks_uri
             jwks = await self._get_json(self._jwks_uri)
             keyset = jwt.PyJWKSet.from_dict(jwks)
         except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWKSetError) as exc:
+            self._last_failure = time.monotonic()
             log.warning("jwks.fetch_failed", issuer=issuer, error=str(exc) or type(exc).__name__)
             raise IdentityUnavailable(f"cannot fetch keys of {issuer}") from exc
         self._keys = {k.key_id: k for k in keyset.keys if k.key_id is not None}

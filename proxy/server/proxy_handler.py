@@ -108,8 +108,9 @@ class ProxyHandler:
     async def _handle(
         self, request: web.Request, request_id: str, raw_path: str, query: str
     ) -> web.StreamResponse:
-        def refuse(status: int, error: str, identity: Identity | None = None, **fields: Any
-                   ) -> web.Response:
+        def refuse(
+            status: int, error: str, identity: Identity | None = None, **fields: Any
+        ) -> web.Response:
             self._audit.emit(
                 audit.REQUEST_REFUSED,
                 request_id=request_id,
@@ -173,8 +174,9 @@ class ProxyHandler:
             )
         return await self._forward(request, request_id, identity, route, path, query, decision.rule)
 
-    def _upstream_headers(self, request: web.Request, route: _Route, request_id: str
-                          ) -> CIMultiDict[str]:
+    def _upstream_headers(
+        self, request: web.Request, route: _Route, request_id: str
+    ) -> CIMultiDict[str]:
         headers = request.headers
         named: set[str] = set()
         for value in headers.getall("Connection", ()):

@@ -37,8 +37,12 @@ async def serve(settings: Settings) -> None:
     except OSError as exc:
         log.error("server.listen_failed", listen=settings.server.listen, error=str(exc))
         sys.exit(1)
-    log.info("server.started", listen=settings.server.listen, routes=len(settings.routes),
-             rules=len(settings.policy.rules))
+    log.info(
+        "server.started",
+        listen=settings.server.listen,
+        routes=len(settings.routes),
+        rules=len(settings.policy.rules),
+    )
     try:
         await stop.wait()
     finally:

@@ -11,7 +11,7 @@ and pools keep-alive connections across all routes.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -69,8 +69,15 @@ class UpstreamResponse:
     headers: CIMultiDict[str]
     _response: aiohttp.ClientResponse
 
-    def iter_body(self, chunk_size: int = 65536) -> AsyncIterable[bytes]:
-        return self._response.content.iter_chunked(chunk_size)
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; a failure mid-body raises `UpstreamError` like `send` does."""
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+            raise UpstreamTimeout(str(exc) or "upstream timed out mid-body") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(str(exc) or type(exc).__name__) from exc
 
     @property
     def content_length(self) -> int | None:

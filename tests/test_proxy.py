@@ -329,6 +329,27 @@ async def test_upstream_unreachable_is_502(make_proxy: Factory) -> None:
     assert sink.named("request.refused")[0]["status"] == 502
 
 
+async def test_upstream_failing_mid_body_cuts_the_client_off(make_proxy: Factory) -> None:
+    client, sink = await make_proxy()
+    resp = await client.get("/cloud/truncate", headers=AGENT)
+    assert resp.status == 200  # the status line had already been relayed
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()  # ... but the body is visibly truncated, never complete-looking
+    forwarded = sink.named("request.forwarded")[0]
+    assert forwarded["error"] == "upstream_unavailable" and forwarded["bytes_sent"] == 10
+
+
+async def test_upstream_connections_are_reused(make_proxy: Factory, upstream: TestServer) -> None:
+    client, _ = await make_proxy()
+    for _ in range(10):
+        resp = await client.get("/cloud/echo", headers=AGENT)
+        assert resp.status == 200
+        await resp.read()
+    # Ten sequential requests, one pooled keep-alive connection to the upstream.
+    assert upstream.runner is not None and upstream.runner.server is not None
+    assert len(upstream.runner.server.connections) == 1
+
+
 async def test_upstream_timeout_is_504(make_proxy: Factory) -> None:
     client, _ = await make_proxy()
     resp = await client.get("/raw/slow", headers=AGENT)  # route timeout 0.5 s

@@ -5,6 +5,7 @@
 - /slow: answers after 5 s
 - /gzip: a gzip-encoded body with Content-Encoding: gzip
 - /cookie: sets a cookie
+- /truncate: promises 1 MiB, sends 10 bytes and drops the connection
 - /download/{n}: n bytes of zeros, streamed
 """
 
@@ -67,6 +68,18 @@ async def _cookie(_: web.Request) -> web.Response:
     return response
 
 
+async def _truncate(request: web.Request) -> web.StreamResponse:
+    """Promises 1 MiB, sends 10 bytes, then drops the connection."""
+    response = web.StreamResponse()
+    response.content_length = 1 << 20
+    await response.prepare(request)
+    await response.write(b"0123456789")
+    await asyncio.sleep(0.05)
+    assert request.transport is not None
+    request.transport.abort()
+    return response
+
+
 async def _download(request: web.Request) -> web.StreamResponse:
     total = int(request.match_info["n"])
     response = web.StreamResponse()
@@ -90,6 +103,7 @@ def upstream_app() -> web.Application:
         app.router.add_get(base + "/slow", _slow)
         app.router.add_get(base + "/gzip", _gzip)
         app.router.add_get(base + "/cookie", _cookie)
+        app.router.add_get(base + "/truncate", _truncate)
         app.router.add_get(base + "/download/{n}", _download)
     app.router.add_route("*", "/{tail:.*}", _echo)
     return app

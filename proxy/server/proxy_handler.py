@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import time
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -19,7 +18,7 @@ from .. import audit
 from ..audit import AuditLog
 from ..authn import Authenticator, AuthError, IdentityUnavailable
 from ..config import RouteSettings, ServerSettings
-from ..forward import HOP_BY_HOP, Forwarder, UpstreamError, UpstreamResponse
+from ..forward import HOP_BY_HOP, Forwarder, UpstreamError
 from ..paths import AmbiguousRequest, check_method_override, encode_path, normalize_path
 from ..policy import Policy
 from ..routing import RouteTable, upstream_path
@@ -252,42 +251,44 @@ class ProxyHandler:
             return error_response(
                 exc.status, exc.code, request_id=request_id, route=route.settings.name
             )
-        try:
-            response, sent = await self._stream_back(request, upstream, request_id)
-        finally:
-            upstream.close()
-        self._audit.emit(
-            audit.REQUEST_FORWARDED,
-            request_id=request_id,
-            identity=identity.to_log(),
-            method=request.method,
-            path=path,
-            route=route.settings.name,
-            rule=rule,
-            status=upstream.status,
-            bytes_sent=sent,
-            duration_ms=round((time.monotonic() - started) * 1000, 3),
-        )
-        return response
-
-    async def _stream_back(
-        self, request: web.Request, upstream: UpstreamResponse, request_id: str
-    ) -> tuple[web.StreamResponse, int]:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(upstream.headers)
         response.headers[REQUEST_ID_HEADER] = request_id
-        length = upstream.content_length
-        if length is not None:
-            response.content_length = length
-        await response.prepare(request)
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
         sent = 0
-        if request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES:
-            async for chunk in upstream.iter_body():
-                await response.write(chunk)
-                sent += len(chunk)
-        await response.write_eof()
-        return response, sent
-
-
-def reserved_not_found(request_id_headers: Sequence[str] = ()) -> web.Response:
-    return error_response(404, "not_found", message="unknown /_countersign/ endpoint")
+        failure: str | None = None
+        try:
+            await response.prepare(request)
+            if request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES:
+                async for chunk in upstream.iter_body():
+                    await response.write(chunk)
+                    sent += len(chunk)
+            await response.write_eof()
+            upstream.release()  # fully read: the connection goes back to the pool
+        except UpstreamError as exc:
+            # The status line is already sent, so the only honest signal left is to cut the
+            # client's connection: it sees a truncated body, never a complete-looking one.
+            failure = exc.code
+            upstream.close()
+            if request.transport is not None:
+                request.transport.abort()
+        except ConnectionError:
+            failure = "client_disconnected"
+            upstream.close()
+            raise  # aiohttp drops the connection quietly
+        finally:
+            self._audit.emit(
+                audit.REQUEST_FORWARDED,
+                request_id=request_id,
+                identity=identity.to_log(),
+                method=request.method,
+                path=path,
+                route=route.settings.name,
+                rule=rule,
+                status=upstream.status,
+                bytes_sent=sent,
+                duration_ms=round((time.monotonic() - started) * 1000, 3),
+                error=failure,
+            )
+        return response

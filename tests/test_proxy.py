@@ -394,3 +394,36 @@ async def _raw_request(
     except ValueError:
         parsed = None
     return {"status": status, "json": parsed, "raw": data}
+
+
+async def test_head_is_forwarded_without_a_body(make_proxy: Factory) -> None:
+    client, _ = await make_proxy()
+    resp = await client.head("/cloud/echo", headers=AGENT)
+    assert resp.status == 200
+    assert int(resp.headers["Content-Length"]) > 0
+    assert await resp.read() == b""
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "Content-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
+        "Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    ],
+    ids=["cl-and-te", "duplicate-cl", "malformed-chunk"],
+)
+async def test_request_smuggling_framings_are_refused(make_proxy: Factory, framing: str) -> None:
+    client, sink = await make_proxy()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        (
+            f"POST /cloud/uploads/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {AGENT_KEY}\r\n"
+            f"Connection: close\r\n{framing}"
+        ).encode()
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer.split(b"\r\n", 1)[0].endswith(b"400 Bad Request")
+    assert not sink.named("request.forwarded"), "nothing may reach the upstream"

@@ -81,6 +81,7 @@ def main() -> None:
         .read_text()
         .replace("127.0.0.1:8080", f"127.0.0.1:{proxy_port}")
         .replace("https://cloud.example.com/", f"http://127.0.0.1:{up_port}/")
+        .replace("https://idp.example.com", "http://127.0.0.1:9")  # loopback only
         .replace(
             "api_keys:",
             f'api_keys:\n    - {{sha256: "{key_digest(KEY)}", subject: "bench", groups: [agents]}}',

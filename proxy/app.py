@@ -6,6 +6,7 @@ other; the server handler receives them ready-made.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -73,9 +74,11 @@ def build_app(settings: Settings, *, audit_log: AuditLog | None = None) -> web.A
             audit_log=audit_log,
             metrics=metrics,
         )
+        warm_up = asyncio.create_task(oidc.prefetch())
         try:
             yield
         finally:
+            warm_up.cancel()
             await forwarder.aclose()
             await audit_log.aclose()
 

@@ -1,12 +1,15 @@
 """Operational logs (not the audit trail): JSON lines on stderr through structlog.
 
-stdout carries the audit trail only, so that piping it to a collector gets nothing else.
+stdout carries the audit trail only, so that piping it to a collector gets nothing else. Logs of
+libraries that use the standard `logging` module (aiohttp's refusal of a malformed request, for
+one) are rendered as the same JSON lines.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
 
@@ -14,14 +17,28 @@ from .audit.redact import redact_event
 
 
 def configure_logging(level: int = logging.INFO) -> None:
+    shared: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+    ]
     structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
-            redact_event,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=[*shared, redact_event, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                redact_event,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import OrderedDict
@@ -102,6 +103,13 @@ class _IssuerKeys:
             raise AuthError("token signed with an unknown key")
         return key
 
+    async def prefetch(self) -> None:
+        """Load the keys ahead of the first request; failures are logged and retried later."""
+        async with self._lock:
+            if not self._keys:
+                with contextlib.suppress(IdentityUnavailable):
+                    await self._refresh()
+
     def _lookup(self, kid: str | None) -> jwt.PyJWK | None:
         if kid is None:
             # Without a kid we only accept the token when the issuer has exactly one key.
@@ -164,6 +172,10 @@ class OIDCVerifier:
     @property
     def configured(self) -> bool:
         return bool(self._issuers)
+
+    async def prefetch(self) -> None:
+        """Fetch every issuer's discovery document and JWKS, so the first request is fast."""
+        await asyncio.gather(*(issuer.prefetch() for issuer in self._issuers.values()))
 
     async def verify(self, token: str) -> Identity:
         cached = self._cache.get(token)

@@ -293,6 +293,16 @@ async def test_upload_streams_through(make_proxy: Factory) -> None:
     assert echo["body_sha256"] == digest.hexdigest()
 
 
+async def test_sized_upload_keeps_its_content_length(make_proxy: Factory) -> None:
+    client, _ = await make_proxy()
+    body = b"y" * 100_000
+    resp = await client.put("/cloud/uploads/sized.bin", headers=AGENT, data=body)
+    echo = await resp.json()
+    assert echo["body_bytes"] == len(body)
+    assert echo["headers"]["content-length"] == str(len(body))
+    assert "transfer-encoding" not in echo["headers"]
+
+
 async def test_sse_events_arrive_before_the_stream_ends(make_proxy: Factory) -> None:
     client, _ = await make_proxy()
     loop = asyncio.get_running_loop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import time
 import uuid
+from urllib.parse import urlsplit
 from typing import Any
 
 from aiohttp import web
@@ -37,7 +38,8 @@ _CLIENT_ONLY = frozenset(
         REQUEST_ID_HEADER.lower(),
     }
 )
-_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
+# Rebuilt by the proxy on every request (extended from a trusted proxy's values).
+_X_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -47,8 +49,6 @@ class _Route:
     __slots__ = ("inject", "origin", "settings")
 
     def __init__(self, settings: RouteSettings) -> None:
-        from urllib.parse import urlsplit
-
         parts = urlsplit(settings.upstream)
         self.settings = settings
         self.origin = f"{parts.scheme}://{parts.netloc}"
@@ -186,10 +186,8 @@ class ProxyHandler:
             lower = key.lower()
             if lower in HOP_BY_HOP or lower in _CLIENT_ONLY or lower in named:
                 continue
-            if lower in _FORWARDED and not trusted:
+            if lower in _X_FORWARDED or (lower == "forwarded" and not trusted):
                 continue
-            if lower.startswith("x-forwarded-") and lower in _FORWARDED:
-                continue  # rebuilt below from the trusted values
             out.add(key, value)
         peer = request.remote or ""
         prior_for = headers.get("X-Forwarded-For") if trusted else None

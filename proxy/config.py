@@ -152,6 +152,9 @@ class RouteSettings(_Model):
     def _prefix(cls, v: str) -> str:
         if not v.startswith("/"):
             raise ValueError(f"must start with '/', got {v!r}")
+        from .routing import check_prefix  # late: routing imports these settings
+
+        check_prefix(v)
         return v
 
     @field_validator("upstream")
@@ -170,6 +173,16 @@ class WhenSettings(_Model):
     subjects: tuple[str, ...] = ()  # identity subject is one of these
     # claim path (dotted, e.g. "act.sub") -> required value or list of accepted values
     claims: Mapping[str, str | tuple[str, ...]] = Field(default_factory=dict)
+
+    @field_validator("claims")
+    @classmethod
+    def _claims(cls, v: Mapping[str, str | tuple[str, ...]]) -> Mapping[str, Any]:
+        for name, accepted in v.items():
+            if isinstance(accepted, tuple) and not accepted:
+                raise ValueError(
+                    f"claim {name!r} lists no accepted value; the rule could never match"
+                )
+        return v
 
 
 class ApproversSettings(_Model):
@@ -210,9 +223,12 @@ class RuleSettings(_Model):
     @field_validator("paths")
     @classmethod
     def _paths(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from .policy import check_glob  # late: policy imports these settings
+
         for p in v:
             if not p.startswith("/"):
                 raise ValueError(f"path globs must start with '/', got {p!r}")
+            check_glob(p)
         return v
 
     @model_validator(mode="after")
@@ -281,7 +297,8 @@ class Settings(_Model):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise _RefError(("routes",), f"duplicate route name(s): {', '.join(sorted(dup))}")
-        prefixes = [r.prefix for r in self.routes]
+        # "/cloud" and "/cloud/" are the same route prefix.
+        prefixes = [r.prefix.rstrip("/") or "/" for r in self.routes]
         dup = {p for p in prefixes if prefixes.count(p) > 1}
         if dup:
             raise _RefError(("routes",), f"duplicate route prefix(es): {', '.join(sorted(dup))}")

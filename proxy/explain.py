@@ -59,6 +59,8 @@ def explain(
     )
     lines.append("rules:")
     for step in explanation.trace:
+        if not step.evaluated:
+            continue  # first match wins: later rules are never looked at
         mark = "✔" if step.matched else "✘"
         lines.append(f"  {mark} {step.rule}: {step.reason}")
     decision = explanation.decision

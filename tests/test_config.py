@@ -152,3 +152,34 @@ def test_all_errors_of_a_pass_are_reported_together() -> None:
 def test_invalid_yaml_names_the_line() -> None:
     [issue] = errors_of("server:\n  listen: [\n")
     assert issue.startswith("c.yaml:3: invalid YAML: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "policy:\n  rules:\n    - {name: r, action: allow, paths: ['/a//b']}\n",
+            "c.yaml:3: policy.rules[0].paths: path glob '/a//b' has an empty segment ('//'); it can never match",
+        ),
+        (
+            "policy:\n  rules:\n    - {name: r, action: allow, paths: ['/a/x**']}\n",
+            "c.yaml:3: policy.rules[0].paths: path glob '/a/x**': '**' must be a whole path segment",
+        ),
+        (
+            "routes:\n  - {name: a, prefix: '/a/../b/', upstream: 'http://x'}\n",
+            "c.yaml:2: routes[0].prefix: route prefix '/a/../b/' can never match",
+        ),
+        (
+            "routes:\n  - {name: a, prefix: /a, upstream: 'http://x'}\n  - {name: b, prefix: /a/, upstream: 'http://x'}\n",
+            "c.yaml:1: routes: duplicate route prefix(es): /a",
+        ),
+        (
+            "policy:\n  rules:\n    - {name: r, action: allow, when: {claims: {tier: []}}}\n",
+            "c.yaml:3: policy.rules[0].when.claims: claim 'tier' lists no accepted value; the rule could never match",
+        ),
+    ],
+)
+def test_globs_and_prefixes_that_can_never_match_are_config_errors(
+    text: str, expected: str
+) -> None:
+    assert any(issue.startswith(expected) for issue in errors_of(text)), errors_of(text)

@@ -294,3 +294,13 @@ def test_no_method_override_passes() -> None:
     check_method_override([])
     check_method_override(["Host", "Content-Type", "X-HTTP-Method-Overrides", "X-Method"])
     check_method_override(iter(["Authorization"]))  # any iterable
+
+
+def test_check_method_refuses_lower_case() -> None:
+    from proxy.paths import check_method
+
+    check_method("DELETE")
+    check_method("M-SEARCH")
+    with pytest.raises(AmbiguousRequest) as info:
+        check_method("delete")
+    assert info.value.reason == "method_case"

@@ -166,6 +166,14 @@ async def test_ambiguous_paths_are_refused_with_400(
     assert resp["json"]["reason"] == reason
 
 
+async def test_lower_case_methods_are_refused(make_proxy: Factory) -> None:
+    client, sink = await make_proxy()
+    # aiohttp's parser refuses these itself; `paths.check_method` stands behind it.
+    resp = await _raw_request(client, "delete /cloud/buckets/reports HTTP/1.1", AGENT)
+    assert resp["status"] == 400
+    assert not sink.named("request.forwarded")
+
+
 async def test_method_override_headers_are_refused(make_proxy: Factory) -> None:
     client, _ = await make_proxy()
     resp = await client.get("/cloud/buckets", headers={**AGENT, "X-HTTP-Method-Override": "DELETE"})

@@ -9,8 +9,8 @@ from __future__ import annotations
 import ipaddress
 import time
 import uuid
-from urllib.parse import urlsplit
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -20,7 +20,13 @@ from ..audit import AuditLog
 from ..authn import Authenticator, AuthError, IdentityUnavailable
 from ..config import RouteSettings, ServerSettings
 from ..forward import HOP_BY_HOP, Forwarder, UpstreamError
-from ..paths import AmbiguousRequest, check_method_override, encode_path, normalize_path
+from ..paths import (
+    AmbiguousRequest,
+    check_method,
+    check_method_override,
+    encode_path,
+    normalize_path,
+)
 from ..policy import Policy
 from ..routing import RouteTable, upstream_path
 from ..types import Action, Identity, RequestInfo
@@ -130,6 +136,7 @@ class ProxyHandler:
         if request.method == "CONNECT":
             return refuse(405, "method_not_allowed", message="CONNECT is not proxied")
         try:
+            check_method(request.method)
             check_method_override(request.headers.keys())
             path = normalize_path(raw_path)
         except AmbiguousRequest as exc:

@@ -1,0 +1,121 @@
+"""Route selection by path prefix (longest prefix wins) and the path to send upstream.
+
+Prefixes are compared segment by segment against the decoded, normalized path (see
+`proxy.paths.normalize_path`): a route with prefix "/cloud/" matches "/cloud", "/cloud/" and
+"/cloud/…", never "/cloudy". A prefix without a trailing slash ("/cloud") means the same thing.
+
+Pure code: no I/O, no aiohttp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from .paths import AmbiguousRequest, encode_path, normalize_path
+
+if TYPE_CHECKING:
+    from .config import RouteSettings
+
+__all__ = ["RouteTable", "upstream_path"]
+
+
+def _prefix_key(prefix: str) -> str:
+    # "/cloud/" and "/cloud" → "/cloud"; "/" → "" (matches every path).
+    return prefix.rstrip("/")
+
+
+def check_prefix(prefix: str) -> None:
+    """A prefix is a decoded path; it must be one that `normalize_path` can produce."""
+    if not prefix.startswith("/"):
+        raise ValueError(f"route prefix {prefix!r} must start with '/'")
+    try:
+        reachable = normalize_path(encode_path(prefix)) == prefix
+    except AmbiguousRequest as exc:
+        raise ValueError(f"route prefix {prefix!r} can never match: {exc.message}") from None
+    if not reachable:
+        raise ValueError(
+            f"route prefix {prefix!r} can never match: request paths are normalized "
+            "(no repeated slashes)"
+        )
+
+
+@lru_cache(maxsize=1024)
+def _upstream_base(upstream: str) -> str:
+    """The upstream URL's own path, decoded ("https://h/api/" → "/api/", "https://h" → "/").
+
+    Raises `AmbiguousRequest` (a ValueError) when that path is itself ambiguous.
+    """
+    return normalize_path(urlsplit(upstream).path or "/")
+
+
+def upstream_path(route: RouteSettings, path: str) -> str:
+    """The decoded path to request upstream for the decoded, normalized `path` on `route`.
+
+    With ``strip_prefix`` (the default) the route prefix is replaced by the upstream URL's path:
+    upstream "https://h/api/", prefix "/cloud/": "/cloud/x/y" → "/api/x/y", "/cloud/" and
+    "/cloud" → "/api/". With ``strip_prefix: false`` the whole path is appended to the upstream
+    path: upstream "https://h/base/": "/cloud/x" → "/base/cloud/x"; upstream "https://h":
+    "/cloud/x" → "/cloud/x".
+
+    `path` must be one that `route` matches. The result is decoded; encode it with
+    `proxy.paths.encode_path`.
+    """
+    base = _upstream_base(route.upstream)
+    if not route.strip_prefix:
+        return base.rstrip("/") + path
+    rest = path[len(_prefix_key(route.prefix)) :]
+    if not rest:
+        return base
+    return base.rstrip("/") + rest
+
+
+class RouteTable:
+    """Routes indexed by prefix; `match` costs one dict lookup per path segment."""
+
+    __slots__ = ("_by_key", "routes")
+
+    def __init__(self, routes: Sequence[RouteSettings]) -> None:
+        self.routes: tuple[RouteSettings, ...] = tuple(routes)
+        self._by_key: dict[str, RouteSettings] = {}
+        for route in self.routes:
+            check_prefix(route.prefix)
+            try:
+                _upstream_base(route.upstream)
+            except AmbiguousRequest as exc:
+                raise ValueError(
+                    f"route {route.name!r}: the path of upstream {route.upstream!r} is ambiguous: "
+                    f"{exc.message}"
+                ) from None
+            key = _prefix_key(route.prefix)
+            other = self._by_key.get(key)
+            if other is not None:
+                raise ValueError(
+                    f"routes {other.name!r} ({other.prefix}) and {route.name!r} ({route.prefix}) "
+                    "have the same prefix"
+                )
+            self._by_key[key] = route
+
+    def __len__(self) -> int:
+        return len(self.routes)
+
+    def match(self, path: str) -> RouteSettings | None:
+        """The route with the longest prefix matching the decoded, normalized `path`, or None."""
+        by_key = self._by_key
+        # Candidates, longest first: the path itself (without one trailing slash), then each
+        # parent, down to "" (the "/" prefix).
+        candidate = path[:-1] if path.endswith("/") else path
+        while True:
+            route = by_key.get(candidate)
+            if route is not None:
+                return route
+            cut = candidate.rfind("/")
+            if cut < 0:
+                return None
+            candidate = candidate[:cut]
+
+    def upstream_path(self, route: RouteSettings, path: str) -> str:
+        """Same as the module-level `upstream_path`."""
+        return upstream_path(route, path)

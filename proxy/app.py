@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
+from .approvals.service import ApprovalService
 from .audit import AuditLog, StreamSink, null_audit
 from .authn import Authenticator
 from .authn.apikeys import ApiKeyAuthenticator
@@ -19,9 +21,13 @@ from .config import Settings
 from .forward import Forwarder
 from .policy import Policy
 from .routing import RouteTable
+from .server.api import api_routes
+from .server.gate import ApprovalGate
 from .server.internal import internal_routes
 from .server.metrics import Metrics
 from .server.proxy_handler import ProxyHandler
+from .store.base import Store
+from .store.memory import MemoryStore
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 AUDIT_KEY = web.AppKey("audit", AuditLog)
@@ -33,6 +39,14 @@ def build_audit(settings: Settings) -> AuditLog:
     if not settings.audit.stdout:
         return null_audit()
     return AuditLog([StreamSink(sys.stdout)])
+
+
+def build_store(settings: Settings) -> Store:
+    scheme = settings.store.url.partition("://")[0]
+    if scheme == "memory":
+        return MemoryStore()
+    # config refuses other schemes; this is the one place a new store gets wired in.
+    raise ValueError(f"unsupported store {settings.store.url!r}")
 
 
 def build_app(settings: Settings, *, audit_log: AuditLog | None = None) -> web.Application:
@@ -50,7 +64,11 @@ def build_app(settings: Settings, *, audit_log: AuditLog | None = None) -> web.A
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[SETTINGS_KEY] = settings
     app[AUDIT_KEY] = audit_log
-    holder: dict[str, ProxyHandler] = {}
+    store = build_store(settings)
+    approvals = ApprovalService(store, settings.approvals, audit_log)
+    gate = ApprovalGate(approvals, settings.server.max_body_bytes)
+    # Parts that need the running loop are made on startup; handlers find them here.
+    holder: dict[str, Any] = {}
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         forwarder = Forwarder(
@@ -65,6 +83,7 @@ def build_app(settings: Settings, *, audit_log: AuditLog | None = None) -> web.A
             refresh_cooldown=settings.identity.jwks_refresh_cooldown_seconds,
         )
         authenticator = Authenticator(ApiKeyAuthenticator(settings.identity.api_keys), oidc)
+        holder["authenticator"] = authenticator
         holder["proxy"] = ProxyHandler(
             server=settings.server,
             authenticator=authenticator,
@@ -73,20 +92,26 @@ def build_app(settings: Settings, *, audit_log: AuditLog | None = None) -> web.A
             forwarder=forwarder,
             audit_log=audit_log,
             metrics=metrics,
+            gate=gate,
         )
         warm_up = asyncio.create_task(oidc.prefetch())
+        approvals.start()
         try:
             yield
         finally:
             warm_up.cancel()
+            await approvals.aclose()
+            await store.aclose()
             await forwarder.aclose()
             await audit_log.aclose()
 
     async def proxy(request: web.Request) -> web.StreamResponse:
-        return await holder["proxy"].handle(request)
+        handler: ProxyHandler = holder["proxy"]
+        return await handler.handle(request)
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_routes(internal_routes(metrics, ready=lambda: {"proxy": "proxy" in holder}))
+    app.router.add_routes(api_routes(lambda: holder["authenticator"], approvals))
     # [\s\S] and not ".": a decoded path may hold a newline, and such a request must still reach
     # the proxy handler to be refused with a clear 400 rather than aiohttp's plain-text 404.
     app.router.add_route("*", r"/{tail:[\s\S]*}", proxy)

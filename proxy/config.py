@@ -136,6 +136,16 @@ class IdentitySettings(_Model):
 class StoreSettings(_Model):
     url: NonEmpty = "memory://"
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        scheme = v.partition("://")[0]
+        if scheme in ("redis", "rediss"):
+            raise ValueError("the Redis store is not available in this version; use memory://")
+        if v != "memory://":
+            raise ValueError(f"unknown store {v!r}; use memory://")
+        return v
+
 
 class RouteSettings(_Model):
     name: NonEmpty

@@ -63,3 +63,94 @@ class Decision:
     action: Action
     rule: str | None  # rule name; None when the default applied
     reason: str
+
+
+class ApprovalState(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    EXECUTED = "executed"
+
+
+class Verdict(StrEnum):
+    APPROVE = "approve"
+    DENY = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class Requester:
+    """Who asked for an approval: the parts of an `Identity` an approval keeps."""
+
+    subject: str
+    issuer: str
+    client_id: str | None = None
+    email: str | None = None
+    owner: str | None = None
+    groups: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, identity: Identity) -> Requester:
+        return cls(
+            subject=identity.subject,
+            issuer=identity.issuer,
+            client_id=identity.client_id,
+            email=identity.email,
+            owner=identity.owner,
+            groups=tuple(sorted(identity.groups)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """One approver's verdict on an approval."""
+
+    verdict: Verdict
+    approver_subject: str
+    approver_email: str | None
+    channel: str  # "api", "slack", "web"
+    reason: str | None
+    at: float  # unix time
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """Permission for one execution of one exact request by one identity.
+
+    Immutable: every transition (see `proxy.approvals.state`) returns a new value, which a store
+    swaps in atomically.
+    """
+
+    id: str
+    fingerprint: str
+    state: ApprovalState
+    created_at: float
+    expires_at: float
+    rule: str
+    route: str
+    method: str
+    path: str
+    query: str
+    requester: Requester
+    approver_groups: tuple[str, ...]
+    approver_users: tuple[str, ...]
+    quorum: int
+    reason: str | None = None  # the agent's stated intent (Countersign-Reason)
+    body_preview: str = ""
+    body_bytes: int = 0
+    content_type: str | None = None
+    request_id: str | None = None
+    decisions: tuple[DecisionRecord, ...] = ()
+    executed_at: float | None = None
+    upstream_status: int | None = None
+
+    @property
+    def approvals_count(self) -> int:
+        return len({d.approver_subject for d in self.decisions if d.verdict is Verdict.APPROVE})
+
+    @property
+    def final_decision(self) -> DecisionRecord | None:
+        """The decision that ended the approval (the denial, or the approval reaching quorum)."""
+        if self.state in (ApprovalState.DENIED, ApprovalState.APPROVED, ApprovalState.EXECUTED):
+            return self.decisions[-1] if self.decisions else None
+        return None

@@ -103,14 +103,6 @@ async def test_default_deny_when_no_rule_matches(make_proxy: Factory) -> None:
     assert (await resp.json()).get("rule") is None
 
 
-async def test_approve_rule_fails_closed_until_approvals_exist(make_proxy: Factory) -> None:
-    client, _ = await make_proxy()
-    resp = await client.post("/cloud/exports/customers", headers=AGENT, json={"format": "csv"})
-    assert resp.status == 503
-    body = await resp.json()
-    assert body["error"] == "approvals_unavailable" and body["rule"] == "exports"
-
-
 @pytest.mark.parametrize(
     ("headers", "description"),
     [

@@ -6,10 +6,13 @@ once here; the policy judges that path and the very same path is what goes upstr
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 import uuid
-from typing import Any
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -19,7 +22,7 @@ from .. import audit
 from ..audit import AuditLog
 from ..authn import Authenticator, AuthError, IdentityUnavailable
 from ..config import RouteSettings, ServerSettings
-from ..forward import HOP_BY_HOP, Forwarder, UpstreamError
+from ..forward import HOP_BY_HOP, Forwarder, UpstreamError, UpstreamResponse
 from ..paths import (
     AmbiguousRequest,
     check_method,
@@ -31,7 +34,10 @@ from ..policy import Policy
 from ..routing import RouteTable, upstream_path
 from ..types import Action, Identity, RequestInfo
 from .metrics import Metrics
-from .responses import REQUEST_ID_HEADER, error_response
+from .responses import APPROVAL_ID_HEADER, REQUEST_ID_HEADER, error_response
+
+if TYPE_CHECKING:
+    from .gate import ApprovalGate
 
 # Headers the client sends for us, never for the upstream.
 _CLIENT_ONLY = frozenset(
@@ -61,6 +67,20 @@ class _Route:
         self.inject = tuple(settings.inject_headers.items())
 
 
+@dataclass(slots=True)
+class Exchange:
+    """One request on its way through the proxy, as far as it has got."""
+
+    request: web.Request
+    request_id: str
+    raw_path: str
+    query: str
+    path: str = ""
+    identity: Identity | None = None
+    route: _Route | None = None
+    rule: str | None = None
+
+
 class ProxyHandler:
     def __init__(
         self,
@@ -72,6 +92,7 @@ class ProxyHandler:
         forwarder: Forwarder,
         audit_log: AuditLog,
         metrics: Metrics,
+        gate: ApprovalGate | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._routes = routes
@@ -80,6 +101,7 @@ class ProxyHandler:
         self._forwarder = forwarder
         self._audit = audit_log
         self._metrics = metrics
+        self._gate = gate
         self._trusted = tuple(ipaddress.ip_network(n, strict=False) for n in server.trusted_proxies)
         self._read_timeout = server.upstream_timeout_seconds
 
@@ -90,19 +112,19 @@ class ProxyHandler:
         return info
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        request_id = uuid.uuid4().hex
         started = time.monotonic()
         raw_path, _, query = request.raw_path.partition("?")
+        exchange = Exchange(request, uuid.uuid4().hex, raw_path, query)
         self._audit.emit(
             audit.REQUEST_RECEIVED,
-            request_id=request_id,
+            request_id=exchange.request_id,
             method=request.method,
             path=raw_path,
             remote=request.remote,
         )
         outcome, status = "error", 500
         try:
-            response = await self._handle(request, request_id, raw_path, query)
+            response = await self._handle(exchange)
             # Refusals are complete `web.Response`s; forwarded answers are streamed.
             outcome = "refused" if isinstance(response, web.Response) else "forwarded"
             status = response.status
@@ -110,75 +132,87 @@ class ProxyHandler:
         finally:
             self._metrics.observe(outcome, status, time.monotonic() - started)
 
-    async def _handle(
-        self, request: web.Request, request_id: str, raw_path: str, query: str
-    ) -> web.StreamResponse:
-        def refuse(
-            status: int, error: str, identity: Identity | None = None, **fields: Any
-        ) -> web.Response:
-            self._audit.emit(
-                audit.REQUEST_REFUSED,
-                request_id=request_id,
-                status=status,
-                error=error,
-                identity=identity.to_log() if identity else None,
-                **fields,
-            )
-            headers = None
-            if status == 401:
-                description = str(fields.get("message", "")).replace('"', "'")
-                headers = {
-                    "WWW-Authenticate": f'Bearer error="invalid_token", '
-                    f'error_description="{description}"'
-                }
-            return error_response(status, error, request_id=request_id, headers=headers, **fields)
+    def refuse(self, exchange: Exchange, status: int, error: str, **fields: Any) -> web.Response:
+        """A JSON refusal, audited as `request.refused`."""
+        identity = exchange.identity
+        self._audit.emit(
+            audit.REQUEST_REFUSED,
+            request_id=exchange.request_id,
+            status=status,
+            error=error,
+            identity=identity.to_log() if identity else None,
+            **fields,
+        )
+        headers = None
+        if status == 401:
+            description = str(fields.get("message", "")).replace('"', "'")
+            headers = {
+                "WWW-Authenticate": f'Bearer error="invalid_token", '
+                f'error_description="{description}"'
+            }
+        return error_response(
+            status, error, request_id=exchange.request_id, headers=headers, **fields
+        )
 
+    async def _handle(self, exchange: Exchange) -> web.StreamResponse:
+        request = exchange.request
         if request.method == "CONNECT":
-            return refuse(405, "method_not_allowed", message="CONNECT is not proxied")
+            return self.refuse(
+                exchange, 405, "method_not_allowed", message="CONNECT is not proxied"
+            )
         try:
             check_method(request.method)
             check_method_override(request.headers.keys())
-            path = normalize_path(raw_path)
+            exchange.path = normalize_path(exchange.raw_path)
         except AmbiguousRequest as exc:
-            return refuse(400, "ambiguous_request", reason=exc.reason, message=exc.message)
+            return self.refuse(
+                exchange, 400, "ambiguous_request", reason=exc.reason, message=exc.message
+            )
 
         try:
-            identity = await self._authenticator.authenticate(request.headers.get("Authorization"))
+            exchange.identity = await self._authenticator.authenticate(
+                request.headers.get("Authorization")
+            )
         except AuthError as exc:
-            return refuse(401, "unauthorized", message=exc.description)
+            return self.refuse(exchange, 401, "unauthorized", message=exc.description)
         except IdentityUnavailable:
-            return refuse(503, "identity_unavailable", message="cannot verify tokens right now")
+            return self.refuse(
+                exchange, 503, "identity_unavailable", message="cannot verify tokens right now"
+            )
+        identity = exchange.identity
 
-        route_settings = self._routes.match(path)
+        route_settings = self._routes.match(exchange.path)
         if route_settings is None:
-            return refuse(404, "no_route", identity, path=path)
-        route = self._route(route_settings)
+            return self.refuse(exchange, 404, "no_route", path=exchange.path)
+        exchange.route = self._route(route_settings)
 
-        info = RequestInfo(method=request.method, path=path, route=route_settings.name)
+        info = RequestInfo(method=request.method, path=exchange.path, route=route_settings.name)
         decision = self._policy.evaluate(info, identity)
+        exchange.rule = decision.rule
         self._audit.emit(
             audit.POLICY_DECIDED,
-            request_id=request_id,
+            request_id=exchange.request_id,
             identity=identity.to_log(),
             method=info.method,
-            path=path,
+            path=exchange.path,
             route=info.route,
             rule=decision.rule,
             action=decision.action.value,
         )
         if decision.action is Action.DENY:
-            return refuse(403, "policy_denied", identity, rule=decision.rule, route=info.route)
+            return self.refuse(exchange, 403, "policy_denied", rule=decision.rule, route=info.route)
         if decision.action is Action.APPROVE:
-            # The approval gate arrives with the approvals service; until then, fail closed.
-            return refuse(
-                503,
-                "approvals_unavailable",
-                identity,
-                rule=decision.rule,
-                route=info.route,
-                message="approvals are not available on this proxy yet",
-            )
-        return await self._forward(request, request_id, identity, route, path, query, decision.rule)
+            if self._gate is None or decision.rule is None:
+                return self.refuse(
+                    exchange, 503, "approvals_unavailable", rule=decision.rule, route=info.route
+                )
+            return await self._gate.handle(self, exchange, self._policy.rule(decision.rule))
+        body = request.content.iter_any() if request.body_exists else None
+        try:
+            upstream = await self.open_upstream(exchange, body)
+        except UpstreamError as exc:
+            return self.upstream_failed(exchange, exc)
+        return await self.relay(exchange, upstream, time.monotonic())
 
     def _upstream_headers(
         self, request: web.Request, route: _Route, request_id: str
@@ -219,46 +253,56 @@ class ProxyHandler:
             return False
         return any(address in network for network in self._trusted)
 
-    async def _forward(
+    async def open_upstream(
+        self, exchange: Exchange, body: AsyncIterable[bytes] | bytes | None
+    ) -> UpstreamResponse:
+        """Send the request upstream (streamed, or the buffered bytes of an approved one) and
+        return the response with its body unread. Raises `UpstreamError`."""
+        route = exchange.route
+        assert route is not None
+        target = route.origin + encode_path(upstream_path(route.settings, exchange.path))
+        if exchange.query:
+            target += "?" + exchange.query
+        headers = self._upstream_headers(exchange.request, route, exchange.request_id)
+        if isinstance(body, bytes):
+            headers["Content-Length"] = str(len(body))  # exactly the bytes that were approved
+        return await self._forwarder.send(
+            exchange.request.method,
+            target,
+            headers.items(),
+            body,
+            read_timeout=route.settings.timeout_seconds or self._read_timeout,
+        )
+
+    def upstream_failed(
+        self, exchange: Exchange, exc: UpstreamError, **fields: Any
+    ) -> web.Response:
+        route = exchange.route.settings.name if exchange.route else None
+        return self.refuse(
+            exchange,
+            exc.status,
+            exc.code,
+            route=route,
+            rule=exchange.rule,
+            message=str(exc),
+            **fields,
+        )
+
+    async def relay(
         self,
-        request: web.Request,
-        request_id: str,
-        identity: Identity,
-        route: _Route,
-        path: str,
-        query: str,
-        rule: str | None,
+        exchange: Exchange,
+        upstream: UpstreamResponse,
+        started: float,
+        *,
+        approval_id: str | None = None,
     ) -> web.StreamResponse:
-        started = time.monotonic()
-        target = route.origin + encode_path(upstream_path(route.settings, path))
-        if query:
-            target += "?" + query
-        body = request.content.iter_any() if request.body_exists else None
-        try:
-            upstream = await self._forwarder.send(
-                request.method,
-                target,
-                self._upstream_headers(request, route, request_id).items(),
-                body,
-                read_timeout=route.settings.timeout_seconds or self._read_timeout,
-            )
-        except UpstreamError as exc:
-            self._audit.emit(
-                audit.REQUEST_REFUSED,
-                request_id=request_id,
-                status=exc.status,
-                error=exc.code,
-                identity=identity.to_log(),
-                route=route.settings.name,
-                rule=rule,
-                message=str(exc),
-            )
-            return error_response(
-                exc.status, exc.code, request_id=request_id, route=route.settings.name
-            )
+        """Stream the upstream's answer back to the client, then audit `request.forwarded`."""
+        request = exchange.request
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(upstream.headers)
-        response.headers[REQUEST_ID_HEADER] = request_id
+        response.headers[REQUEST_ID_HEADER] = exchange.request_id
+        if approval_id is not None:
+            response.headers[APPROVAL_ID_HEADER] = approval_id
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         sent = 0
@@ -278,19 +322,21 @@ class ProxyHandler:
             upstream.close()
             if request.transport is not None:
                 request.transport.abort()
-        except ConnectionError:
+        except (ConnectionError, asyncio.CancelledError):
             failure = "client_disconnected"
             upstream.close()
             raise  # aiohttp drops the connection quietly
         finally:
+            identity = exchange.identity
             self._audit.emit(
                 audit.REQUEST_FORWARDED,
-                request_id=request_id,
-                identity=identity.to_log(),
+                request_id=exchange.request_id,
+                identity=identity.to_log() if identity else None,
                 method=request.method,
-                path=path,
-                route=route.settings.name,
-                rule=rule,
+                path=exchange.path,
+                route=exchange.route.settings.name if exchange.route else None,
+                rule=exchange.rule,
+                approval_id=approval_id,
                 status=upstream.status,
                 bytes_sent=sent,
                 duration_ms=round((time.monotonic() - started) * 1000, 3),

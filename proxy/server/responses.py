@@ -8,6 +8,9 @@ from typing import Any
 from aiohttp import web
 
 REQUEST_ID_HEADER = "X-Request-Id"
+APPROVAL_ID_HEADER = "Countersign-Approval-Id"  # on the answer to an approved request
+APPROVAL_HEADER = "Countersign-Approval"  # async mode: the client names the approval to use
+REASON_HEADER = "Countersign-Reason"  # the agent's stated intent, shown to approvers
 
 
 def error_response(

@@ -19,7 +19,15 @@ log = structlog.get_logger("countersign")
 async def start(settings: Settings, app: web.Application | None = None) -> web.AppRunner:
     """Start serving `settings.server.listen`; the caller owns the returned runner."""
     app = app if app is not None else build_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10)
+    # handler_cancellation: a client that hangs up while its request is held for approval
+    # stops waiting at once (the approval stays pending for its retry to join).
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=10,
+        handler_cancellation=True,
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=1024)
     await site.start()

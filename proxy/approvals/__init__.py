@@ -1,0 +1,1 @@
+"""Approvals: the pure state machine (`state`), the request fingerprint and the service."""

@@ -1,0 +1,289 @@
+"""The approvals service: open or join an approval, wait for it, decide it, execute it once.
+
+It owns the rules that need more than one approval at a time (audit, authorization against the
+directory, expiry sweeping) and leaves atomicity to the store. No aiohttp here: the server turns
+its results and errors into HTTP answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import structlog
+
+from .. import audit
+from ..audit import AuditLog
+from ..config import ApprovalsSettings, RuleSettings
+from ..store.base import Store
+from ..types import Approval, ApprovalState, DecisionRecord, Identity, Requester, Verdict
+from . import state
+from .fingerprint import body_preview, clean_reason, fingerprint
+
+log = structlog.get_logger("countersign.approvals")
+
+ID_PREFIX = "apr_"
+
+
+def new_approval_id() -> str:
+    return ID_PREFIX + secrets.token_urlsafe(18)  # 144 random bits
+
+
+class ApprovalNotFound(state.ApprovalError):
+    code = "approval_not_found"
+    status = 404
+
+
+class ReasonRequired(state.ApprovalError):
+    code = "reason_required"
+    status = 400
+
+
+def requester_log(requester: Requester) -> dict[str, Any]:
+    return {
+        "subject": requester.subject,
+        "issuer": requester.issuer,
+        "client_id": requester.client_id,
+        "email": requester.email,
+        "owner": requester.owner,
+    }
+
+
+class ApprovalService:
+    def __init__(
+        self,
+        store: Store,
+        settings: ApprovalsSettings,
+        audit_log: AuditLog,
+        *,
+        clock: Callable[[], float] = time.time,
+        sweep_interval: float = 0.5,
+    ) -> None:
+        self.store = store
+        self._settings = settings
+        self._directory: Mapping[str, Sequence[str]] = settings.groups
+        self._audit = audit_log
+        self._clock = clock
+        self._sweep_interval = sweep_interval
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def mode(self) -> str:
+        return self._settings.mode
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="approval-expiry")
+
+    async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.expire_due()
+            except Exception as exc:  # a store hiccup must not end the sweeper
+                log.warning("approvals.sweep_failed", error=str(exc) or type(exc).__name__)
+            await asyncio.sleep(self._sweep_interval)
+
+    async def expire_due(self) -> int:
+        """Expire every pending approval past its deadline; each is audited exactly once."""
+        now = self._clock()
+        count = 0
+        for approval_id in await self.store.due(now):
+            if await self._expire(approval_id, now) is not None:
+                count += 1
+        return count
+
+    async def _expire(self, approval_id: str, now: float) -> Approval | None:
+        expired = await self.store.expire(approval_id, now)
+        if expired is not None:
+            self._audit.emit(
+                audit.APPROVAL_EXPIRED,
+                approval_id=expired.id,
+                request_id=expired.request_id,
+                rule=expired.rule,
+                route=expired.route,
+                requester=requester_log(expired.requester),
+                outcome="expired",
+            )
+        return expired
+
+    # -- the requester's side ----------------------------------------------------------------
+
+    def fingerprint_of(
+        self, *, identity: Identity, method: str, path: str, query: str, route: str, body: bytes
+    ) -> str:
+        return fingerprint(
+            method=method,
+            path=path,
+            query=query,
+            route=route,
+            issuer=identity.issuer,
+            subject=identity.subject,
+            body=body,
+        )
+
+    async def open(
+        self,
+        *,
+        identity: Identity,
+        rule: RuleSettings,
+        method: str,
+        path: str,
+        query: str,
+        route: str,
+        body: bytes,
+        content_type: str | None,
+        reason: str | None,
+        request_id: str,
+        fingerprint: str | None = None,
+    ) -> tuple[Approval, bool]:
+        """Create the approval for this exact request, or join the one already open for it."""
+        now = self._clock()
+        timeout = rule.timeout_seconds or self._settings.timeout_seconds
+        approvers = rule.approvers
+        candidate = Approval(
+            id=new_approval_id(),
+            fingerprint=fingerprint
+            or self.fingerprint_of(
+                identity=identity, method=method, path=path, query=query, route=route, body=body
+            ),
+            state=ApprovalState.PENDING,
+            created_at=now,
+            expires_at=now + timeout,
+            rule=rule.name,
+            route=route,
+            method=method,
+            path=path,
+            query=query,
+            requester=Requester.of(identity),
+            approver_groups=approvers.groups if approvers else (),
+            approver_users=approvers.users if approvers else (),
+            quorum=rule.quorum,
+            reason=clean_reason(reason),
+            body_preview=body_preview(body, content_type),
+            body_bytes=len(body),
+            content_type=content_type,
+            request_id=request_id,
+        )
+        approval, created = await self.store.create_or_join(candidate)
+        if created:
+            self._audit.emit(
+                audit.APPROVAL_REQUESTED,
+                approval_id=approval.id,
+                request_id=request_id,
+                rule=approval.rule,
+                route=approval.route,
+                method=method,
+                path=path,
+                requester=requester_log(approval.requester),
+                reason=approval.reason,
+                quorum=approval.quorum,
+                expires_at=approval.expires_at,
+            )
+        return approval, created
+
+    async def get(self, approval_id: str) -> Approval | None:
+        return await self.store.get(approval_id)
+
+    async def wait_for_decision(self, approval_id: str) -> Approval:
+        """Wait until the approval leaves `pending`; at its deadline, expire it (audited)."""
+        while True:
+            approval = await self.store.get(approval_id)
+            if approval is None:
+                raise ApprovalNotFound("approval not found")
+            if approval.state is not ApprovalState.PENDING:
+                return approval
+            remaining = approval.expires_at - self._clock()
+            if remaining <= 0:
+                await self._expire(approval_id, self._clock())
+                continue
+            await self.store.wait(approval_id, remaining)
+
+    async def claim(self, approval_id: str) -> Approval:
+        return await self.store.claim(approval_id, self._clock())
+
+    async def record_outcome(self, approval_id: str, upstream_status: int) -> Approval:
+        return await self.store.record_outcome(approval_id, upstream_status)
+
+    # -- the approver's side -----------------------------------------------------------------
+
+    def may_see(self, approval: Approval, identity: Identity) -> bool:
+        """Requesters see their own approvals; approvers see those they could decide."""
+        if (approval.requester.issuer, approval.requester.subject) == (
+            identity.issuer,
+            identity.subject,
+        ):
+            return True
+        try:
+            state.check_approver(approval, identity, self._directory)
+        except state.SelfApproval:
+            return True  # the owner of the agent may look, never decide
+        except state.NotAnApprover:
+            return False
+        return True
+
+    async def list_for(
+        self, identity: Identity, approval_state: ApprovalState | None, limit: int = 100
+    ) -> list[Approval]:
+        approvals = await self.store.list(approval_state, limit=max(limit * 4, 200))
+        return [a for a in approvals if self.may_see(a, identity)][:limit]
+
+    async def decide(
+        self,
+        approval_id: str,
+        approver: Identity,
+        verdict: Verdict,
+        reason: str | None,
+        channel: str,
+    ) -> Approval:
+        reason = (reason or "").strip() or None
+        if verdict is Verdict.DENY and not reason:
+            raise ReasonRequired("a denial needs a reason")
+        approval = await self.store.get(approval_id)
+        if approval is None:
+            raise ApprovalNotFound("approval not found")
+        state.check_approver(approval, approver, self._directory)
+        record = DecisionRecord(
+            verdict=verdict,
+            approver_subject=approver.subject,
+            approver_email=approver.email,
+            channel=channel,
+            reason=reason,
+            at=self._clock(),
+        )
+        try:
+            decided = await self.store.decide(approval_id, record, record.at)
+        except state.NotPending as exc:
+            if exc.approval is not None and exc.approval.state is ApprovalState.EXPIRED:
+                await self._expire(approval_id, record.at)  # audit it if nobody has yet
+            raise
+        except KeyError:
+            raise ApprovalNotFound("approval not found") from None
+        self._audit.emit(
+            audit.APPROVAL_DECIDED,
+            approval_id=decided.id,
+            request_id=decided.request_id,
+            rule=decided.rule,
+            route=decided.route,
+            requester=requester_log(decided.requester),
+            approver={"subject": approver.subject, "email": approver.email},
+            channel=channel,
+            verdict=verdict.value,
+            reason=reason,
+            approvals=decided.approvals_count,
+            quorum=decided.quorum,
+            outcome=decided.state.value,
+        )
+        return decided

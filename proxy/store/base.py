@@ -1,0 +1,57 @@
+"""The `Store` protocol: every approval store (memory, Redis) offers exactly these operations,
+each atomic, and passes the shared conformance suite in `tests/store_conformance.py`.
+
+Transitions apply the pure functions of `proxy.approvals.state`; a store only makes them atomic
+and durable and wakes whoever waits on an approval.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..types import Approval, ApprovalState, DecisionRecord
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached: privileged requests fail closed with 503."""
+
+
+class Store(Protocol):
+    async def create_or_join(self, approval: Approval) -> tuple[Approval, bool]:
+        """Store `approval`, or return the joinable one (pending or approved, not yet executed)
+        that has the same fingerprint. The bool is True when `approval` was created."""
+        ...
+
+    async def get(self, approval_id: str) -> Approval | None: ...
+
+    async def decide(self, approval_id: str, record: DecisionRecord, now: float) -> Approval:
+        """Apply `state.decide` atomically; raises its errors, or KeyError for an unknown id."""
+        ...
+
+    async def claim(self, approval_id: str, now: float) -> Approval:
+        """approved → executed atomically; exactly one caller ever succeeds per approval."""
+        ...
+
+    async def record_outcome(self, approval_id: str, upstream_status: int) -> Approval: ...
+
+    async def expire(self, approval_id: str, now: float) -> Approval | None:
+        """pending → expired if its deadline has passed. Returns the approval only when this
+        call made the transition (so exactly one caller audits it)."""
+        ...
+
+    async def due(self, now: float, limit: int = 100) -> list[str]:
+        """Ids of pending approvals whose deadline has passed."""
+        ...
+
+    async def list(self, state: ApprovalState | None = None, limit: int = 100) -> list[Approval]:
+        """Newest first."""
+        ...
+
+    async def wait(self, approval_id: str, seconds: float) -> Approval | None:
+        """Return the approval as soon as it changes (or at once if it is not pending), or as it
+        is after `seconds`. None for an unknown id."""
+        ...
+
+    async def ping(self) -> bool: ...
+
+    async def aclose(self) -> None: ...

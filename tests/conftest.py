@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
+from proxy.app import build_app
+from proxy.audit import AuditLog
+from proxy.config import Settings
+from tests.helpers import ListSink, settings_for
 from tests.idp_fixture import DEFAULT_CLIENTS, TestIdP, start_idp
+from tests.upstream import upstream_app
+
+Client = TestClient[web.Request, web.Application]
+Factory = Callable[..., Awaitable[tuple[Client, ListSink]]]
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +31,33 @@ def idp() -> Iterator[TestIdP]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[TestServer]:
+    """A real upstream HTTP server on loopback (see tests/upstream.py)."""
+    server = TestServer(upstream_app())
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def make_proxy(upstream: TestServer) -> AsyncIterator[Factory]:
+    """Start the real proxy app in process; returns (client, audit sink)."""
+    clients: list[Client] = []
+
+    async def factory(settings: Settings | None = None, **kwargs: Any) -> tuple[Client, ListSink]:
+        sink = ListSink()
+        settings = settings or settings_for(str(upstream.make_url("/")), **kwargs)
+        server = TestServer(
+            build_app(settings, audit_log=AuditLog([sink])), handler_cancellation=True
+        )
+        client = TestClient(server)
+        await client.start_server()
+        clients.append(client)
+        return client, sink
+
+    yield factory
+    for client in clients:
+        await client.close()

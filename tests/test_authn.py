@@ -22,10 +22,8 @@ from proxy.app import build_app
 from proxy.audit import AuditLog
 from proxy.authn.oidc import OIDCVerifier
 from proxy.config import ClaimsSettings, IssuerSettings
-from tests.helpers import bearer, settings_for
+from tests.helpers import ListSink, bearer, settings_for
 from tests.idp_fixture import DEFAULT_CLIENTS, TestIdP, start_idp
-from tests.test_proxy import ListSink
-from tests.upstream import upstream_app
 
 
 class LocalIssuer:
@@ -100,14 +98,6 @@ async def local_issuer() -> AsyncIterator[LocalIssuer]:
     await issuer.server.start_server()
     yield issuer
     await issuer.server.close()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[TestServer]:
-    server = TestServer(upstream_app())
-    await server.start_server()
-    yield server
-    await server.close()
 
 
 async def _proxy(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -13,53 +13,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import build_app
-from proxy.audit import AuditLog, Sink
-from proxy.config import Settings
-from tests.helpers import AGENT_KEY, CI_KEY, bearer, settings_for
-from tests.upstream import GZIP_BODY, upstream_app
-
-
-class ListSink(Sink):
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def write(self, line: str) -> None:
-        self.events.append(json.loads(line))
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == name]
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[TestServer]:
-    server = TestServer(upstream_app())
-    await server.start_server()
-    yield server
-    await server.close()
-
-
-Factory = Callable[..., Awaitable[tuple[TestClient[web.Request, web.Application], ListSink]]]
-
-
-@pytest.fixture
-async def make_proxy(upstream: TestServer) -> AsyncIterator[Factory]:
-    clients: list[TestClient[web.Request, web.Application]] = []
-
-    async def factory(
-        settings: Settings | None = None, **kwargs: Any
-    ) -> tuple[TestClient[web.Request, web.Application], ListSink]:
-        sink = ListSink()
-        settings = settings or settings_for(str(upstream.make_url("/")), **kwargs)
-        client = TestClient(TestServer(build_app(settings, audit_log=AuditLog([sink]))))
-        await client.start_server()
-        clients.append(client)
-        return client, sink
-
-    yield factory
-    for client in clients:
-        await client.close()
-
+from tests.conftest import Factory
+from tests.helpers import AGENT_KEY, CI_KEY, bearer
+from tests.upstream import GZIP_BODY
 
 AGENT = bearer(AGENT_KEY)
 

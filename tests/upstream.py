@@ -23,9 +23,12 @@ GZIP_BODY = gzip.compress(b'{"compressed": true}')
 async def _echo(request: web.Request) -> web.StreamResponse:
     digest = hashlib.sha256()
     size = 0
+    head = bytearray()  # the first 64 KiB, echoed back as text
     async for chunk in request.content.iter_any():
         digest.update(chunk)
         size += len(chunk)
+        if len(head) < 65536:
+            head += chunk[: 65536 - len(head)]
     raw_path, _, query = request.raw_path.partition("?")
     return web.json_response(
         {
@@ -35,6 +38,7 @@ async def _echo(request: web.Request) -> web.StreamResponse:
             "headers": {k.lower(): v for k, v in request.headers.items()},
             "header_list": [[k, v] for k, v in request.headers.items()],
             "body_bytes": size,
+            "body": head.decode("utf-8", "replace"),
             "body_sha256": digest.hexdigest(),
         },
         headers={"Connection": "keep-alive, X-Upstream-Secret", "X-Upstream-Secret": "hop"},

@@ -1,0 +1,363 @@
+"""Approvals through the real app in process: hold and async modes, the API, every refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from tests.conftest import Client, Factory
+from tests.helpers import (
+    AGENT_KEY,
+    ALICE_KEY,
+    BOB_KEY,
+    CAROL_KEY,
+    DAVE_KEY,
+    MALLORY_KEY,
+    bearer,
+)
+
+AGENT = bearer(AGENT_KEY)
+ALICE = bearer(ALICE_KEY)
+EXPORT = "/cloud/exports/customers"
+API = "/_countersign/api/approvals"
+
+
+async def pending_id(client: Client, who: dict[str, str] = ALICE, tries: int = 100) -> str:
+    """The id of the one pending approval, once the held request has created it."""
+    for _ in range(tries):
+        resp = await client.get(API, params={"state": "pending"}, headers=who)
+        approvals = (await resp.json())["approvals"]
+        if approvals:
+            return str(approvals[0]["approval_id"])
+        await asyncio.sleep(0.02)
+    raise AssertionError("no pending approval appeared")
+
+
+async def decide(
+    client: Client, approval_id: str, who: dict[str, str], verdict: str, reason: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    body: dict[str, Any] = {"verdict": verdict}
+    if reason is not None:
+        body["reason"] = reason
+    resp = await client.post(f"{API}/{approval_id}/decision", json=body, headers=who)
+    return resp.status, await resp.json()
+
+
+def held(client: Client, body: dict[str, Any] | None = None, **headers: str) -> asyncio.Task[Any]:
+    async def call() -> tuple[int, dict[str, Any], dict[str, str]]:
+        resp = await client.post(
+            EXPORT, json=body or {"format": "csv"}, headers={**AGENT, **headers}
+        )
+        return resp.status, await resp.json(), dict(resp.headers)
+
+    return asyncio.create_task(call())
+
+
+async def test_hold_mode_approve_forwards_the_exact_request(make_proxy: Factory) -> None:
+    client, sink = await make_proxy()
+    call = held(client, {"format": "csv", "password": "hunter2"}, **{"Countersign-Reason": "Q3"})
+    approval_id = await pending_id(client)
+    assert approval_id.startswith("apr_") and len(approval_id) >= 4 + 22
+    shown = await (await client.get(f"{API}/{approval_id}", headers=ALICE)).json()
+    assert shown["requester"]["subject"] == "agent-key"
+    assert shown["requester"]["owner"] == "bob@example.com"
+    assert shown["reason"] == "Q3"
+    assert (shown["method"], shown["path"], shown["route"], shown["rule"]) == (
+        "POST",
+        EXPORT,
+        "cloud",
+        "exports",
+    )
+    assert "hunter2" not in shown["body_preview"] and '"format": "csv"' in shown["body_preview"]
+    assert not call.done(), "the agent's call is held open"
+
+    status, decided = await decide(client, approval_id, ALICE, "approve", "ok for Q3")
+    assert status == 200 and decided["state"] == "approved"
+    status, echo, headers = await asyncio.wait_for(call, 5)
+    assert status == 200
+    assert headers["Countersign-Approval-Id"] == approval_id
+    assert echo["path"] == "/api/exports/customers"
+    assert json.loads(echo["body"]) == {"format": "csv", "password": "hunter2"}
+    assert "countersign-reason" not in echo["headers"]
+
+    final = await (await client.get(f"{API}/{approval_id}", headers=ALICE)).json()
+    assert final["state"] == "executed" and final["upstream_status"] == 200
+    assert final["decisions"][0]["approver"]["email"] == "alice@example.com"
+    assert final["decisions"][0]["channel"] == "api"
+    requested = sink.named("approval.requested")[0]
+    assert requested["approval_id"] == approval_id and requested["rule"] == "exports"
+    assert requested["requester"]["subject"] == "agent-key"
+    event = sink.named("approval.decided")[0]
+    assert event["approver"]["email"] == "alice@example.com"
+    assert (event["channel"], event["reason"], event["outcome"]) == ("api", "ok for Q3", "approved")
+    assert sink.named("request.forwarded")[0]["approval_id"] == approval_id
+    assert "hunter2" not in json.dumps(sink.events)
+
+
+async def test_hold_mode_deny_returns_403_with_reason(make_proxy: Factory) -> None:
+    client, _ = await make_proxy()
+    call = held(client)
+    approval_id = await pending_id(client)
+    status, body = await decide(client, approval_id, ALICE, "deny", "not this quarter")
+    assert status == 200 and body["state"] == "denied"
+    status, body, _ = await asyncio.wait_for(call, 5)
+    assert status == 403
+    assert body["error"] == "approval_denied"
+    assert body["approval_id"] == approval_id and body["rule"] == "exports"
+    assert body["reason"] == "not this quarter"
+    assert body["decided_by"] == "alice@example.com"
+
+
+async def test_denial_needs_a_reason(make_proxy: Factory) -> None:
+    client, _ = await make_proxy()
+    call = held(client)
+    approval_id = await pending_id(client)
+    for reason in (None, "", "   "):
+        status, body = await decide(client, approval_id, ALICE, "deny", reason)
+        assert status == 400 and body["error"] == "reason_required"
+    await decide(client, approval_id, ALICE, "deny", "now with a reason")
+    await call
+
+
+async def test_expiry_releases_the_held_request_and_is_audited(make_proxy: Factory) -> None:
+    client, sink = await make_proxy(timeout=1)
+    status, body, _ = await asyncio.wait_for(held(client), 5)
+    assert status == 403
+    assert body["error"] == "approval_expired" and body["rule"] == "exports"
+    expired = sink.named("approval.expired")
+    assert len(expired) == 1 and expired[0]["approval_id"] == body["approval_id"]
+    status, late = await decide(client, body["approval_id"], ALICE, "approve")
+    assert status == 409 and late["error"] == "approval_not_pending"
+
+
+async def test_expiry_is_audited_even_with_nobody_waiting(make_proxy: Factory) -> None:
+    client, sink = await make_proxy(timeout=1, mode="async")
+    resp = await client.post(EXPORT, json={"a": 1}, headers=AGENT)
+    assert resp.status == 202
+    approval_id = (await resp.json())["approval_id"]
+    for _ in range(60):
+        if sink.named("approval.expired"):
+            break
+        await asyncio.sleep(0.05)
+    assert [e["approval_id"] for e in sink.named("approval.expired")] == [approval_id]
+
+
+async def test_retry_while_pending_joins_one_approval(make_proxy: Factory) -> None:
+    client, sink = await make_proxy()
+    first = held(client)
+    approval_id = await pending_id(client)
+    second = held(client)  # the agent's retry: same request, same caller
+    await asyncio.sleep(0.1)
+    assert len(sink.named("approval.requested")) == 1
+    await decide(client, approval_id, ALICE, "approve")
+    results = await asyncio.gather(first, second)
+    statuses = sorted(r[0] for r in results)
+    assert statuses == [200, 403], "one execution; the other waiter learns it was used"
+    used = next(r[1] for r in results if r[0] == 403)
+    assert used["error"] == "approval_used"
+    assert len(sink.named("request.forwarded")) == 1
+
+
+async def test_disconnect_then_retry_joins_and_runs_once(make_proxy: Factory) -> None:
+    client, sink = await make_proxy()
+    first = held(client)
+    approval_id = await pending_id(client)
+    first.cancel()  # the agent's HTTP client gives up; the approval stays pending
+    await asyncio.sleep(0.1)
+    shown = await (await client.get(f"{API}/{approval_id}", headers=ALICE)).json()
+    assert shown["state"] == "pending"
+    retry = held(client)
+    await asyncio.sleep(0.1)
+    await decide(client, approval_id, ALICE, "approve")
+    status, _, headers = await asyncio.wait_for(retry, 5)
+    assert status == 200 and headers["Countersign-Approval-Id"] == approval_id
+    assert len(sink.named("approval.requested")) == 1
+    assert len(sink.named("request.forwarded")) == 1
+
+
+async def test_different_body_is_a_different_approval(make_proxy: Factory) -> None:
+    client, sink = await make_proxy(mode="async")
+    one = await (await client.post(EXPORT, json={"a": 1}, headers=AGENT)).json()
+    two = await (await client.post(EXPORT, json={"a": 2}, headers=AGENT)).json()
+    assert one["approval_id"] != two["approval_id"]
+    assert len(sink.named("approval.requested")) == 2
+
+
+@pytest.mark.parametrize(
+    ("who", "error"),
+    [
+        (bearer(BOB_KEY), "self_approval"),  # the human the agent acts for
+        (AGENT, "self_approval"),  # the requester itself
+        (bearer(MALLORY_KEY), "not_found"),  # cannot even see it
+    ],
+)
+async def test_self_approval_and_strangers_are_refused(
+    make_proxy: Factory, who: dict[str, str], error: str
+) -> None:
+    client, sink = await make_proxy(mode="async")
+    resp = await client.post(EXPORT, json={"a": 1}, headers=AGENT)
+    approval_id = (await resp.json())["approval_id"]
+    status, body = await decide(client, approval_id, who, "approve")
+    if error == "self_approval":
+        assert status == 403 and body["error"] == "self_approval"
+    else:
+        assert status == 404 and body["error"] == "approval_not_found"
+    assert not sink.named("approval.decided")
+    shown = await (await client.get(f"{API}/{approval_id}", headers=ALICE)).json()
+    assert shown["state"] == "pending"
+
+
+async def test_directory_member_may_approve(make_proxy: Factory) -> None:
+    client, _ = await make_proxy(mode="async")
+    resp = await client.post(EXPORT, json={"a": 1}, headers=AGENT)
+    approval_id = (await resp.json())["approval_id"]
+    status, body = await decide(client, approval_id, bearer(CAROL_KEY), "approve")
+    assert status == 200 and body["state"] == "approved"
+
+
+async def test_quorum_needs_distinct_approvers(make_proxy: Factory) -> None:
+    client, sink = await make_proxy()
+    call = asyncio.create_task(
+        client.post("/cloud/iam/roles", json={"role": "admin"}, headers=AGENT)
+    )
+    approval_id = await pending_id(client)
+    status, body = await decide(client, approval_id, ALICE, "approve")
+    assert status == 200 and body["state"] == "pending" and body["approvals"] == 1
+    status, body = await decide(client, approval_id, ALICE, "approve")
+    assert status == 409 and body["error"] == "already_approved"
+    assert not call.done()
+    status, body = await decide(client, approval_id, bearer(DAVE_KEY), "approve")
+    assert status == 200 and body["state"] == "approved" and body["approvals"] == 2
+    resp = await asyncio.wait_for(call, 5)
+    assert resp.status == 200
+    assert [e["outcome"] for e in sink.named("approval.decided")] == ["pending", "approved"]
+
+
+async def test_one_denial_ends_a_quorum(make_proxy: Factory) -> None:
+    client, _ = await make_proxy()
+    call = asyncio.create_task(client.post("/cloud/iam/roles", json={"role": "x"}, headers=AGENT))
+    approval_id = await pending_id(client)
+    await decide(client, approval_id, ALICE, "approve")
+    status, body = await decide(client, approval_id, bearer(DAVE_KEY), "deny", "no admins")
+    assert status == 200 and body["state"] == "denied"
+    resp = await asyncio.wait_for(call, 5)
+    assert resp.status == 403 and (await resp.json())["error"] == "approval_denied"
+
+
+async def test_racing_deciders_exactly_one_wins(make_proxy: Factory) -> None:
+    client, sink = await make_proxy(mode="async")
+    resp = await client.post(EXPORT, json={"a": 1}, headers=AGENT)
+    approval_id = (await resp.json())["approval_id"]
+    deciders = [ALICE, bearer(CAROL_KEY), bearer(DAVE_KEY)] * 6
+    results = await asyncio.gather(
+        *(
+            decide(client, approval_id, who, "approve" if i % 2 else "deny", "race")
+            for i, who in enumerate(deciders)
+        )
+    )
+    winners = [r for r in results if r[0] == 200]
+    losers = [r for r in results if r[0] != 200]
+    assert len(winners) == 1
+    assert {r[0] for r in losers} == {409}
+    assert len(sink.named("approval.decided")) == 1
+
+
+async def test_body_above_the_limit_is_413_before_any_approval(make_proxy: Factory) -> None:
+    client, sink = await make_proxy(max_body=1000)
+    resp = await client.post(EXPORT, data=b"x" * 1001, headers=AGENT)
+    assert resp.status == 413
+    body = await resp.json()
+    assert body["error"] == "body_too_large" and body["limit"] == 1000
+    assert not sink.named("approval.requested")
+
+
+async def test_async_mode_202_then_resend_once(make_proxy: Factory) -> None:
+    client, sink = await make_proxy(mode="async")
+    resp = await client.post(EXPORT, json={"a": 1}, headers=AGENT)
+    assert resp.status == 202
+    body = await resp.json()
+    approval_id = body["approval_id"]
+    assert body["state"] == "pending"
+    assert resp.headers["Location"] == f"{API}/{approval_id}"
+    # The requester polls its own approval.
+    polled = await client.get(resp.headers["Location"], headers=AGENT)
+    assert polled.status == 200 and (await polled.json())["state"] == "pending"
+    again = await client.post(
+        EXPORT, json={"a": 1}, headers={**AGENT, "Countersign-Approval": approval_id}
+    )
+    assert again.status == 202, "still pending: nothing runs"
+    await decide(client, approval_id, ALICE, "approve")
+    run = await client.post(
+        EXPORT, json={"a": 1}, headers={**AGENT, "Countersign-Approval": approval_id}
+    )
+    assert run.status == 200 and run.headers["Countersign-Approval-Id"] == approval_id
+    second = await client.post(
+        EXPORT, json={"a": 1}, headers={**AGENT, "Countersign-Approval": approval_id}
+    )
+    assert second.status == 403 and (await second.json())["error"] == "approval_used"
+    assert len(sink.named("request.forwarded")) == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "who"),
+    [
+        (EXPORT, {"a": 2}, AGENT),  # different body
+        ("/cloud/exports/other", {"a": 1}, AGENT),  # different path
+        (EXPORT + "?x=1", {"a": 1}, AGENT),  # different query
+        (EXPORT, {"a": 1}, bearer(DAVE_KEY)),  # different caller (dave may not ask; he's denied)
+    ],
+)
+async def test_approval_covers_only_the_exact_request(
+    make_proxy: Factory, path: str, body: dict[str, Any], who: dict[str, str]
+) -> None:
+    client, sink = await make_proxy(mode="async")
+    resp = await client.post(EXPORT, json={"a": 1}, headers=AGENT)
+    approval_id = (await resp.json())["approval_id"]
+    await decide(client, approval_id, ALICE, "approve")
+    other = await client.post(path, json=body, headers={**who, "Countersign-Approval": approval_id})
+    assert other.status == 403
+    assert (await other.json())["error"] in ("approval_mismatch", "policy_denied")
+    assert not sink.named("request.forwarded")
+    # The real request still runs, once.
+    run = await client.post(
+        EXPORT, json={"a": 1}, headers={**AGENT, "Countersign-Approval": approval_id}
+    )
+    assert run.status == 200
+
+
+async def test_api_validation_errors(make_proxy: Factory) -> None:
+    client, _ = await make_proxy(mode="async")
+    resp = await client.post(EXPORT, json={"a": 1}, headers=AGENT)
+    approval_id = (await resp.json())["approval_id"]
+    url = f"{API}/{approval_id}/decision"
+    cases = [
+        (b"not json", "invalid_json"),
+        (b"[1, 2]", "invalid_json"),
+        (b'{"verdict": "maybe"}', "invalid_verdict"),
+        (b'{"verdict": "approve", "reason": 5}', "invalid_reason"),
+        (b'{"verdict": "approve", "extra": 1}', "invalid_field"),
+    ]
+    for payload, error in cases:
+        r = await client.post(
+            url, data=payload, headers={**ALICE, "Content-Type": "application/json"}
+        )
+        assert r.status == 400 and (await r.json())["error"] == error, payload
+    r = await client.post(f"{API}/apr_nope/decision", json={"verdict": "approve"}, headers=ALICE)
+    assert r.status == 404 and (await r.json())["error"] == "approval_not_found"
+    r = await client.get(API, params={"state": "bogus"}, headers=ALICE)
+    assert r.status == 400 and (await r.json())["error"] == "invalid_state"
+    r = await client.get(API)
+    assert r.status == 401 and r.headers["WWW-Authenticate"].startswith(
+        'Bearer error="invalid_token"'
+    )
+
+
+async def test_listing_shows_only_what_the_caller_may_see(make_proxy: Factory) -> None:
+    client, _ = await make_proxy(mode="async")
+    await client.post(EXPORT, json={"a": 1}, headers=AGENT)
+    for who, count in ((ALICE, 1), (AGENT, 1), (bearer(BOB_KEY), 1), (bearer(MALLORY_KEY), 0)):
+        resp = await client.get(API, headers=who)
+        assert len((await resp.json())["approvals"]) == count

@@ -1,7 +1,7 @@
 """`countersign` — the command line.
 
-Verbs (DESIGN.md section 6): run, check, explain, demo, keys new. Exit codes: 0 success, 2 bad
-configuration or usage, 1 anything else.
+Verbs (DESIGN.md section 6): run, check, explain, demo, approvals, keys new. Exit codes: 0
+success, 2 bad configuration or usage, 1 anything else.
 """
 
 from __future__ import annotations
@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run a self-contained demo: sample upstream, proxy, demo keys")
     p.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
     p.set_defaults(func=cmd_demo)
+
+    from . import cli_approvals
+
+    cli_approvals.add_parser(sub, with_config)
+    sub.choices["approvals"].set_defaults(func=cli_approvals.main)
 
     keys = sub.add_parser("keys", help="manage static API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")

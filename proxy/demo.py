@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shlex
 import signal
+import sys
 from typing import Any
 
 from aiohttp import web
@@ -45,6 +48,9 @@ policy:
       action: approve
       approvers: {{groups: [data-owners]}}
     - {{name: no-deletes, methods: [DELETE], action: deny}}
+approvals:
+  mode: hold
+  timeout_seconds: 300
 """
 
 
@@ -87,27 +93,47 @@ def demo_settings(port: int, upstream_port: int) -> Settings:
     return load_settings_text(text, "<demo>", env={})
 
 
+def _countersign_command() -> str:
+    """How to run this same `countersign` again from the user's shell."""
+    invoked = sys.argv[0] if sys.argv and sys.argv[0].endswith("countersign") else ""
+    if invoked and os.sep in invoked:
+        return shlex.quote(os.path.relpath(invoked) if not invoked.startswith("/") else invoked)
+    return "countersign"
+
+
 def instructions(port: int) -> str:
     base = f"http://127.0.0.1:{port}"
     auth = f'-H "Authorization: Bearer {DEMO_AGENT_KEY}"'
     export = json.dumps({"format": "csv"})
+    cs = _countersign_command()
     return f"""
 Countersign demo is running on {base} (audit events stream below as JSON lines).
+The agent "agent-7" (acting for bob@example.com) calls a pretend cloud API through it.
 
-An allowed read (rule "reads"), forwarded to the sample cloud API:
+1. An allowed read (rule "reads"), forwarded to the sample cloud API:
   curl -s {auth} {base}/cloud/buckets
 
-A forbidden delete (rule "no-deletes"): 403 policy_denied
+2. A forbidden delete (rule "no-deletes"): 403 policy_denied
   curl -s -X DELETE {auth} {base}/cloud/buckets/reports
 
-A privileged export (rule "exports"): needs a human's approval
+3. A privileged export (rule "exports"): the call waits until a human decides.
+   In a second terminal:
   curl -s -X POST {auth} -H "Content-Type: application/json" \\
-       -d '{export}' {base}/cloud/exports/customers
+       -H "Countersign-Reason: quarterly report" -d '{export}' {base}/cloud/exports/customers
 
-No token: 401 with WWW-Authenticate
+   In a third terminal, decide as alice@example.com (an approver):
+  export COUNTERSIGN_URL={base} COUNTERSIGN_TOKEN={DEMO_APPROVER_KEY}
+  {cs} approvals list
+  {cs} approvals approve APPROVAL_ID --reason "looks fine"
+   or
+  {cs} approvals deny APPROVAL_ID --reason "not this quarter"
+
+   The waiting curl then prints the upstream's answer (approved) or a 403 (denied).
+
+4. No token: 401 with WWW-Authenticate
   curl -si {base}/cloud/buckets
 
-An ambiguous path: 400 ambiguous_request
+5. An ambiguous path: 400 ambiguous_request
   curl -s {auth} --path-as-is {base}/cloud/buckets/..%2f..%2fadmin
 
 Press Ctrl-C to stop.

@@ -112,6 +112,12 @@ class DecisionRecord:
     reason: str | None
     at: float  # unix time
 
+    @property
+    def person(self) -> str:
+        """Who decided, for counting: the email when known (one human may hold several
+        tokens with different subjects), else the subject."""
+        return (self.approver_email or self.approver_subject).casefold()
+
 
 @dataclass(frozen=True, slots=True)
 class Approval:
@@ -146,7 +152,8 @@ class Approval:
 
     @property
     def approvals_count(self) -> int:
-        return len({d.approver_subject for d in self.decisions if d.verdict is Verdict.APPROVE})
+        """Distinct people who approved (one person counts once, whatever token they used)."""
+        return len({d.person for d in self.decisions if d.verdict is Verdict.APPROVE})
 
     @property
     def final_decision(self) -> DecisionRecord | None:

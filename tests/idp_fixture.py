@@ -83,6 +83,7 @@ DEFAULT_CLIENTS: Final[list[dict[str, Any]]] = [
     _client("ci-bot", groups=["ci"]),
     _client("alice", groups=["data-owners"], email="alice@example.com"),
     _client("bob", groups=["data-owners"], email="bob@example.com"),
+    _client("carol", groups=["data-owners"], email="carol@example.com"),
     _client("mallory"),
 ]
 

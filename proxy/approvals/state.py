@@ -114,10 +114,7 @@ def decide(approval: Approval, record: DecisionRecord, now: float) -> Approval:
         return replace(
             approval, state=ApprovalState.DENIED, decisions=(*approval.decisions, record)
         )
-    if any(
-        d.approver_subject == record.approver_subject and d.verdict is Verdict.APPROVE
-        for d in approval.decisions
-    ):
+    if any(d.person == record.person and d.verdict is Verdict.APPROVE for d in approval.decisions):
         raise DuplicateApprover("you already approved this request", approval)
     updated = replace(approval, decisions=(*approval.decisions, record))
     if updated.approvals_count >= approval.quorum:

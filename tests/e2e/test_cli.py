@@ -262,6 +262,34 @@ async def test_demo_serves_the_printed_commands() -> None:
                 assert (await resp.json())["rule"] == "no-deletes"
             async with session.get(f"{base}/cloud/buckets") as resp:
                 assert resp.status == 401
+            # The held export, approved with the printed `countersign approvals` commands.
+            approver = text.split("COUNTERSIGN_TOKEN=", 1)[1].split()[0]
+            env = {"COUNTERSIGN_URL": base, "COUNTERSIGN_TOKEN": approver}
+            export = asyncio.create_task(
+                session.post(
+                    f"{base}/cloud/exports/customers",
+                    json={"format": "csv"},
+                    headers={**auth, "Countersign-Reason": "quarterly report"},
+                )
+            )
+            listing = ""
+            for _ in range(50):
+                listing = (await asyncio.to_thread(cli, "approvals", "list", env=env)).stdout
+                if "apr_" in listing:
+                    break
+                await asyncio.sleep(0.1)
+            assert "quarterly report" in listing and "agent-7" in listing
+            approval_id = next(w for w in listing.split() if w.startswith("apr_"))
+            approved = await asyncio.to_thread(
+                cli, "approvals", "approve", approval_id, "--reason", "looks fine", env=env
+            )
+            assert approved.returncode == 0, approved.stderr
+            assert f"approval {approval_id}: approved" in approved.stdout
+            resp = await asyncio.wait_for(export, 10)
+            assert resp.status == 201
+            assert resp.headers["Countersign-Approval-Id"] == approval_id
+            assert (await resp.json())["export"] == "started"
+            resp.release()
     finally:
         proc.terminate()
         await proc.wait()

@@ -85,9 +85,11 @@ def run_countersign(tmp_path: Path) -> Iterator[object]:
     started: list[Process] = []
 
     def start(config_text: str, port: int) -> Process:
-        config = tmp_path / "countersign.yaml"
+        workdir = tmp_path / f"countersign-{len(started)}"
+        workdir.mkdir()
+        config = workdir / "countersign.yaml"
         config.write_text(config_text)
-        proc = Process(["run", "-c", str(config)], tmp_path, port)
+        proc = Process(["run", "-c", str(config)], workdir, port)
         started.append(proc)
         return proc
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-from ..audit.redact import redact_value
+from ..audit.redact import REDACTED, SENSITIVE_KEYS, redact_value
+
+_FORM = re.compile(r"[\w.\-\[\]%+]+=[^&]*(&[\w.\-\[\]%+]+=[^&]*)*")
 
 PREVIEW_BYTES = 2048
 REASON_CHARS = 500
@@ -23,7 +26,9 @@ def canonical_query(query: str) -> str:
     if not query:
         return ""
     pairs = parse_qsl(query, keep_blank_values=True)
-    return urlencode(sorted(pairs))
+    # Sorted by name only (a stable sort): repeated parameters keep their order, which some
+    # upstreams give meaning to ("last one wins").
+    return urlencode(sorted(pairs, key=lambda pair: pair[0]))
 
 
 def fingerprint(
@@ -58,17 +63,30 @@ def body_preview(body: bytes, content_type: str | None) -> str:
         text = None
     if text is None:
         return f"<{len(body)} bytes of binary data>"
-    if content_type and "json" in content_type.lower():
+    text = _redact_structured(text, (content_type or "").lower())
+    if len(text) > PREVIEW_BYTES:
+        return text[:PREVIEW_BYTES] + f"… ({len(body)} bytes in all)"
+    return text
+
+
+def _redact_structured(text: str, content_type: str) -> str:
+    """Redact secret-named fields in JSON or form bodies (whatever the declared type), then
+    secret-looking values anywhere."""
+    stripped = text.lstrip()
+    if stripped[:1] in ("{", "["):
         try:
             parsed: Any = json.loads(text)
         except ValueError:
             pass
         else:
-            text = json.dumps(redact_value(parsed), ensure_ascii=False)
-    text = str(redact_value(text))
-    if len(text) > PREVIEW_BYTES:
-        return text[:PREVIEW_BYTES] + f"… ({len(body)} bytes in all)"
-    return text
+            return json.dumps(redact_value(parsed), ensure_ascii=False)
+    if "form-urlencoded" in content_type or _FORM.fullmatch(stripped.rstrip()):
+        pairs = parse_qsl(stripped, keep_blank_values=True)
+        return "&".join(
+            f"{name}={REDACTED if name.lower() in SENSITIVE_KEYS else redact_value(value)}"
+            for name, value in pairs
+        )
+    return str(redact_value(text))
 
 
 def clean_reason(reason: str | None) -> str | None:

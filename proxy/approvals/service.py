@@ -267,7 +267,8 @@ class ApprovalService:
             decided = await self.store.decide(approval_id, record, record.at)
         except state.NotPending as exc:
             if exc.approval is not None and exc.approval.state is ApprovalState.EXPIRED:
-                await self._expire(approval_id, record.at)  # audit it if nobody has yet
+                # Too late: make the expiry happen now (audited once, by whoever makes it).
+                await self._expire(approval_id, record.at)
             raise
         except KeyError:
             raise ApprovalNotFound("approval not found") from None

@@ -25,7 +25,8 @@ class Store(Protocol):
     async def get(self, approval_id: str) -> Approval | None: ...
 
     async def decide(self, approval_id: str, record: DecisionRecord, now: float) -> Approval:
-        """Apply `state.decide` atomically; raises its errors, or KeyError for an unknown id."""
+        """Apply `state.decide` atomically; raises its errors, or KeyError for an unknown id.
+        Past the deadline it raises `NotPending` and stores nothing (`expire` does that)."""
         ...
 
     async def claim(self, approval_id: str, now: float) -> Approval:

@@ -59,7 +59,8 @@ class MemoryStore:
         existing_id = self._by_fingerprint.get(approval.fingerprint)
         if existing_id is not None:
             existing = self._approvals[existing_id]
-            if transitions.joinable(existing) and not transitions.is_due(existing, time.time()):
+            now = approval.created_at
+            if transitions.joinable(existing) and not transitions.is_due(existing, now):
                 return existing, False
         return self._save(approval), True
 
@@ -67,13 +68,8 @@ class MemoryStore:
         return self._approvals.get(approval_id)
 
     async def decide(self, approval_id: str, record: DecisionRecord, now: float) -> Approval:
-        approval = self._require(approval_id)
-        try:
-            return self._save(transitions.decide(approval, record, now))
-        except transitions.NotPending as exc:
-            if exc.approval is not None and exc.approval is not approval:
-                self._save(exc.approval)  # the decision found it past its deadline
-            raise
+        # Past its deadline, decide() raises and saves nothing: expire() makes that transition.
+        return self._save(transitions.decide(self._require(approval_id), record, now))
 
     async def claim(self, approval_id: str, now: float) -> Approval:
         return self._save(transitions.claim(self._require(approval_id), now))

@@ -1,0 +1,661 @@
+"""The conformance suite every `Store` implementation must pass.
+
+Subclass `StoreConformance` in a `test_*.py` file and provide the `store` fixture:
+
+    class TestMemoryStore(StoreConformance):
+        @pytest.fixture
+        async def store(self) -> AsyncIterator[Store]:
+            s = MemoryStore()
+            yield s
+            await s.aclose()
+
+The fixture must hand out an empty store for every test. The base class has no `Test` prefix,
+so pytest only collects it through its subclasses.
+
+Times passed to `decide`, `claim`, `expire` and `due` are explicit; only `create_or_join`
+judges "due" by the wall clock, so tests that rely on it put deadlines clearly in the past.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import time
+from typing import Any
+
+import pytest
+
+from proxy.approvals.state import DuplicateApprover, NotClaimable, NotPending
+from proxy.store.base import Store
+from proxy.types import Approval, ApprovalState, DecisionRecord, Requester, Verdict
+
+REQUESTER = Requester(
+    subject="agent-7", issuer="https://idp", email=None, owner="alice@example.com"
+)
+
+
+def make_approval(**overrides: Any) -> Approval:
+    """A fresh pending approval (random id and fingerprint) for rule "exports" on route "cloud"."""
+    now = time.time()
+    fields: dict[str, Any] = {
+        "id": "apr_" + secrets.token_urlsafe(18),
+        "fingerprint": secrets.token_hex(32),
+        "state": ApprovalState.PENDING,
+        "created_at": now,
+        "expires_at": now + 60,
+        "rule": "exports",
+        "route": "cloud",
+        "method": "POST",
+        "path": "/cloud/exports/x",
+        "query": "",
+        "requester": REQUESTER,
+        "approver_groups": ("data-owners",),
+        "approver_users": (),
+        "quorum": 1,
+    }
+    fields.update(overrides)
+    return Approval(**fields)
+
+
+def record(
+    verdict: Verdict = Verdict.APPROVE,
+    approver: str = "bob",
+    *,
+    channel: str = "api",
+    reason: str | None = None,
+    at: float | None = None,
+) -> DecisionRecord:
+    return DecisionRecord(
+        verdict=verdict,
+        approver_subject=approver,
+        approver_email=f"{approver}@example.com",
+        channel=channel,
+        reason=reason,
+        at=time.time() if at is None else at,
+    )
+
+
+def approve(approver: str = "bob", **kwargs: Any) -> DecisionRecord:
+    return record(Verdict.APPROVE, approver, **kwargs)
+
+
+def deny(approver: str = "bob", reason: str = "not today", **kwargs: Any) -> DecisionRecord:
+    return record(Verdict.DENY, approver, reason=reason, **kwargs)
+
+
+class StoreConformance:
+    """Behaviour every approval store must show; see `proxy/store/base.py`."""
+
+    @pytest.fixture
+    async def store(self) -> Store:
+        raise NotImplementedError("a StoreConformance subclass must provide the store fixture")
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    async def created(self, store: Store, **overrides: Any) -> Approval:
+        approval, was_created = await store.create_or_join(make_approval(**overrides))
+        assert was_created
+        return approval
+
+    async def approved(self, store: Store, **overrides: Any) -> Approval:
+        approval = await self.created(store, **overrides)
+        decided = await store.decide(approval.id, approve(), time.time())
+        assert decided.state is ApprovalState.APPROVED
+        return decided
+
+    # -- create_or_join -----------------------------------------------------------------------
+
+    async def test_create_stores_the_approval(self, store: Store) -> None:
+        candidate = make_approval()
+        approval, created = await store.create_or_join(candidate)
+        assert created is True
+        assert approval == candidate
+        assert await store.get(candidate.id) == candidate
+
+    async def test_create_round_trips_every_field(self, store: Store) -> None:
+        candidate = make_approval(
+            query="b=2&a=1",
+            requester=Requester(
+                subject="agent-7",
+                issuer="https://idp",
+                client_id="agent-client",
+                email="agent7@example.com",
+                owner="alice@example.com",
+                groups=("agents", "batch"),
+            ),
+            approver_groups=("data-owners", "sre"),
+            approver_users=("carol@example.com",),
+            quorum=2,
+            reason="monthly export for finance",
+            body_preview='{"rows": 12, "password": "[REDACTED]"} \u00e9\u2603',
+            body_bytes=1234,
+            content_type="application/json",
+            request_id="req-123",
+        )
+        await store.create_or_join(candidate)
+        assert await store.get(candidate.id) == candidate
+
+    async def test_same_fingerprint_joins_pending(self, store: Store) -> None:
+        first = await self.created(store)
+        joined, created = await store.create_or_join(make_approval(fingerprint=first.fingerprint))
+        assert created is False
+        assert joined.id == first.id
+        assert joined.state is ApprovalState.PENDING
+
+    async def test_joined_candidate_is_not_stored(self, store: Store) -> None:
+        first = await self.created(store)
+        candidate = make_approval(fingerprint=first.fingerprint)
+        await store.create_or_join(candidate)
+        assert await store.get(candidate.id) is None
+        assert [a.id for a in await store.list()] == [first.id]
+
+    async def test_same_fingerprint_joins_approved_not_executed(self, store: Store) -> None:
+        first = await self.approved(store)
+        joined, created = await store.create_or_join(make_approval(fingerprint=first.fingerprint))
+        assert created is False
+        assert joined.id == first.id
+        assert joined.state is ApprovalState.APPROVED
+
+    @pytest.mark.parametrize("final", ["denied", "expired", "executed"])
+    async def test_finished_approval_is_not_joined(self, store: Store, final: str) -> None:
+        first = await self.created(store)
+        if final == "denied":
+            await store.decide(first.id, deny(), time.time())
+        elif final == "expired":
+            assert await store.expire(first.id, first.expires_at + 1) is not None
+        else:
+            await store.decide(first.id, approve(), time.time())
+            await store.claim(first.id, time.time())
+        finished = await store.get(first.id)
+        assert finished is not None and finished.state.value == final
+
+        candidate = make_approval(fingerprint=first.fingerprint)
+        second, created = await store.create_or_join(candidate)
+        assert created is True
+        assert second.id == candidate.id != first.id
+        assert second.state is ApprovalState.PENDING
+        assert await store.get(first.id) == finished  # the old one is left alone
+        # ... and the new one is what identical requests join from now on.
+        third, created = await store.create_or_join(make_approval(fingerprint=first.fingerprint))
+        assert created is False
+        assert third.id == second.id
+
+    async def test_different_fingerprint_creates_separate_approval(self, store: Store) -> None:
+        first = await self.created(store)
+        second, created = await store.create_or_join(make_approval())
+        assert created is True
+        assert second.id != first.id
+        assert {a.id for a in await store.list()} == {first.id, second.id}
+
+    async def test_due_pending_approval_is_not_joined(self, store: Store) -> None:
+        now = time.time()
+        overdue = await self.created(store, created_at=now - 120, expires_at=now - 60)
+        candidate = make_approval(fingerprint=overdue.fingerprint)
+        fresh, created = await store.create_or_join(candidate)
+        assert created is True
+        assert fresh.id == candidate.id != overdue.id
+
+    # -- get ----------------------------------------------------------------------------------
+
+    async def test_get_unknown_is_none(self, store: Store) -> None:
+        assert await store.get("apr_does-not-exist") is None
+
+    # -- decide -------------------------------------------------------------------------------
+
+    async def test_approve_with_quorum_one_approves(self, store: Store) -> None:
+        approval = await self.created(store)
+        rec = approve("bob", reason="looks fine")
+        decided = await store.decide(approval.id, rec, time.time())
+        assert decided.state is ApprovalState.APPROVED
+        assert decided.decisions == (rec,)
+        assert decided.approvals_count == 1
+        assert decided.final_decision == rec
+        assert await store.get(approval.id) == decided
+
+    async def test_deny_keeps_the_record(self, store: Store) -> None:
+        approval = await self.created(store)
+        rec = DecisionRecord(
+            verdict=Verdict.DENY,
+            approver_subject="bob",
+            approver_email="bob@example.com",
+            channel="slack",
+            reason="wrong bucket",
+            at=1_700_000_000.25,
+        )
+        decided = await store.decide(approval.id, rec, time.time())
+        assert decided.state is ApprovalState.DENIED
+        stored = await store.get(approval.id)
+        assert stored is not None
+        assert stored.state is ApprovalState.DENIED
+        assert stored.decisions == (rec,)
+        final = stored.final_decision
+        assert final is not None
+        assert final.verdict is Verdict.DENY
+        assert final.approver_subject == "bob"
+        assert final.approver_email == "bob@example.com"
+        assert final.channel == "slack"
+        assert final.reason == "wrong bucket"
+        assert final.at == 1_700_000_000.25
+
+    async def test_deny_after_approve_is_not_pending(self, store: Store) -> None:
+        approval = await self.approved(store)
+        with pytest.raises(NotPending):
+            await store.decide(approval.id, deny("carol"), time.time())
+        assert await store.get(approval.id) == approval
+
+    async def test_approve_after_deny_is_not_pending(self, store: Store) -> None:
+        approval = await self.created(store)
+        denied = await store.decide(approval.id, deny("bob"), time.time())
+        with pytest.raises(NotPending):
+            await store.decide(approval.id, approve("carol"), time.time())
+        assert await store.get(approval.id) == denied
+
+    async def test_decide_unknown_id_raises_key_error(self, store: Store) -> None:
+        with pytest.raises(KeyError):
+            await store.decide("apr_does-not-exist", approve(), time.time())
+
+    # -- quorum -------------------------------------------------------------------------------
+
+    async def test_quorum_two_first_approval_keeps_pending(self, store: Store) -> None:
+        approval = await self.created(store, quorum=2)
+        decided = await store.decide(approval.id, approve("bob"), time.time())
+        assert decided.state is ApprovalState.PENDING
+        assert decided.approvals_count == 1
+        assert decided.final_decision is None
+        assert await store.get(approval.id) == decided
+
+    async def test_quorum_two_same_approver_twice_is_duplicate(self, store: Store) -> None:
+        approval = await self.created(store, quorum=2)
+        once = await store.decide(approval.id, approve("bob"), time.time())
+        with pytest.raises(DuplicateApprover):
+            await store.decide(approval.id, approve("bob"), time.time())
+        stored = await store.get(approval.id)
+        assert stored == once
+        assert stored.state is ApprovalState.PENDING
+        assert stored.approvals_count == 1
+
+    async def test_quorum_two_second_distinct_approver_approves(self, store: Store) -> None:
+        approval = await self.created(store, quorum=2)
+        first, second = approve("bob"), approve("carol")
+        await store.decide(approval.id, first, time.time())
+        decided = await store.decide(approval.id, second, time.time())
+        assert decided.state is ApprovalState.APPROVED
+        assert decided.approvals_count == 2
+        assert decided.decisions == (first, second)
+        assert decided.final_decision == second
+        assert await store.get(approval.id) == decided
+
+    async def test_quorum_two_denial_before_quorum_denies(self, store: Store) -> None:
+        approval = await self.created(store, quorum=2)
+        await store.decide(approval.id, approve("bob"), time.time())
+        rec = deny("carol", reason="no")
+        decided = await store.decide(approval.id, rec, time.time())
+        assert decided.state is ApprovalState.DENIED
+        assert decided.final_decision == rec
+        with pytest.raises(NotPending):
+            await store.decide(approval.id, approve("dave"), time.time())
+
+    # -- deadline -----------------------------------------------------------------------------
+
+    async def test_decide_after_deadline_is_refused_and_left_to_expire(self, store: Store) -> None:
+        approval = await self.created(store)
+        late = approval.expires_at + 1
+        with pytest.raises(NotPending) as info:
+            await store.decide(approval.id, approve(at=late), late)
+        assert info.value.approval is not None
+        assert info.value.approval.state is ApprovalState.EXPIRED
+        # decide() records nothing: the transition to expired is expire()'s, made exactly once,
+        # so that exactly one caller audits it.
+        stored = await store.get(approval.id)
+        assert stored is not None and stored.decisions == ()
+        expired = await store.expire(approval.id, late)
+        assert expired is not None and expired.state is ApprovalState.EXPIRED
+        assert await store.expire(approval.id, late) is None
+
+    # -- claim --------------------------------------------------------------------------------
+
+    async def test_claim_approved_executes(self, store: Store) -> None:
+        approval = await self.approved(store)
+        now = time.time()
+        claimed = await store.claim(approval.id, now)
+        assert claimed.state is ApprovalState.EXECUTED
+        assert claimed.executed_at == now
+        assert claimed.decisions == approval.decisions
+        assert await store.get(approval.id) == claimed
+
+    async def test_second_claim_is_not_claimable(self, store: Store) -> None:
+        approval = await self.approved(store)
+        first = await store.claim(approval.id, time.time())
+        with pytest.raises(NotClaimable):
+            await store.claim(approval.id, time.time())
+        assert await store.get(approval.id) == first
+
+    async def test_claim_pending_is_not_claimable(self, store: Store) -> None:
+        approval = await self.created(store)
+        with pytest.raises(NotClaimable):
+            await store.claim(approval.id, time.time())
+        assert await store.get(approval.id) == approval
+
+    async def test_claim_denied_is_not_claimable(self, store: Store) -> None:
+        approval = await self.created(store)
+        denied = await store.decide(approval.id, deny(), time.time())
+        with pytest.raises(NotClaimable):
+            await store.claim(approval.id, time.time())
+        assert await store.get(approval.id) == denied
+
+    async def test_claim_expired_is_not_claimable(self, store: Store) -> None:
+        approval = await self.created(store)
+        expired = await store.expire(approval.id, approval.expires_at + 1)
+        assert expired is not None
+        with pytest.raises(NotClaimable):
+            await store.claim(approval.id, time.time())
+
+    # -- record_outcome -----------------------------------------------------------------------
+
+    async def test_record_outcome_after_claim(self, store: Store) -> None:
+        approval = await self.approved(store)
+        claimed = await store.claim(approval.id, time.time())
+        recorded = await store.record_outcome(approval.id, 201)
+        assert recorded.upstream_status == 201
+        assert recorded.state is ApprovalState.EXECUTED
+        assert recorded.executed_at == claimed.executed_at
+        assert await store.get(approval.id) == recorded
+
+    async def test_record_outcome_before_claim_is_not_claimable(self, store: Store) -> None:
+        pending = await self.created(store)
+        with pytest.raises(NotClaimable):
+            await store.record_outcome(pending.id, 200)
+        approved = await self.approved(store)
+        with pytest.raises(NotClaimable):
+            await store.record_outcome(approved.id, 200)
+        assert await store.get(approved.id) == approved
+
+    # -- expire -------------------------------------------------------------------------------
+
+    async def test_expire_not_yet_due(self, store: Store) -> None:
+        approval = await self.created(store)
+        assert await store.expire(approval.id, approval.expires_at - 1) is None
+        assert await store.get(approval.id) == approval
+
+    async def test_expire_due_exactly_once(self, store: Store) -> None:
+        approval = await self.created(store)
+        expired = await store.expire(approval.id, approval.expires_at + 1)
+        assert expired is not None
+        assert expired.id == approval.id
+        assert expired.state is ApprovalState.EXPIRED
+        assert await store.get(approval.id) == expired
+        assert await store.expire(approval.id, approval.expires_at + 2) is None
+        assert await store.get(approval.id) == expired
+
+    async def test_expire_at_the_deadline(self, store: Store) -> None:
+        approval = await self.created(store)
+        expired = await store.expire(approval.id, approval.expires_at)
+        assert expired is not None and expired.state is ApprovalState.EXPIRED
+
+    async def test_expire_never_touches_approved(self, store: Store) -> None:
+        approval = await self.approved(store)
+        assert await store.expire(approval.id, approval.expires_at + 3600) is None
+        assert await store.get(approval.id) == approval
+
+    async def test_expire_never_touches_denied_or_executed(self, store: Store) -> None:
+        denied = await self.created(store)
+        denied = await store.decide(denied.id, deny(), time.time())
+        executed = await self.approved(store)
+        executed = await store.claim(executed.id, time.time())
+        for approval in (denied, executed):
+            assert await store.expire(approval.id, approval.expires_at + 3600) is None
+            assert await store.get(approval.id) == approval
+
+    async def test_expire_unknown_is_none(self, store: Store) -> None:
+        assert await store.expire("apr_does-not-exist", time.time()) is None
+
+    # -- due ----------------------------------------------------------------------------------
+
+    async def test_due_lists_exactly_the_overdue_pending(self, store: Store) -> None:
+        now = time.time()
+        a = await self.created(store, expires_at=now + 10)
+        b = await self.created(store, expires_at=now + 20)
+        await self.created(store, expires_at=now + 100)  # not due yet
+        approved = await self.approved(store, expires_at=now + 10)
+        denied = await self.created(store, expires_at=now + 10)
+        await store.decide(denied.id, deny(), now)
+        expired = await self.created(store, expires_at=now + 10)
+        await store.expire(expired.id, now + 11)
+        assert approved.state is ApprovalState.APPROVED
+
+        assert sorted(await store.due(now)) == []
+        assert sorted(await store.due(now + 30)) == sorted([a.id, b.id])
+        assert sorted(await store.due(now + 15)) == [a.id]
+
+    async def test_due_respects_limit(self, store: Store) -> None:
+        now = time.time()
+        ids = {(await self.created(store, expires_at=now + 1)).id for _ in range(5)}
+        limited = await store.due(now + 2, limit=2)
+        assert len(limited) == 2
+        assert set(limited) <= ids
+
+    # -- list ---------------------------------------------------------------------------------
+
+    async def test_list_newest_first_with_state_filter_and_limit(self, store: Store) -> None:
+        now = time.time()
+        oldest = await self.created(store, created_at=now - 3)
+        middle = await self.created(store, created_at=now - 2)
+        newest = await self.created(store, created_at=now - 1)
+        await store.decide(middle.id, deny(), now)
+
+        assert [a.id for a in await store.list()] == [newest.id, middle.id, oldest.id]
+        pending = await store.list(ApprovalState.PENDING)
+        assert [a.id for a in pending] == [newest.id, oldest.id]
+        assert all(a.state is ApprovalState.PENDING for a in pending)
+        assert [a.id for a in await store.list(ApprovalState.DENIED)] == [middle.id]
+        assert await store.list(ApprovalState.APPROVED) == []
+        assert [a.id for a in await store.list(limit=2)] == [newest.id, middle.id]
+        assert [a.id for a in await store.list(ApprovalState.PENDING, limit=1)] == [newest.id]
+
+    async def test_list_returns_current_values(self, store: Store) -> None:
+        approval = await self.approved(store)
+        claimed = await store.claim(approval.id, time.time())
+        assert await store.list() == [claimed]
+        assert await store.list(ApprovalState.EXECUTED) == [claimed]
+        assert await store.list(ApprovalState.APPROVED) == []
+
+    async def test_list_empty(self, store: Store) -> None:
+        assert await store.list() == []
+
+    # -- wait ---------------------------------------------------------------------------------
+
+    async def test_wait_returns_at_once_when_not_pending(self, store: Store) -> None:
+        approval = await self.approved(store)
+        started = time.monotonic()
+        got = await store.wait(approval.id, 5.0)
+        assert time.monotonic() - started < 0.5
+        assert got == approval
+
+    async def test_wait_returns_promptly_when_decided(self, store: Store) -> None:
+        approval = await self.created(store)
+
+        async def decide_soon() -> Approval:
+            await asyncio.sleep(0.05)
+            return await store.decide(approval.id, approve(), time.time())
+
+        task = asyncio.create_task(decide_soon())
+        started = time.monotonic()
+        got = await store.wait(approval.id, 5.0)
+        elapsed = time.monotonic() - started
+        decided = await task
+        assert elapsed < 1.0
+        assert got is not None
+        assert got.state is ApprovalState.APPROVED
+        assert got == decided
+
+    async def test_wait_wakes_every_waiter(self, store: Store) -> None:
+        approval = await self.created(store)
+        waiters = [asyncio.create_task(store.wait(approval.id, 5.0)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await store.decide(approval.id, deny(), time.time())
+        results = await asyncio.gather(*waiters)
+        assert time.monotonic() - started < 1.0
+        assert all(r is not None and r.state is ApprovalState.DENIED for r in results)
+
+    async def test_wait_wakes_on_expiry(self, store: Store) -> None:
+        approval = await self.created(store)
+
+        async def expire_soon() -> None:
+            await asyncio.sleep(0.05)
+            assert await store.expire(approval.id, approval.expires_at + 1) is not None
+
+        task = asyncio.create_task(expire_soon())
+        started = time.monotonic()
+        got = await store.wait(approval.id, 5.0)
+        await task
+        assert time.monotonic() - started < 1.0
+        assert got is not None and got.state is ApprovalState.EXPIRED
+
+    async def test_wait_times_out_with_pending_approval(self, store: Store) -> None:
+        approval = await self.created(store)
+        started = time.monotonic()
+        got = await store.wait(approval.id, 0.2)
+        elapsed = time.monotonic() - started
+        assert 0.15 <= elapsed < 2.0
+        assert got == approval
+
+    async def test_wait_unknown_is_none(self, store: Store) -> None:
+        started = time.monotonic()
+        assert await store.wait("apr_does-not-exist", 0.2) is None
+        assert time.monotonic() - started < 2.0
+
+    # -- races --------------------------------------------------------------------------------
+
+    async def test_race_concurrent_decides_exactly_one_wins(self, store: Store) -> None:
+        approval = await self.created(store)
+        records = [
+            record(Verdict.APPROVE if i % 2 else Verdict.DENY, f"approver-{i}") for i in range(50)
+        ]
+        random.shuffle(records)
+        now = time.time()
+        results = await asyncio.gather(
+            *(store.decide(approval.id, r, now) for r in records), return_exceptions=True
+        )
+        winners = [
+            (r, res)
+            for r, res in zip(records, results, strict=True)
+            if not isinstance(res, BaseException)
+        ]
+        losers = [res for res in results if isinstance(res, BaseException)]
+        assert len(winners) == 1, winners
+        assert len(losers) == 49
+        assert all(isinstance(e, NotPending) for e in losers), {type(e) for e in losers}
+
+        winning_record, winning_result = winners[0]
+        assert isinstance(winning_result, Approval)
+        expected = (
+            ApprovalState.APPROVED
+            if winning_record.verdict is Verdict.APPROVE
+            else ApprovalState.DENIED
+        )
+        final = await store.get(approval.id)
+        assert final is not None
+        assert final.state is expected
+        assert final.decisions == (winning_record,)
+        assert final == winning_result
+
+    async def test_race_quorum_two_exactly_two_approvals_count(self, store: Store) -> None:
+        approval = await self.created(store, quorum=2)
+        records = [approve(f"approver-{i}") for i in range(50)]
+        now = time.time()
+        results = await asyncio.gather(
+            *(store.decide(approval.id, r, now) for r in records), return_exceptions=True
+        )
+        successes = [res for res in results if isinstance(res, Approval)]
+        failures = [res for res in results if not isinstance(res, Approval)]
+        assert len(successes) == 2
+        assert all(isinstance(e, NotPending) for e in failures), {type(e) for e in failures}
+        assert sorted(s.state for s in successes) == sorted(
+            [ApprovalState.PENDING, ApprovalState.APPROVED]
+        )
+        final = await store.get(approval.id)
+        assert final is not None
+        assert final.state is ApprovalState.APPROVED
+        assert final.approvals_count == 2
+        assert len(final.decisions) == 2
+
+    async def test_race_same_approver_counts_once(self, store: Store) -> None:
+        approval = await self.created(store, quorum=2)
+        now = time.time()
+        results = await asyncio.gather(
+            *(store.decide(approval.id, approve("bob"), now) for _ in range(10)),
+            return_exceptions=True,
+        )
+        successes = [res for res in results if isinstance(res, Approval)]
+        failures = [res for res in results if not isinstance(res, Approval)]
+        assert len(successes) == 1
+        assert all(isinstance(e, DuplicateApprover) for e in failures), {type(e) for e in failures}
+        final = await store.get(approval.id)
+        assert final is not None
+        assert final.state is ApprovalState.PENDING
+        assert final.approvals_count == 1
+        assert len(final.decisions) == 1
+
+    async def test_race_concurrent_claims_exactly_one_wins(self, store: Store) -> None:
+        approval = await self.approved(store)
+        now = time.time()
+        results = await asyncio.gather(
+            *(store.claim(approval.id, now + i) for i in range(50)), return_exceptions=True
+        )
+        successes = [res for res in results if isinstance(res, Approval)]
+        failures = [res for res in results if not isinstance(res, Approval)]
+        assert len(successes) == 1
+        assert len(failures) == 49
+        assert all(isinstance(e, NotClaimable) for e in failures), {type(e) for e in failures}
+        final = await store.get(approval.id)
+        assert final == successes[0]
+        assert final.state is ApprovalState.EXECUTED
+
+    async def test_race_concurrent_create_or_join_creates_once(self, store: Store) -> None:
+        fingerprint = secrets.token_hex(32)
+        candidates = [make_approval(fingerprint=fingerprint) for _ in range(20)]
+        results = await asyncio.gather(*(store.create_or_join(c) for c in candidates))
+        assert sum(1 for _, created in results if created) == 1
+        ids = {approval.id for approval, _ in results}
+        assert len(ids) == 1
+        (winner_id,) = ids
+        assert winner_id in {c.id for c in candidates}
+        assert [a.id for a in await store.list()] == [winner_id]
+
+    async def test_race_concurrent_expires_exactly_one_reports(self, store: Store) -> None:
+        approval = await self.created(store)
+        late = approval.expires_at + 1
+        results = await asyncio.gather(*(store.expire(approval.id, late) for _ in range(20)))
+        reported = [r for r in results if r is not None]
+        assert len(reported) == 1
+        assert reported[0].state is ApprovalState.EXPIRED
+
+    async def test_race_decide_and_claim_interleaved(self, store: Store) -> None:
+        """Claims racing the approving decision: at most one claim ever succeeds."""
+        approval = await self.created(store)
+        now = time.time()
+        claims = [store.claim(approval.id, now) for _ in range(20)]
+        results = await asyncio.gather(
+            *claims[:10],
+            store.decide(approval.id, approve(), now),
+            *claims[10:],
+            return_exceptions=True,
+        )
+        claim_results = results[:10] + results[11:]
+        assert isinstance(results[10], Approval)
+        successes = [r for r in claim_results if isinstance(r, Approval)]
+        assert len(successes) <= 1
+        assert all(
+            isinstance(r, NotClaimable) for r in claim_results if not isinstance(r, Approval)
+        )
+        final = await store.get(approval.id)
+        assert final is not None
+        expected = ApprovalState.EXECUTED if successes else ApprovalState.APPROVED
+        assert final.state is expected
+
+    # -- health -------------------------------------------------------------------------------
+
+    async def test_ping(self, store: Store) -> None:
+        assert await store.ping() is True

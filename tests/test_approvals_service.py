@@ -1,0 +1,98 @@
+"""The approvals service on a fake clock: expiry is audited exactly once, however it happens."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.approvals.service import ApprovalService
+from proxy.approvals.state import NotPending
+from proxy.audit import AuditLog
+from proxy.config import ApprovalsSettings, ApproversSettings, RuleSettings
+from proxy.store.memory import MemoryStore
+from proxy.types import Action, ApprovalState, Identity, Verdict
+from tests.helpers import ListSink
+
+AGENT = Identity(subject="agent-7", issuer="https://idp", groups=frozenset({"agents"}))
+ALICE = Identity(
+    subject="alice",
+    issuer="https://idp",
+    email="alice@example.com",
+    groups=frozenset({"data-owners"}),
+)
+RULE = RuleSettings(
+    name="exports",
+    action=Action.APPROVE,
+    approvers=ApproversSettings(groups=("data-owners",)),
+    timeout_seconds=60,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def opened(clock: Clock) -> tuple[ApprovalService, ListSink, str]:
+    sink = ListSink()
+    service = ApprovalService(MemoryStore(), ApprovalsSettings(), AuditLog([sink]), clock=clock)
+    approval, created = await service.open(
+        identity=AGENT,
+        rule=RULE,
+        method="POST",
+        path="/cloud/exports/x",
+        query="",
+        route="cloud",
+        body=b"{}",
+        content_type="application/json",
+        reason=None,
+        request_id="r1",
+    )
+    assert created
+    return service, sink, approval.id
+
+
+async def test_a_late_decision_expires_the_approval_and_audits_it_once() -> None:
+    clock = Clock()
+    service, sink, approval_id = await opened(clock)
+    clock.now += 61
+    with pytest.raises(NotPending):
+        await service.decide(approval_id, ALICE, Verdict.APPROVE, None, "api")
+    approval = await service.get(approval_id)
+    assert approval is not None and approval.state is ApprovalState.EXPIRED
+    assert await service.expire_due() == 0
+    assert [e["approval_id"] for e in sink.named("approval.expired")] == [approval_id]
+    assert not sink.named("approval.decided")
+
+
+async def test_the_sweeper_expires_due_approvals_once() -> None:
+    clock = Clock()
+    service, sink, approval_id = await opened(clock)
+    assert await service.expire_due() == 0
+    clock.now += 60
+    assert await service.expire_due() == 1
+    assert await service.expire_due() == 0
+    assert len(sink.named("approval.expired")) == 1
+    waited = await service.wait_for_decision(approval_id)
+    assert waited.state is ApprovalState.EXPIRED
+
+
+async def test_a_retry_after_the_deadline_opens_a_new_approval() -> None:
+    clock = Clock()
+    service, _, first = await opened(clock)
+    clock.now += 61
+    approval, created = await service.open(
+        identity=AGENT,
+        rule=RULE,
+        method="POST",
+        path="/cloud/exports/x",
+        query="",
+        route="cloud",
+        body=b"{}",
+        content_type="application/json",
+        reason=None,
+        request_id="r2",
+    )
+    assert created and approval.id != first

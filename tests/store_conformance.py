@@ -393,10 +393,18 @@ class StoreConformance:
         expired = await store.expire(approval.id, approval.expires_at)
         assert expired is not None and expired.state is ApprovalState.EXPIRED
 
-    async def test_expire_never_touches_approved(self, store: Store) -> None:
+    async def test_an_unused_approval_expires_after_its_window(self, store: Store) -> None:
         approval = await self.approved(store)
-        assert await store.expire(approval.id, approval.expires_at + 3600) is None
-        assert await store.get(approval.id) == approval
+        # Approval restarts the window: it may be used until then, not forever.
+        assert approval.expires_at > time.time() + 50
+        assert await store.expire(approval.id, approval.expires_at - 1) is None
+        with pytest.raises(NotClaimable) as info:
+            await store.claim(approval.id, approval.expires_at)
+        assert info.value.approval is not None
+        assert info.value.approval.state is ApprovalState.EXPIRED
+        assert approval.id in await store.due(approval.expires_at)
+        expired = await store.expire(approval.id, approval.expires_at)
+        assert expired is not None and expired.state is ApprovalState.EXPIRED
 
     async def test_expire_never_touches_denied_or_executed(self, store: Store) -> None:
         denied = await self.created(store)
@@ -412,7 +420,7 @@ class StoreConformance:
 
     # -- due ----------------------------------------------------------------------------------
 
-    async def test_due_lists_exactly_the_overdue_pending(self, store: Store) -> None:
+    async def test_due_lists_exactly_the_overdue_pending_and_unused(self, store: Store) -> None:
         now = time.time()
         a = await self.created(store, expires_at=now + 10)
         b = await self.created(store, expires_at=now + 20)
@@ -425,8 +433,9 @@ class StoreConformance:
         assert approved.state is ApprovalState.APPROVED
 
         assert sorted(await store.due(now)) == []
-        assert sorted(await store.due(now + 30)) == sorted([a.id, b.id])
-        assert sorted(await store.due(now + 15)) == [a.id]
+        # The approved one got a fresh 10 s window to be used when it was approved.
+        assert sorted(await store.due(now + 30)) == sorted([a.id, b.id, approved.id])
+        assert a.id in await store.due(now + 15) and b.id not in await store.due(now + 15)
 
     async def test_due_respects_limit(self, store: Store) -> None:
         now = time.time()

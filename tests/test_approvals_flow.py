@@ -358,3 +358,21 @@ async def test_listing_shows_only_what_the_caller_may_see(make_proxy: Factory) -
     for who, count in ((ALICE, 1), (AGENT, 1), (bearer(BOB_KEY), 1), (bearer(MALLORY_KEY), 0)):
         resp = await client.get(API, headers=who)
         assert len((await resp.json())["approvals"]) == count
+
+
+async def test_an_approval_not_used_in_time_expires(make_proxy: Factory) -> None:
+    client, sink = await make_proxy(mode="async", timeout=1)
+    resp = await client.post(EXPORT, json={"a": 1}, headers=AGENT)
+    approval_id = (await resp.json())["approval_id"]
+    status, body = await decide(client, approval_id, ALICE, "approve")
+    assert status == 200 and body["state"] == "approved"
+    await asyncio.sleep(1.3)
+    late = await client.post(
+        EXPORT, json={"a": 1}, headers={**AGENT, "Countersign-Approval": approval_id}
+    )
+    assert late.status == 403
+    refused = await late.json()
+    assert refused["error"] == "approval_expired"
+    assert refused["reason"] == "approved, but not used before the deadline"
+    assert [e["approval_id"] for e in sink.named("approval.expired")] == [approval_id]
+    assert not sink.named("request.forwarded")

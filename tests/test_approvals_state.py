@@ -332,9 +332,9 @@ def test_expire_at_deadline() -> None:
 
 @pytest.mark.parametrize(
     "state",
-    [ApprovalState.APPROVED, ApprovalState.DENIED, ApprovalState.EXPIRED, ApprovalState.EXECUTED],
+    [ApprovalState.DENIED, ApprovalState.EXPIRED, ApprovalState.EXECUTED],
 )
-def test_expire_leaves_non_pending_alone(state: ApprovalState) -> None:
+def test_expire_leaves_finished_approvals_alone(state: ApprovalState) -> None:
     approval = in_state(state)
     later = approval.expires_at + 3600
     assert not is_due(approval, later)

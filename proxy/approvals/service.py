@@ -212,7 +212,13 @@ class ApprovalService:
             await self.store.wait(approval_id, remaining)
 
     async def claim(self, approval_id: str) -> Approval:
-        return await self.store.claim(approval_id, self._clock())
+        now = self._clock()
+        try:
+            return await self.store.claim(approval_id, now)
+        except state.NotClaimable as exc:
+            if exc.approval is not None and exc.approval.state is ApprovalState.EXPIRED:
+                await self._expire(approval_id, now)  # approved, but not used in time
+            raise
 
     async def record_outcome(self, approval_id: str, upstream_status: int) -> Approval:
         return await self.store.record_outcome(approval_id, upstream_status)

@@ -1,8 +1,11 @@
 """The approval state machine: pure functions from one `Approval` to the next.
 
     pending ──approve (quorum reached)──▶ approved ──claim──▶ executed
-       │ └──deny──▶ denied
-       └──deadline passed──▶ expired
+       │ └──deny──▶ denied                     │
+       └──deadline passed──▶ expired ◀──────────┘ not used within the window
+
+An approval has one window (`expires_at - created_at`) to be decided and, once approved, the
+same window again to be used: an unused approval does not stay valid forever.
 
 Every store applies exactly these functions inside its own atomic step (a Python critical
 section for `MemoryStore`, a Lua script for Redis), so the rules live in one place. No I/O here.
@@ -95,8 +98,12 @@ def check_approver(
     )
 
 
+_EXPIRABLE = (ApprovalState.PENDING, ApprovalState.APPROVED)
+
+
 def is_due(approval: Approval, now: float) -> bool:
-    return approval.state is ApprovalState.PENDING and now >= approval.expires_at
+    """Pending and undecided, or approved and unused, past the deadline."""
+    return approval.state in _EXPIRABLE and now >= approval.expires_at
 
 
 def decide(approval: Approval, record: DecisionRecord, now: float) -> Approval:
@@ -118,7 +125,8 @@ def decide(approval: Approval, record: DecisionRecord, now: float) -> Approval:
         raise DuplicateApprover("you already approved this request", approval)
     updated = replace(approval, decisions=(*approval.decisions, record))
     if updated.approvals_count >= approval.quorum:
-        updated = replace(updated, state=ApprovalState.APPROVED)
+        window = approval.expires_at - approval.created_at
+        updated = replace(updated, state=ApprovalState.APPROVED, expires_at=now + window)
     return updated
 
 
@@ -126,11 +134,14 @@ def claim(approval: Approval, now: float) -> Approval:
     """approved → executed: the one permission to forward the request, taken at most once."""
     if approval.state is not ApprovalState.APPROVED:
         raise NotClaimable(f"approval is {approval.state.value}", approval)
+    if is_due(approval, now):
+        # Not saved here: `expire` makes that transition, so exactly one caller audits it.
+        raise NotClaimable("approval expired before it was used", expire(approval, now))
     return replace(approval, state=ApprovalState.EXECUTED, executed_at=now)
 
 
 def expire(approval: Approval, now: float) -> Approval:
-    """pending → expired once the deadline has passed; anything else is returned unchanged."""
+    """pending or approved → expired once the deadline has passed; else returned unchanged."""
     if is_due(approval, now):
         return replace(approval, state=ApprovalState.EXPIRED)
     return approval

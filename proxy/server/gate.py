@@ -153,14 +153,7 @@ class ApprovalGate:
         if approval.state is ApprovalState.DENIED:
             return proxy.refuse(exchange, 403, "approval_denied", **decision_fields(approval))
         if approval.state is ApprovalState.EXPIRED:
-            return proxy.refuse(
-                exchange,
-                403,
-                "approval_expired",
-                approval_id=approval.id,
-                rule=approval.rule,
-                reason="no decision before the deadline",
-            )
+            return self._expired(proxy, exchange, approval)
         if approval.state is ApprovalState.EXECUTED:
             return self._used(proxy, exchange, approval)
         started = time.monotonic()
@@ -168,7 +161,10 @@ class ApprovalGate:
         try:
             upstream = await asyncio.shield(execution)
         except state.NotClaimable as exc:
-            return self._used(proxy, exchange, exc.approval or approval)
+            current = exc.approval or approval
+            if current.state is ApprovalState.EXPIRED:
+                return self._expired(proxy, exchange, current)
+            return self._used(proxy, exchange, current)
         except UpstreamError as exc:
             return proxy.upstream_failed(exchange, exc, approval_id=approval.id)
         except asyncio.CancelledError:
@@ -177,6 +173,19 @@ class ApprovalGate:
             execution.add_done_callback(_close_quietly)
             raise
         return await proxy.relay(exchange, upstream, started, approval_id=approval.id)
+
+    def _expired(self, proxy: ProxyHandler, exchange: Exchange, approval: Approval) -> web.Response:
+        was_approved = approval.approvals_count >= approval.quorum
+        return proxy.refuse(
+            exchange,
+            403,
+            "approval_expired",
+            approval_id=approval.id,
+            rule=approval.rule,
+            reason="approved, but not used before the deadline"
+            if was_approved
+            else "no decision before the deadline",
+        )
 
     def _used(self, proxy: ProxyHandler, exchange: Exchange, approval: Approval) -> web.Response:
         return proxy.refuse(

@@ -36,12 +36,12 @@ class Store(Protocol):
     async def record_outcome(self, approval_id: str, upstream_status: int) -> Approval: ...
 
     async def expire(self, approval_id: str, now: float) -> Approval | None:
-        """pending → expired if its deadline has passed. Returns the approval only when this
-        call made the transition (so exactly one caller audits it)."""
+        """pending or approved (unused) → expired if its deadline has passed. Returns the
+        approval only when this call made the transition (so exactly one caller audits it)."""
         ...
 
     async def due(self, now: float, limit: int = 100) -> list[str]:
-        """Ids of pending approvals whose deadline has passed."""
+        """Ids of pending or approved (unused) approvals whose deadline has passed."""
         ...
 
     async def list(self, state: ApprovalState | None = None, limit: int = 100) -> list[Approval]:

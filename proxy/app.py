@@ -110,7 +110,14 @@ def build_app(settings: Settings, *, audit_log: AuditLog | None = None) -> web.A
         return await handler.handle(request)
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_routes(internal_routes(metrics, ready=lambda: {"proxy": "proxy" in holder}))
+    async def ready() -> dict[str, bool]:
+        try:
+            store_ok = await asyncio.wait_for(store.ping(), 2)
+        except Exception:
+            store_ok = False
+        return {"proxy": "proxy" in holder, "store": store_ok}
+
+    app.router.add_routes(internal_routes(metrics, ready=ready))
     app.router.add_routes(api_routes(lambda: holder["authenticator"], approvals))
     # [\s\S] and not ".": a decoded path may hold a newline, and such a request must still reach
     # the proxy handler to be refused with a clear 400 rather than aiohttp's plain-text 404.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -12,7 +12,9 @@ from .responses import error_response
 PREFIX = "/_countersign/"
 
 
-def internal_routes(metrics: Metrics, ready: Callable[[], dict[str, bool]]) -> web.RouteTableDef:
+def internal_routes(
+    metrics: Metrics, ready: Callable[[], Awaitable[dict[str, bool]]]
+) -> web.RouteTableDef:
     routes = web.RouteTableDef()
 
     @routes.get(PREFIX + "healthz")
@@ -21,7 +23,7 @@ def internal_routes(metrics: Metrics, ready: Callable[[], dict[str, bool]]) -> w
 
     @routes.get(PREFIX + "readyz")
     async def readyz(_: web.Request) -> web.Response:
-        checks = ready()
+        checks = await ready()
         ok = all(checks.values())
         return web.json_response(
             {"status": "ready" if ok else "not_ready", "checks": checks}, status=200 if ok else 503

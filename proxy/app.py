@@ -110,6 +110,7 @@ def build_app(settings: Settings, *, audit_log: AuditLog | None = None) -> web.A
         return await handler.handle(request)
 
     app.cleanup_ctx.append(lifecycle)
+
     async def ready() -> dict[str, bool]:
         try:
             store_ok = await asyncio.wait_for(store.ping(), 2)

@@ -42,11 +42,17 @@ def build_audit(settings: Settings) -> AuditLog:
 
 
 def build_store(settings: Settings) -> Store:
-    scheme = settings.store.url.partition("://")[0]
-    if scheme == "memory":
-        return MemoryStore()
-    # config refuses other schemes; this is the one place a new store gets wired in.
-    raise ValueError(f"unsupported store {settings.store.url!r}")
+    store = settings.store
+    if store.url == "memory://":
+        return MemoryStore(retention_seconds=store.retention_seconds)
+    from .store.redis import RedisStore  # only deployments with Redis import redis-py
+
+    return RedisStore(
+        store.url,
+        key_prefix=store.key_prefix,
+        retention_seconds=store.retention_seconds,
+        timeout_seconds=store.timeout_seconds,
+    )
 
 
 def build_app(settings: Settings, *, audit_log: AuditLog | None = None) -> web.Application:

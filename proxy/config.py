@@ -135,16 +135,26 @@ class IdentitySettings(_Model):
 
 class StoreSettings(_Model):
     url: NonEmpty = "memory://"
+    key_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]+$")] = "countersign"
+    # How long decided, expired and executed approvals stay readable (API, CLI, audit lookups).
+    retention_seconds: Annotated[int, Field(gt=0)] = 7 * 24 * 3600
+    timeout_seconds: Annotated[float, Field(gt=0)] = 2.0  # per Redis command
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
         scheme = v.partition("://")[0]
-        if scheme in ("redis", "rediss"):
-            raise ValueError("the Redis store is not available in this version; use memory://")
-        if v != "memory://":
-            raise ValueError(f"unknown store {v!r}; use memory://")
-        return v
+        if v == "memory://" or scheme in ("redis", "rediss", "unix"):
+            return v
+        raise ValueError(
+            f"unknown store {v!r}; use memory:// or redis://[:password@]host:port/db "
+            "(rediss:// for TLS)"
+        )
+
+    @property
+    def shared(self) -> bool:
+        """Whether several processes can share this store (needed for server.workers > 1)."""
+        return self.url != "memory://"
 
 
 class RouteSettings(_Model):

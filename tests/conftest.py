@@ -14,6 +14,7 @@ from proxy.audit import AuditLog
 from proxy.config import Settings
 from tests.helpers import ListSink, settings_for
 from tests.idp_fixture import DEFAULT_CLIENTS, TestIdP, start_idp
+from tests.redis_fixture import RedisServer
 from tests.upstream import upstream_app
 
 Client = TestClient[web.Request, web.Application]
@@ -61,3 +62,25 @@ async def make_proxy(upstream: TestServer) -> AsyncIterator[Factory]:
     yield factory
     for client in clients:
         await client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free port, shared by the session; tests isolate themselves by
+    key prefix. Tests that stop it must restart it (`redis_server.restart()`)."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def fresh_redis(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """The session's redis-server, guaranteed running before and after the test."""
+    if redis_server.proc is None:
+        redis_server.start()
+    yield redis_server
+    if redis_server.proc is None:
+        redis_server.start()

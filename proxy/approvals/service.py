@@ -91,7 +91,10 @@ class ApprovalService:
     async def _sweep_forever(self) -> None:
         while True:
             try:
-                await self.expire_due()
+                # One replica at a time sweeps; if it dies, its lease lapses and another takes
+                # over within a few intervals.
+                if await self.store.lease("expiry-sweeper", self._sweep_interval * 4):
+                    await self.expire_due()
             except Exception as exc:  # a store hiccup must not end the sweeper
                 log.warning("approvals.sweep_failed", error=str(exc) or type(exc).__name__)
             await asyncio.sleep(self._sweep_interval)

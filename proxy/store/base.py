@@ -49,8 +49,13 @@ class Store(Protocol):
         ...
 
     async def wait(self, approval_id: str, seconds: float) -> Approval | None:
-        """Return the approval as soon as it changes (or at once if it is not pending), or as it
-        is after `seconds`. None for an unknown id."""
+        """Return the approval as soon as it is no longer pending, or as it is after `seconds`
+        (a store may also return early on any change; callers loop). None for an unknown id."""
+        ...
+
+    async def lease(self, name: str, seconds: float) -> bool:
+        """Take or renew the named lease for `seconds`: True while this process holds it.
+        Replicas use it so that one of them at a time sweeps expiries."""
         ...
 
     async def ping(self) -> bool: ...

@@ -101,6 +101,9 @@ class MemoryStore:
             await asyncio.wait_for(event.wait(), seconds)
         return self._approvals.get(approval_id)
 
+    async def lease(self, name: str, seconds: float) -> bool:
+        return True  # one process: always ours
+
     async def ping(self) -> bool:
         return True
 

@@ -1,0 +1,386 @@
+"""`RedisStore`: approvals shared by every replica through one Redis (`store.url: redis://...`).
+
+Transitions stay in Python (`proxy.approvals.state`, the single source of the rules) and are made
+atomic with compare-and-set: read the approval, compute the next one, and let a Lua script swap
+it in only if the stored JSON is still exactly what was read (else re-read and retry). The same
+script keeps the indexes (fingerprint → open approval, deadline sorted set) and publishes the
+change, in one atomic step.
+
+Wake-ups: one pub/sub subscription per process, dispatching change notices to local waiters
+(10,000 held requests need no more Redis connections than one). After every (re)subscription all
+local waiters re-read their approval, so a decision published while the subscription was down is
+not missed; while it is down, waiters poll.
+
+All keys share one hash tag (`{prefix}`), so every script runs in one slot and works on Redis
+Cluster; approvals are human-paced, so one slot's throughput is ample. Any Redis failure is
+raised as `StoreUnavailable`: privileged requests fail closed with 503 and nothing is forwarded
+without a decision read from Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+from ..approvals import state as transitions
+from ..types import Approval, ApprovalState, DecisionRecord
+from . import codec
+from .base import StoreUnavailable
+
+log = structlog.get_logger("countersign.store")
+
+_FINISHED = (ApprovalState.DENIED, ApprovalState.EXPIRED, ApprovalState.EXECUTED)
+_EXPIRABLE = (ApprovalState.PENDING, ApprovalState.APPROVED)
+_CAS_ATTEMPTS = 200
+
+# KEYS: fingerprint index, approval, deadlines, created
+# ARGV: expected current index value ('' for none), approval json, id, expires_at, created_at,
+#       ttl ms
+_CREATE = """
+local current = redis.call('GET', KEYS[1])
+if current == false then current = '' end
+if current ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[6])
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[6])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[3])
+return 1
+"""
+
+# KEYS: approval, fingerprint index, deadlines
+# ARGV: expected json, new json, id, joinable 1/0, expirable 1/0, expires_at, ttl ms, channel
+_SWAP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[7])
+if ARGV[4] == '1' then
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[7])
+elseif redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('DEL', KEYS[2])
+end
+if ARGV[5] == '1' then
+  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[3])
+else
+  redis.call('ZREM', KEYS[3], ARGV[3])
+end
+redis.call('PUBLISH', ARGV[8], ARGV[3])
+return 1
+"""
+
+# KEYS: lock; ARGV: owner, ttl ms
+_LEASE = """
+local owner = redis.call('GET', KEYS[1])
+if owner == false or owner == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class RedisStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "countersign",
+        retention_seconds: float = 24 * 3600,
+        timeout_seconds: float = 2.0,
+        max_connections: int = 64,
+    ) -> None:
+        self._url = url
+        self._retention_ms = int(retention_seconds * 1000)
+        common: dict[str, Any] = {
+            "socket_connect_timeout": timeout_seconds,
+            "health_check_interval": 10,
+            "socket_keepalive": True,
+        }
+        # A blocking pool: when every connection is busy, a command waits for one (up to the
+        # timeout) instead of failing, so a burst of thousands of waiters re-reading after a
+        # reconnect queues on a few connections.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_seconds,
+            socket_timeout=timeout_seconds,
+            decode_responses=True,
+            **common,
+        )
+        self._redis = aioredis.Redis(connection_pool=pool)
+        # The subscription blocks reading for as long as nothing happens: no read timeout
+        # (redis-py's 5 s default would tear it down every 5 quiet seconds).
+        self._subscriber = aioredis.Redis.from_url(
+            url, socket_timeout=None, decode_responses=True, **common
+        )
+        tag = "{" + key_prefix + "}"
+        self._approval_key = f"{tag}:apr:"
+        self._fingerprint_key = f"{tag}:fp:"
+        self._deadlines = f"{tag}:deadlines"
+        self._created = f"{tag}:created"
+        self._lease_key = f"{tag}:lease:"
+        self._channel = f"{tag}:changes"
+        self._owner = secrets.token_hex(8)
+        self._create = self._redis.register_script(_CREATE)
+        self._swap = self._redis.register_script(_SWAP)
+        self._lease = self._redis.register_script(_LEASE)
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._subscribed = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _guard(self, operation: Awaitable[Any]) -> Any:
+        # Any: redis-py types replies loosely (bytes | str | ...); callers annotate what
+        # decode_responses=True gives them.
+        """Await a Redis operation; any connection failure becomes `StoreUnavailable`."""
+        try:
+            return await operation
+        except _REDIS_DOWN as exc:
+            raise StoreUnavailable(f"redis: {exc or type(exc).__name__}") from exc
+
+    def _ttl_ms(self, approval: Approval) -> int:
+        if approval.state in _FINISHED:
+            return self._retention_ms
+        remaining = max(approval.expires_at - time.time(), 0.0)
+        return int(remaining * 1000) + self._retention_ms
+
+    async def _read(self, approval_id: str) -> tuple[str | None, Approval | None]:
+        raw: str | None = await self._guard(self._redis.get(self._approval_key + approval_id))
+        if raw is None:
+            return None, None
+        return raw, codec.loads(raw)
+
+    async def _transition(
+        self, approval_id: str, step: Callable[[Approval], Approval | None]
+    ) -> Approval | None:
+        """Compare-and-set loop: apply `step` to the current value until the swap succeeds.
+
+        `step` raises to refuse the transition, or returns None for "nothing to do"."""
+        for _ in range(_CAS_ATTEMPTS):
+            raw, current = await self._read(approval_id)
+            if raw is None or current is None:
+                raise KeyError(approval_id)
+            updated = step(current)
+            if updated is None:
+                return None
+            swapped = await self._guard(
+                self._swap(
+                    keys=[
+                        self._approval_key + approval_id,
+                        self._fingerprint_key + updated.fingerprint,
+                        self._deadlines,
+                    ],
+                    args=[
+                        raw,
+                        codec.dumps(updated),
+                        approval_id,
+                        "1" if transitions.joinable(updated) else "0",
+                        "1" if updated.state in _EXPIRABLE else "0",
+                        repr(updated.expires_at),
+                        self._ttl_ms(updated),
+                        self._channel,
+                    ],
+                )
+            )
+            if swapped:
+                return updated
+            await asyncio.sleep(0)  # someone else changed it first: read again
+        raise StoreUnavailable(f"approval {approval_id} is changing too fast to update")
+
+    # -- the Store protocol --------------------------------------------------------------------
+
+    async def create_or_join(self, approval: Approval) -> tuple[Approval, bool]:
+        index = self._fingerprint_key + approval.fingerprint
+        for _ in range(_CAS_ATTEMPTS):
+            expected: str = await self._guard(self._redis.get(index)) or ""
+            if expected:
+                _, existing = await self._read(expected)
+                if (
+                    existing is not None
+                    and transitions.joinable(existing)
+                    and not transitions.is_due(existing, approval.created_at)
+                ):
+                    return existing, False
+            created = await self._guard(
+                self._create(
+                    keys=[
+                        index,
+                        self._approval_key + approval.id,
+                        self._deadlines,
+                        self._created,
+                    ],
+                    args=[
+                        expected,
+                        codec.dumps(approval),
+                        approval.id,
+                        repr(approval.expires_at),
+                        repr(approval.created_at),
+                        self._ttl_ms(approval),
+                    ],
+                )
+            )
+            if created:
+                return approval, True
+        raise StoreUnavailable("could not create the approval (too much contention)")
+
+    async def get(self, approval_id: str) -> Approval | None:
+        return (await self._read(approval_id))[1]
+
+    async def decide(self, approval_id: str, record: DecisionRecord, now: float) -> Approval:
+        result = await self._transition(approval_id, lambda a: transitions.decide(a, record, now))
+        assert result is not None
+        return result
+
+    async def claim(self, approval_id: str, now: float) -> Approval:
+        result = await self._transition(approval_id, lambda a: transitions.claim(a, now))
+        assert result is not None
+        return result
+
+    async def record_outcome(self, approval_id: str, upstream_status: int) -> Approval:
+        result = await self._transition(
+            approval_id, lambda a: transitions.record_outcome(a, upstream_status)
+        )
+        assert result is not None
+        return result
+
+    async def expire(self, approval_id: str, now: float) -> Approval | None:
+        def step(approval: Approval) -> Approval | None:
+            return transitions.expire(approval, now) if transitions.is_due(approval, now) else None
+
+        try:
+            return await self._transition(approval_id, step)
+        except KeyError:
+            # Gone (its retention ran out): drop it from the deadline index too.
+            await self._guard(self._redis.zrem(self._deadlines, approval_id))
+            return None
+
+    async def due(self, now: float, limit: int = 100) -> list[str]:
+        ids: list[str] = await self._guard(
+            self._redis.zrangebyscore(self._deadlines, "-inf", now, start=0, num=limit)
+        )
+        return ids
+
+    async def list(self, state: ApprovalState | None = None, limit: int = 100) -> list[Approval]:
+        found: list[Approval] = []
+        start, page = 0, max(limit, 100)
+        while len(found) < limit and start < 10 * page:
+            ids: list[str] = await self._guard(
+                self._redis.zrevrange(self._created, start, start + page - 1)
+            )
+            if not ids:
+                break
+            keys = [self._approval_key + i for i in ids]
+            values: list[str | None] = await self._guard(self._redis.mget(keys))
+            gone = [i for i, v in zip(ids, values, strict=True) if v is None]
+            if gone:  # retention ran out: forget them in the listing index too
+                await self._guard(self._redis.zrem(self._created, *gone))
+                start -= len(gone)
+            for value in values:
+                if value is not None:
+                    approval = codec.loads(value)
+                    if state is None or approval.state is state:
+                        found.append(approval)
+            start += page
+        return found[:limit]
+
+    async def wait(self, approval_id: str, seconds: float) -> Approval | None:
+        self._ensure_listener()
+        event = asyncio.Event()
+        self._waiters.setdefault(approval_id, set()).add(event)
+        deadline = time.monotonic() + seconds
+        try:
+            while True:
+                # Clear, then read: a change published after the read sets the event again,
+                # so it is never missed.
+                event.clear()
+                approval = await self.get(approval_id)
+                remaining = deadline - time.monotonic()
+                if approval is None or approval.state is not ApprovalState.PENDING:
+                    return approval
+                if remaining <= 0:
+                    return approval
+                if not self._subscribed.is_set():
+                    remaining = min(remaining, 0.5)  # no subscription right now: poll
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), remaining)
+        finally:
+            waiters = self._waiters.get(approval_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[approval_id]
+
+    async def lease(self, name: str, seconds: float) -> bool:
+        """Hold the named lease for `seconds` (renewable by its holder); one replica at a time
+        does periodic work such as sweeping expiries."""
+        return bool(
+            await self._guard(
+                self._lease(keys=[self._lease_key + name], args=[self._owner, int(seconds * 1000)])
+            )
+        )
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except (*_REDIS_DOWN, redis.exceptions.RedisError):
+            return False
+
+    async def aclose(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        self._wake_all()
+        await self._redis.aclose()
+        await self._subscriber.aclose()
+
+    # -- the subscription ----------------------------------------------------------------------
+
+    def _ensure_listener(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen(), name="redis-store-listener")
+
+    def _wake(self, approval_id: str) -> None:
+        for event in self._waiters.get(approval_id, ()):
+            event.set()
+
+    def _wake_all(self) -> None:
+        for waiters in self._waiters.values():
+            for event in waiters:
+                event.set()
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                self._subscribed.set()
+                backoff = 0.1
+                self._wake_all()  # re-read everything: changes may have been missed
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._wake(str(message["data"]))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._subscribed.is_set():
+                    log.warning("store.subscription_lost", error=str(exc) or type(exc).__name__)
+                self._subscribed.clear()
+                self._wake_all()  # waiters fall back to polling
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                self._subscribed.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -1,0 +1,140 @@
+"""RedisStore against a real redis-server: the shared conformance suite, then faults."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from proxy.store.base import StoreUnavailable
+from proxy.store.redis import RedisStore
+from proxy.types import ApprovalState
+from tests.redis_fixture import RedisServer
+from tests.store_conformance import StoreConformance, approve, make_approval
+
+
+def new_store(server: RedisServer) -> RedisStore:
+    return RedisStore(server.url, key_prefix="test-" + secrets.token_hex(6), timeout_seconds=1)
+
+
+class TestRedisStore(StoreConformance):
+    @pytest.fixture
+    async def store(self, fresh_redis: RedisServer) -> AsyncIterator[RedisStore]:
+        store = new_store(fresh_redis)
+        yield store
+        await store.aclose()
+
+
+async def test_two_stores_on_one_redis_see_the_same_approvals(fresh_redis: RedisServer) -> None:
+    prefix = "test-" + secrets.token_hex(6)
+    a = RedisStore(fresh_redis.url, key_prefix=prefix)
+    b = RedisStore(fresh_redis.url, key_prefix=prefix)
+    try:
+        approval, _ = await a.create_or_join(make_approval())
+        joined, created = await b.create_or_join(make_approval(fingerprint=approval.fingerprint))
+        assert not created and joined.id == approval.id
+        waiting = asyncio.create_task(a.wait(approval.id, 10))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await b.decide(approval.id, approve(), time.time())
+        woken = await asyncio.wait_for(waiting, 5)
+        assert woken is not None and woken.state is ApprovalState.APPROVED
+        assert time.monotonic() - started < 0.5, "woken by the notice, not by polling"
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_many_waiters_need_few_connections(fresh_redis: RedisServer) -> None:
+    import redis.asyncio as aioredis
+
+    observer = aioredis.Redis.from_url(fresh_redis.url)
+    store = RedisStore(
+        fresh_redis.url, key_prefix="test-" + secrets.token_hex(6), max_connections=8
+    )
+    try:
+        before = (await observer.info("clients"))["connected_clients"]
+        approvals = [(await store.create_or_join(make_approval()))[0] for _ in range(1000)]
+        waiters = [asyncio.create_task(store.wait(a.id, 20)) for a in approvals]
+        await asyncio.sleep(0.5)
+        during = (await observer.info("clients"))["connected_clients"]
+        # 1,000 held waiters: at most the pool (8) plus the one subscription.
+        assert during - before <= 8 + 1, f"{during - before} connections for 1,000 waiters"
+        for a in approvals:
+            await store.decide(a.id, approve(), time.time())
+        results = await asyncio.wait_for(asyncio.gather(*waiters), 20)
+        assert all(r is not None and r.state is ApprovalState.APPROVED for r in results)
+    finally:
+        await store.aclose()
+        await observer.aclose()
+
+
+async def test_redis_down_is_store_unavailable_and_recovers(fresh_redis: RedisServer) -> None:
+    store = new_store(fresh_redis)
+    try:
+        approval, _ = await store.create_or_join(make_approval())
+        assert await store.ping()
+        fresh_redis.stop()
+        assert not await store.ping()
+        with pytest.raises(StoreUnavailable):
+            await store.get(approval.id)
+        with pytest.raises(StoreUnavailable):
+            await store.decide(approval.id, approve(), time.time())
+        with pytest.raises(StoreUnavailable):
+            await store.create_or_join(make_approval())
+        fresh_redis.start()
+        # What Redis held survives the restart, untouched by the failed calls.
+        kept = await store.get(approval.id)
+        assert kept is not None and kept.state is ApprovalState.PENDING
+        decided = await store.decide(approval.id, approve(), time.time())
+        assert decided.state is ApprovalState.APPROVED
+    finally:
+        await store.aclose()
+
+
+async def test_a_decision_made_while_the_subscription_was_down_is_not_missed(
+    fresh_redis: RedisServer,
+) -> None:
+    prefix = "test-" + secrets.token_hex(6)
+    waiter_store = RedisStore(fresh_redis.url, key_prefix=prefix, timeout_seconds=1)
+    decider = RedisStore(fresh_redis.url, key_prefix=prefix, timeout_seconds=1)
+    try:
+        approval, _ = await waiter_store.create_or_join(make_approval(expires_at=time.time() + 60))
+
+        async def wait_until_decided() -> ApprovalState:
+            while True:
+                try:
+                    current = await waiter_store.wait(approval.id, 30)
+                except StoreUnavailable:
+                    await asyncio.sleep(0.1)
+                    continue
+                assert current is not None
+                if current.state is not ApprovalState.PENDING:
+                    return current.state
+
+        waiting = asyncio.create_task(wait_until_decided())
+        await asyncio.sleep(0.2)
+        fresh_redis.restart()  # drops the subscription; the waiter must recover by itself
+        await decider.decide(approval.id, approve(), time.time())
+        assert await asyncio.wait_for(waiting, 10) is ApprovalState.APPROVED
+    finally:
+        await waiter_store.aclose()
+        await decider.aclose()
+
+
+async def test_lease_is_held_by_one_store_at_a_time(fresh_redis: RedisServer) -> None:
+    prefix = "test-" + secrets.token_hex(6)
+    a = RedisStore(fresh_redis.url, key_prefix=prefix)
+    b = RedisStore(fresh_redis.url, key_prefix=prefix)
+    try:
+        assert await a.lease("sweep", 0.5)
+        assert await a.lease("sweep", 0.5), "the holder renews"
+        assert not await b.lease("sweep", 0.5)
+        await asyncio.sleep(0.6)
+        assert await b.lease("sweep", 0.5), "a lapsed lease passes on"
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -19,7 +19,7 @@ import structlog
 from .. import audit
 from ..audit import AuditLog
 from ..config import ApprovalsSettings, RuleSettings
-from ..store.base import Store
+from ..store.base import Store, StoreUnavailable
 from ..types import Approval, ApprovalState, DecisionRecord, Identity, Requester, Verdict
 from . import state
 from .fingerprint import body_preview, clean_reason, fingerprint
@@ -27,6 +27,9 @@ from .fingerprint import body_preview, clean_reason, fingerprint
 log = structlog.get_logger("countersign.approvals")
 
 ID_PREFIX = "apr_"
+_OUTAGE_RETRY_SECONDS = 0.25
+# After the deadline, how long a held request keeps trying to read a store that is down.
+_OUTAGE_GRACE_SECONDS = 5.0
 
 
 def new_approval_id() -> str:
@@ -89,14 +92,20 @@ class ApprovalService:
             self._sweeper = None
 
     async def _sweep_forever(self) -> None:
+        failing = False
         while True:
             try:
                 # One replica at a time sweeps; if it dies, its lease lapses and another takes
                 # over within a few intervals.
                 if await self.store.lease("expiry-sweeper", self._sweep_interval * 4):
                     await self.expire_due()
-            except Exception as exc:  # a store hiccup must not end the sweeper
-                log.warning("approvals.sweep_failed", error=str(exc) or type(exc).__name__)
+                if failing:
+                    log.info("approvals.sweep_resumed")
+                failing = False
+            except Exception as exc:  # a store outage must not end the sweeper
+                if not failing:  # say it once per outage, not twice a second
+                    log.warning("approvals.sweep_failed", error=str(exc) or type(exc).__name__)
+                failing = True
             await asyncio.sleep(self._sweep_interval)
 
     async def expire_due(self) -> int:
@@ -201,18 +210,30 @@ class ApprovalService:
         return await self.store.get(approval_id)
 
     async def wait_for_decision(self, approval_id: str) -> Approval:
-        """Wait until the approval leaves `pending`; at its deadline, expire it (audited)."""
+        """Wait until the approval leaves `pending`; at its deadline, expire it (audited).
+
+        If the store becomes unreachable meanwhile, keep waiting and retrying (the request
+        stays held, nothing is forwarded) until the approval's deadline has passed; then give up
+        with `StoreUnavailable`, since no decision can be read.
+        """
+        deadline: float | None = None
         while True:
-            approval = await self.store.get(approval_id)
-            if approval is None:
-                raise ApprovalNotFound("approval not found")
-            if approval.state is not ApprovalState.PENDING:
-                return approval
-            remaining = approval.expires_at - self._clock()
-            if remaining <= 0:
-                await self._expire(approval_id, self._clock())
-                continue
-            await self.store.wait(approval_id, remaining)
+            try:
+                approval = await self.store.get(approval_id)
+                if approval is None:
+                    raise ApprovalNotFound("approval not found")
+                deadline = approval.expires_at
+                if approval.state is not ApprovalState.PENDING:
+                    return approval
+                remaining = approval.expires_at - self._clock()
+                if remaining <= 0:
+                    await self._expire(approval_id, self._clock())
+                    continue
+                await self.store.wait(approval_id, remaining)
+            except StoreUnavailable:
+                if deadline is None or self._clock() > deadline + _OUTAGE_GRACE_SECONDS:
+                    raise
+                await asyncio.sleep(_OUTAGE_RETRY_SECONDS)
 
     async def claim(self, approval_id: str) -> Approval:
         now = self._clock()

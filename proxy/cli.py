@@ -37,10 +37,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args)
-    from .server.runner import serve
+    from .server.runner import run
 
-    asyncio.run(serve(settings))
-    return 0
+    return run(settings)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

@@ -55,6 +55,8 @@ class ServerSettings(_Model):
     public_url: str | None = None
     max_body_bytes: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
     trusted_proxies: tuple[str, ...] = ()
+    # Processes serving the same port (SO_REUSEPORT); more than one needs a shared store.
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
     upstream_connect_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
     upstream_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
 
@@ -322,6 +324,12 @@ class Settings(_Model):
         dup = {p for p in prefixes if prefixes.count(p) > 1}
         if dup:
             raise _RefError(("routes",), f"duplicate route prefix(es): {', '.join(sorted(dup))}")
+        if self.server.workers > 1 and not self.store.shared:
+            raise _RefError(
+                ("server", "workers"),
+                "more than one worker needs a shared store (store.url: redis://...); "
+                "with memory:// each worker would hold its own approvals",
+            )
         rule_names = [r.name for r in self.policy.rules]
         dup = {n for n in rule_names if rule_names.count(n) > 1}
         if dup:

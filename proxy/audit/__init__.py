@@ -9,6 +9,7 @@ never stalls the proxy's event loop.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Callable, MutableMapping
 from typing import Any, Final, TextIO
@@ -91,9 +92,17 @@ class StreamSink(Sink):
         self._writing = loop.run_in_executor(None, self._write_now, self._take())
 
     def _write_now(self, lines: list[str]) -> None:
-        if lines:
-            self._stream.write("\n".join(lines) + "\n")
+        if not lines:
+            return
+        text = "\n".join(lines) + "\n"
+        try:
+            fd = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self._stream.write(text)
             self._stream.flush()
+            return
+        self._stream.flush()  # keep order with anything printed through the stream itself
+        _write_whole_lines(fd, text.encode("utf-8"))
 
     async def aclose(self) -> None:
         if self._flush_handle is not None:
@@ -102,6 +111,26 @@ class StreamSink(Sink):
         if self._writing is not None:
             await self._writing
         self._write_now(self._take())
+
+
+# POSIX makes a pipe write of at most PIPE_BUF bytes atomic: with several worker processes on
+# one stdout, writing whole lines in chunks no larger than that keeps lines from interleaving.
+_PIPE_BUF = 4096
+
+
+def _write_whole_lines(fd: int, data: bytes) -> None:
+    start = 0
+    while start < len(data):
+        end = min(start + _PIPE_BUF, len(data))
+        if end < len(data):
+            cut = data.rfind(b"\n", start, end)
+            # A single line longer than PIPE_BUF goes out whole (it cannot be atomic anyway).
+            end = cut + 1 if cut >= start else data.index(b"\n", end) + 1
+        view = memoryview(data)[start:end]
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        start = end
 
 
 class AuditLog:

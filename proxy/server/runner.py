@@ -1,10 +1,18 @@
-"""Serving: start the app on the configured address and stop cleanly on SIGTERM / SIGINT."""
+"""Serving: start the app on the configured address and stop cleanly on SIGTERM / SIGINT.
+
+With `server.workers: N > 1`, a supervisor forks N worker processes that all listen on the same
+port (SO_REUSEPORT: the kernel spreads connections among them) and share the Redis store. It
+forwards SIGTERM/SIGINT to them and restarts a worker that dies unexpectedly.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import sys
+import time
 
 import structlog
 from aiohttp import web
@@ -16,7 +24,9 @@ from ..logs import configure_logging
 log = structlog.get_logger("countersign")
 
 
-async def start(settings: Settings, app: web.Application | None = None) -> web.AppRunner:
+async def start(
+    settings: Settings, app: web.Application | None = None, *, reuse_port: bool = False
+) -> web.AppRunner:
     """Start serving `settings.server.listen`; the caller owns the returned runner."""
     app = app if app is not None else build_app(settings)
     # handler_cancellation: a client that hangs up while its request is held for approval
@@ -29,19 +39,25 @@ async def start(settings: Settings, app: web.Application | None = None) -> web.A
         handler_cancellation=True,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=1024)
+    site = web.TCPSite(
+        runner,
+        settings.server.host,
+        settings.server.port,
+        backlog=4096,
+        reuse_port=reuse_port or None,
+    )
     await site.start()
     return runner
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     configure_logging()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        runner = await start(settings)
+        runner = await start(settings, reuse_port=reuse_port)
     except OSError as exc:
         log.error("server.listen_failed", listen=settings.server.listen, error=str(exc))
         sys.exit(1)
@@ -50,9 +66,80 @@ async def serve(settings: Settings) -> None:
         listen=settings.server.listen,
         routes=len(settings.routes),
         rules=len(settings.policy.rules),
+        pid=os.getpid(),
     )
     try:
         await stop.wait()
     finally:
-        log.info("server.stopping")
+        log.info("server.stopping", pid=os.getpid())
         await runner.cleanup()
+
+
+def run(settings: Settings) -> int:
+    """`countersign run`: one process, or a supervisor of `server.workers` processes."""
+    if settings.server.workers <= 1:
+        asyncio.run(serve(settings))
+        return 0
+    return _supervise(settings)
+
+
+def _spawn(settings: Settings) -> int:
+    pid = os.fork()
+    if pid == 0:  # the worker
+        code = 0
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            asyncio.run(serve(settings, reuse_port=True))
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        except BaseException:
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
+def _supervise(settings: Settings) -> int:
+    configure_logging()
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    workers: dict[int, float] = {}  # pid -> started at
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    for _ in range(settings.server.workers):
+        workers[_spawn(settings)] = time.monotonic()
+    log.info("supervisor.started", workers=sorted(workers), listen=settings.server.listen)
+    exit_code = 0
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        started = workers.pop(pid, None)
+        if started is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            continue
+        log.warning("supervisor.worker_died", pid=pid, exit_code=code)
+        if code == 1 and time.monotonic() - started < 2:
+            # Died at start (port taken, bad environment): restarting would only loop.
+            exit_code = 1
+            request_stop(signal.SIGTERM, None)
+            continue
+        time.sleep(0.5)
+        workers[_spawn(settings)] = time.monotonic()
+    log.info("supervisor.stopped")
+    return exit_code

@@ -264,3 +264,39 @@ async def test_expiry_is_noticed_when_the_holding_replica_died(
             await asyncio.sleep(0.1)
     expired = events(b, name="approval.expired")
     assert [e["approval_id"] for e in expired] == [approval_id]
+
+
+async def test_workers_share_the_port_and_the_store(
+    run_countersign: StartFn, upstream: TestServer, fresh_redis: RedisServer
+) -> None:
+    port = free_port()
+    text = config(port, str(upstream.make_url("/")), fresh_redis.url, "e2e-" + secrets.token_hex(6))
+    proc = run_countersign(text.replace("server: {", "server: {workers: 3, "), port)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(30):
+            async with session.get(f"{proc.url}/cloud/buckets", headers=AGENT) as resp:
+                assert resp.status == 200
+        # Held by one worker, decided through whichever worker answers the API call.
+        held = post(session, f"{proc.url}/cloud/exports/w", {"n": 1})
+        approval_id = await wait_pending(session, proc)
+        assert await decide(session, proc, approval_id, ALICE) == 200
+        status, _ = await asyncio.wait_for(held, 10)
+        assert status == 200
+    assert proc.stop() == 0
+    started = [
+        json.loads(line) for line in proc.stderr().splitlines() if '"server.started"' in line
+    ]
+    assert len({e["pid"] for e in started}) == 3
+    lines = proc.stdout().splitlines()
+    assert all(json.loads(line)["event"] for line in lines), "no interleaved audit lines"
+    assert sum('"request.forwarded"' in line for line in lines) == 31
+
+
+def test_workers_need_a_shared_store(tmp_path: Any) -> None:
+    from tests.e2e.test_cli import cli
+
+    path = tmp_path / "w.yaml"
+    path.write_text("server:\n  workers: 2\n")
+    result = cli("check", "-c", str(path))
+    assert result.returncode == 2
+    assert f"{path}:2: server.workers: more than one worker needs a shared store" in result.stderr

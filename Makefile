@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 IDP_STAMP  := tests/idp/node_modules/.installed
 
-.PHONY: demo test lint unit install clean bench
+.PHONY: demo test lint unit install clean bench redis-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,13 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff format --check proxy tests bench
 	$(BIN)/mypy proxy
 
-unit: $(TEST_STAMP) $(IDP_STAMP)
+# The tests start their own redis-server on a free port; install it where it is missing.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (Debian package)"; \
+	  apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+
+unit: $(TEST_STAMP) $(IDP_STAMP) redis-server
 	$(BIN)/pytest -q
 
 test: lint unit

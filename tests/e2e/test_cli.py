@@ -61,8 +61,10 @@ policy:
 
 def test_check_accepts_the_shipped_examples() -> None:
     root = Path(__file__).resolve().parents[2]
-    for example in sorted((root / "config").glob("*.yaml")):
-        result = cli("check", "-c", str(example), env={"CLOUD_TOKEN": "x", "GITHUB_TOKEN": "y"})
+    examples = sorted((root / "config").glob("*.yaml")) + [root / "deploy" / "countersign.yaml"]
+    env = {"CLOUD_TOKEN": "x", "GITHUB_TOKEN": "y", "REDIS_PASSWORD": "z"}
+    for example in examples:
+        result = cli("check", "-c", str(example), env=env)
         assert result.returncode == 0, (example, result.stderr)
         assert "OK" in result.stdout
 

@@ -43,7 +43,7 @@ _CAS_ATTEMPTS = 200
 
 # KEYS: fingerprint index, approval, deadlines, created
 # ARGV: expected current index value ('' for none), approval json, id, expires_at, created_at,
-#       ttl ms
+#       ttl ms, oldest creation time worth listing
 _CREATE = """
 local current = redis.call('GET', KEYS[1])
 if current == false then current = '' end
@@ -52,6 +52,7 @@ redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[6])
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[7])
 return 1
 """
 
@@ -99,6 +100,8 @@ class RedisStore:
     ) -> None:
         self._url = url
         self._retention_ms = int(retention_seconds * 1000)
+        # No approval outlives its window plus the retention; a generous bound for trimming.
+        self._max_age_seconds = retention_seconds + 7 * 24 * 3600
         common: dict[str, Any] = {
             "socket_connect_timeout": timeout_seconds,
             "health_check_interval": 10,
@@ -225,6 +228,8 @@ class RedisStore:
                         repr(approval.expires_at),
                         repr(approval.created_at),
                         self._ttl_ms(approval),
+                        # Older entries of the listing index point at expired keys: trim them.
+                        repr(approval.created_at - self._max_age_seconds),
                     ],
                 )
             )

@@ -7,13 +7,18 @@ other; the server handler receives them ready-made.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from .approvals.service import ApprovalService
-from .audit import AuditLog, StreamSink, null_audit
+from .audit import AuditLog, Sink, StreamSink
+from .audit.file_sink import ChainedFileSink
+from .audit.redact import Redactor
 from .authn import Authenticator
 from .authn.apikeys import ApiKeyAuthenticator
 from .authn.oidc import OIDCVerifier
@@ -33,12 +38,53 @@ SETTINGS_KEY = web.AppKey("settings", Settings)
 AUDIT_KEY = web.AppKey("audit", AuditLog)
 
 
-def build_audit(settings: Settings) -> AuditLog:
-    import sys
+def build_redactor(settings: Settings) -> Redactor:
+    """Redaction rules, plus every secret value the configuration itself holds."""
+    known = [value for route in settings.routes for value in route.inject_headers.values()]
+    # Header values like "Bearer abc": the credential part alone must go too.
+    known += [part for value in list(known) for part in value.split()[1:]]
+    slack = settings.notify.slack
+    if slack is not None:
+        known += [s for s in (slack.bot_token, slack.signing_secret, slack.app_token) if s]
+    known += [w.secret for w in settings.notify.webhooks if w.secret]
+    for url in (settings.store.url, settings.audit.redis_url):
+        password = urlsplit(url).password if url else None
+        if password:
+            known.append(password)
+    return Redactor(
+        extra_patterns=settings.audit.redact.patterns,
+        extra_fields=settings.audit.redact.fields,
+        known_secrets=known,
+    )
 
-    if not settings.audit.stdout:
-        return null_audit()
-    return AuditLog([StreamSink(sys.stdout)])
+
+def build_audit(
+    settings: Settings, redactor: Redactor | None = None, *, worker: int | None = None
+) -> AuditLog:
+    """The configured sinks. Opening the chained file reads its tail: call at start-up."""
+    audit = settings.audit
+    sinks: list[Sink] = []
+    if audit.stdout:
+        sinks.append(StreamSink(sys.stdout))
+    if audit.file:
+        path = Path(audit.file)
+        if worker is not None:
+            # One chain per worker process: a chain has exactly one writer.
+            path = path.with_name(f"{path.stem}.worker-{worker}{path.suffix}")
+        file_sink = ChainedFileSink(
+            path,
+            commit_interval=audit.commit_interval_ms / 1000,
+            commit_lines=audit.commit_max_events,
+            max_bytes=audit.file_max_bytes,
+        )
+        file_sink.open()
+        sinks.append(file_sink)
+    if audit.redis_stream:
+        from .audit.redis_stream import RedisStreamSink
+
+        url = audit.redis_url or settings.store.url
+        sinks.append(RedisStreamSink(url, audit.redis_stream, maxlen=audit.redis_stream_maxlen))
+    return AuditLog(sinks, redactor or build_redactor(settings))
 
 
 def build_store(settings: Settings) -> Store:
@@ -55,13 +101,17 @@ def build_store(settings: Settings) -> Store:
     )
 
 
-def build_app(settings: Settings, *, audit_log: AuditLog | None = None) -> web.Application:
+def build_app(
+    settings: Settings, *, audit_log: AuditLog | None = None, worker: int | None = None
+) -> web.Application:
     """An aiohttp application serving the proxy for `settings`.
 
     Parts that need a running loop (the upstream connection pool) are created on startup and
     closed on cleanup.
     """
-    audit_log = audit_log if audit_log is not None else build_audit(settings)
+    redactor = build_redactor(settings)
+    if audit_log is None:
+        audit_log = build_audit(settings, redactor, worker=worker)
     policy = Policy.compile(settings.policy)  # compiled once; errors surface before serving
     routes = RouteTable(settings.routes)
     metrics = Metrics()
@@ -71,7 +121,7 @@ def build_app(settings: Settings, *, audit_log: AuditLog | None = None) -> web.A
     app[SETTINGS_KEY] = settings
     app[AUDIT_KEY] = audit_log
     store = build_store(settings)
-    approvals = ApprovalService(store, settings.approvals, audit_log)
+    approvals = ApprovalService(store, settings.approvals, audit_log, redactor=redactor)
     gate = ApprovalGate(approvals, settings.server.max_body_bytes)
     # Parts that need the running loop are made on startup; handlers find them here.
     holder: dict[str, Any] = {}

@@ -1,7 +1,7 @@
 """`countersign` — the command line.
 
-Verbs (DESIGN.md section 6): run, check, explain, demo, approvals, keys new. Exit codes: 0
-success, 2 bad configuration or usage, 1 anything else.
+Verbs (DESIGN.md section 6): run, check, explain, demo, approvals, audit, keys new. Exit
+codes: 0 success, 2 bad configuration or usage, 1 anything else.
 """
 
 from __future__ import annotations
@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_approvals.add_parser(sub, with_config)
     sub.choices["approvals"].set_defaults(func=cli_approvals.main)
+
+    from . import cli_audit
+
+    cli_audit.add_parser(sub)
 
     keys = sub.add_parser("keys", help="manage static API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")

@@ -297,10 +297,31 @@ class NotifySettings(_Model):
     webhooks: tuple[WebhookSettings, ...] = ()
 
 
+class RedactSettings(_Model):
+    patterns: tuple[str, ...] = ()  # extra regular expressions whose matches are redacted
+    fields: tuple[str, ...] = ()  # extra field names whose values are redacted
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+        return v
+
+
 class AuditSettings(_Model):
     stdout: bool = True
-    file: str | None = None
+    file: str | None = None  # the hash-chained JSON-lines file
+    file_max_bytes: Annotated[int, Field(gt=0)] | None = 100 * 1024 * 1024  # rotate beyond
+    commit_interval_ms: Annotated[int, Field(ge=1, le=1000)] = 100  # group commit: at most ...
+    commit_max_events: Annotated[int, Field(ge=1)] = 256  # ... or this many events
     redis_stream: str | None = None
+    redis_url: str | None = None  # default: store.url when it is a Redis
+    redis_stream_maxlen: Annotated[int, Field(gt=0)] = 100_000
+    redact: RedactSettings = RedactSettings()
 
 
 class Settings(_Model):
@@ -324,6 +345,11 @@ class Settings(_Model):
         dup = {p for p in prefixes if prefixes.count(p) > 1}
         if dup:
             raise _RefError(("routes",), f"duplicate route prefix(es): {', '.join(sorted(dup))}")
+        if self.audit.redis_stream and not (self.audit.redis_url or self.store.shared):
+            raise _RefError(
+                ("audit", "redis_stream"),
+                "needs audit.redis_url, or a redis:// store.url to share",
+            )
         if self.server.workers > 1 and not self.store.shared:
             raise _RefError(
                 ("server", "workers"),

@@ -13,16 +13,16 @@ from typing import Any
 
 import structlog
 
-from .audit.redact import redact_event
+from .audit.redact import DEFAULT, Redactor
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: int = logging.INFO, redactor: Redactor = DEFAULT) -> None:
     shared: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
     ]
     structlog.configure(
-        processors=[*shared, redact_event, structlog.processors.JSONRenderer()],
+        processors=[*shared, redactor, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
@@ -33,7 +33,7 @@ def configure_logging(level: int = logging.INFO) -> None:
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                redact_event,
+                redactor,
                 structlog.processors.format_exc_info,
                 structlog.processors.JSONRenderer(),
             ],

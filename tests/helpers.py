@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
-from proxy.audit import Sink
+from proxy.audit import Sink, render
 from proxy.authn.apikeys import key_digest
 from proxy.config import Settings, load_settings_text
 
@@ -114,8 +115,9 @@ class ListSink(Sink):
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
 
-    def write(self, line: str) -> None:
-        self.events.append(json.loads(line))
+    def write(self, event: Mapping[str, Any]) -> None:
+        # Round-trip through JSON, as every real sink does.
+        self.events.append(json.loads(render(event)))
 
     def named(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == name]

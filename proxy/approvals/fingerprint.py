@@ -13,7 +13,8 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-from ..audit.redact import REDACTED, SENSITIVE_KEYS, redact_value
+from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
+from ..audit.redact import REDACTED, Redactor
 
 _FORM = re.compile(r"[\w.\-\[\]%+]+=[^&]*(&[\w.\-\[\]%+]+=[^&]*)*")
 
@@ -52,7 +53,9 @@ def fingerprint(
     return digest.hexdigest()
 
 
-def body_preview(body: bytes, content_type: str | None) -> str:
+def body_preview(
+    body: bytes, content_type: str | None, redactor: Redactor = DEFAULT_REDACTOR
+) -> str:
     """A redacted, truncated view of the body for approvers; never the raw secret values."""
     if not body:
         return ""
@@ -63,13 +66,13 @@ def body_preview(body: bytes, content_type: str | None) -> str:
         text = None
     if text is None:
         return f"<{len(body)} bytes of binary data>"
-    text = _redact_structured(text, (content_type or "").lower())
+    text = _redact_structured(text, (content_type or "").lower(), redactor)
     if len(text) > PREVIEW_BYTES:
         return text[:PREVIEW_BYTES] + f"… ({len(body)} bytes in all)"
     return text
 
 
-def _redact_structured(text: str, content_type: str) -> str:
+def _redact_structured(text: str, content_type: str, redactor: Redactor) -> str:
     """Redact secret-named fields in JSON or form bodies (whatever the declared type), then
     secret-looking values anywhere."""
     stripped = text.lstrip()
@@ -79,19 +82,19 @@ def _redact_structured(text: str, content_type: str) -> str:
         except ValueError:
             pass
         else:
-            return json.dumps(redact_value(parsed), ensure_ascii=False)
+            return json.dumps(redactor.value(parsed), ensure_ascii=False)
     if "form-urlencoded" in content_type or _FORM.fullmatch(stripped.rstrip()):
         pairs = parse_qsl(stripped, keep_blank_values=True)
         return "&".join(
-            f"{name}={REDACTED if name.lower() in SENSITIVE_KEYS else redact_value(value)}"
+            f"{name}={REDACTED if redactor.is_sensitive_field(name) else redactor.value(value)}"
             for name, value in pairs
         )
-    return str(redact_value(text))
+    return str(redactor.value(text))
 
 
-def clean_reason(reason: str | None) -> str | None:
+def clean_reason(reason: str | None, redactor: Redactor = DEFAULT_REDACTOR) -> str | None:
     """The agent's `Countersign-Reason`, redacted and bounded."""
     if not reason:
         return None
-    reason = str(redact_value(reason.strip()))
+    reason = str(redactor.value(reason.strip()))
     return reason[:REASON_CHARS] if reason else None

@@ -18,6 +18,8 @@ import structlog
 
 from .. import audit
 from ..audit import AuditLog
+from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
+from ..audit.redact import Redactor
 from ..config import ApprovalsSettings, RuleSettings
 from ..store.base import Store, StoreUnavailable
 from ..types import Approval, ApprovalState, DecisionRecord, Identity, Requester, Verdict
@@ -65,7 +67,9 @@ class ApprovalService:
         *,
         clock: Callable[[], float] = time.time,
         sweep_interval: float = 0.5,
+        redactor: Redactor = DEFAULT_REDACTOR,
     ) -> None:
+        self._redactor = redactor
         self.store = store
         self._settings = settings
         self._directory: Mapping[str, Sequence[str]] = settings.groups
@@ -120,7 +124,7 @@ class ApprovalService:
     async def _expire(self, approval_id: str, now: float) -> Approval | None:
         expired = await self.store.expire(approval_id, now)
         if expired is not None:
-            self._audit.emit(
+            await self._audit.emit_durable(
                 audit.APPROVAL_EXPIRED,
                 approval_id=expired.id,
                 request_id=expired.request_id,
@@ -183,15 +187,16 @@ class ApprovalService:
             approver_groups=approvers.groups if approvers else (),
             approver_users=approvers.users if approvers else (),
             quorum=rule.quorum,
-            reason=clean_reason(reason),
-            body_preview=body_preview(body, content_type),
+            reason=clean_reason(reason, self._redactor),
+            body_preview=body_preview(body, content_type, self._redactor),
             body_bytes=len(body),
             content_type=content_type,
             request_id=request_id,
         )
         approval, created = await self.store.create_or_join(candidate)
         if created:
-            self._audit.emit(
+            # Durable before anyone can act on it.
+            await self._audit.emit_durable(
                 audit.APPROVAL_REQUESTED,
                 approval_id=approval.id,
                 request_id=request_id,
@@ -302,7 +307,8 @@ class ApprovalService:
             raise
         except KeyError:
             raise ApprovalNotFound("approval not found") from None
-        self._audit.emit(
+        # Durable before the decider hears back (and before this replica forwards anything).
+        await self._audit.emit_durable(
             audit.APPROVAL_DECIDED,
             approval_id=decided.id,
             request_id=decided.request_id,

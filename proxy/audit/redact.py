@@ -1,13 +1,19 @@
-"""Secret redaction for everything we write out (audit events, logs).
+"""Secret redaction for everything the proxy writes out: audit events, logs, approval previews,
+API answers (and, later, Slack and webhook payloads).
 
-A structlog processor: a plain callable over the event dict. It replaces values under sensitive
-keys and token-looking substrings anywhere in string values.
+A `Redactor` is a plain callable processor (structlog style) over an event dict. It replaces:
+- values under sensitive field names (`authorization`, `cookie`, `password`, `secret`, `token`,
+  ... plus configured names), at any depth;
+- substrings that look like secrets: JWTs, Slack tokens (`xox?-`, `xapp-`), AWS access key ids,
+  PEM private keys, Countersign API keys, plus configured patterns;
+- the exact values the proxy itself knows to be secret (injected upstream credentials,
+  configured tokens), wherever they appear.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 REDACTED = "[REDACTED]"
@@ -19,45 +25,83 @@ SENSITIVE_KEYS = frozenset(
         "cookie",
         "set-cookie",
         "password",
+        "passwd",
         "secret",
+        "client_secret",
         "token",
         "access_token",
         "refresh_token",
         "id_token",
-        "client_secret",
         "api_key",
+        "apikey",
         "x-api-key",
+        "private_key",
     }
 )
 
-# JWTs, Slack tokens, AWS access key ids, our own API keys, PEM private keys.
-_SECRET_PATTERNS = re.compile(
-    r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"
-    r"|xox[abposr]-[A-Za-z0-9-]{6,}"
-    r"|xapp-[A-Za-z0-9-]{6,}"
-    r"|AKIA[0-9A-Z]{16}"
-    r"|cs_[A-Za-z0-9_-]{20,}"
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"
+SECRET_PATTERNS = (
+    r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*",  # JWT
+    r"xox[abposr]-[A-Za-z0-9-]{6,}",  # Slack tokens
+    r"xapp-[A-Za-z0-9-]{6,}",  # Slack app-level tokens
+    r"(?:AKIA|ASIA)[0-9A-Z]{16}",  # AWS access key ids
+    r"cs_[A-Za-z0-9_-]{20,}",  # Countersign API keys
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
 )
+
+_MIN_KNOWN_SECRET = 6  # shorter "secrets" would redact ordinary words
+
+
+class Redactor:
+    def __init__(
+        self,
+        extra_patterns: Iterable[str] = (),
+        extra_fields: Iterable[str] = (),
+        known_secrets: Iterable[str] = (),
+    ) -> None:
+        secrets = sorted(
+            {s for s in known_secrets if len(s) >= _MIN_KNOWN_SECRET}, key=len, reverse=True
+        )
+        alternatives = [re.escape(s) for s in secrets] + list(SECRET_PATTERNS)
+        alternatives += list(extra_patterns)
+        self._pattern = re.compile("|".join(f"(?:{a})" for a in alternatives))
+        self._fields = SENSITIVE_KEYS | {f.lower() for f in extra_fields}
+
+    def value(self, value: Any) -> Any:
+        """`value` with secrets replaced (strings, and mappings / sequences recursively)."""
+        if isinstance(value, str):
+            return self._pattern.sub(REDACTED, value) if value else value
+        if isinstance(value, Mapping):
+            return {
+                k: REDACTED if str(k).lower() in self._fields else self.value(v)
+                for k, v in value.items()
+            }
+        if isinstance(value, (list, tuple)):
+            return [self.value(v) for v in value]
+        return value
+
+    def is_sensitive_field(self, name: str) -> bool:
+        return name.lower() in self._fields
+
+    def __call__(
+        self, _: Any, __: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key, value in event.items():
+            if key.lower() in self._fields:
+                event[key] = REDACTED
+            elif isinstance(value, (str, Mapping, list, tuple)):
+                event[key] = self.value(value)
+        return event
+
+
+DEFAULT = Redactor()
 
 
 def redact_value(value: Any) -> Any:
-    if isinstance(value, str):
-        return _SECRET_PATTERNS.sub(REDACTED, value) if value else value
-    if isinstance(value, Mapping):
-        return {
-            k: REDACTED if str(k).lower() in SENSITIVE_KEYS else redact_value(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        return [redact_value(v) for v in value]
-    return value
+    """Redaction with the built-in rules only (for code that has no configured redactor)."""
+    return DEFAULT.value(value)
 
 
-def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key, value in event.items():
-        if key.lower() in SENSITIVE_KEYS:
-            event[key] = REDACTED
-        elif isinstance(value, (str, Mapping, list, tuple)):
-            event[key] = redact_value(value)
-    return event
+def redact_event(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    return DEFAULT(logger, method, event)

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ..approvals import state
 from ..approvals.service import ApprovalService, requester_log
+from ..audit import AuditUnavailable
 from ..authn import Authenticator, AuthError, IdentityUnavailable
 from ..store.base import StoreUnavailable
 from ..types import Approval, ApprovalState, Identity, Verdict
@@ -183,6 +184,10 @@ def _json_errors(handler: Handler) -> Handler:
         except StoreUnavailable:
             return error_response(
                 503, "approvals_unavailable", message="the approval store cannot be reached"
+            )
+        except AuditUnavailable:
+            return error_response(
+                503, "audit_unavailable", message="the audit trail cannot be written"
             )
 
     return wrapped

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from ..approvals import state
 from ..approvals.service import ApprovalService
+from ..audit import AuditUnavailable
 from ..config import RuleSettings
 from ..forward import UpstreamError, UpstreamResponse
 from ..store.base import StoreUnavailable
@@ -123,6 +124,14 @@ class ApprovalGate:
                     return self._accepted(exchange, approval)
                 approval = await service.wait_for_decision(approval.id)
             return await self._conclude(proxy, exchange, approval, body)
+        except AuditUnavailable:
+            return proxy.refuse(
+                exchange,
+                503,
+                "audit_unavailable",
+                rule=rule.name,
+                message="the audit trail cannot be written; nothing was forwarded",
+            )
         except StoreUnavailable:
             return proxy.refuse(
                 exchange,

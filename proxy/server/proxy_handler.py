@@ -7,6 +7,7 @@ once here; the policy judges that path and the very same path is what goes upstr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import time
 import uuid
@@ -19,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .. import audit
-from ..audit import AuditLog
+from ..audit import AuditLog, AuditUnavailable
 from ..authn import Authenticator, AuthError, IdentityUnavailable
 from ..config import RouteSettings, ServerSettings
 from ..forward import HOP_BY_HOP, Forwarder, UpstreamError, UpstreamResponse
@@ -342,4 +343,9 @@ class ProxyHandler:
                 duration_ms=round((time.monotonic() - started) * 1000, 3),
                 error=failure,
             )
+        if approval_id is not None:
+            # An approved request's execution is on disk before its exchange is over. (The
+            # answer has been relayed already; a failing disk is logged by the sink.)
+            with contextlib.suppress(AuditUnavailable):
+                await self._audit.sync()
         return response

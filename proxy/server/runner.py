@@ -17,7 +17,7 @@ import time
 import structlog
 from aiohttp import web
 
-from ..app import build_app
+from ..app import build_app, build_redactor
 from ..config import Settings
 from ..logs import configure_logging
 
@@ -25,10 +25,14 @@ log = structlog.get_logger("countersign")
 
 
 async def start(
-    settings: Settings, app: web.Application | None = None, *, reuse_port: bool = False
+    settings: Settings,
+    app: web.Application | None = None,
+    *,
+    reuse_port: bool = False,
+    worker: int | None = None,
 ) -> web.AppRunner:
     """Start serving `settings.server.listen`; the caller owns the returned runner."""
-    app = app if app is not None else build_app(settings)
+    app = app if app is not None else build_app(settings, worker=worker)
     # handler_cancellation: a client that hangs up while its request is held for approval
     # stops waiting at once (the approval stays pending for its retry to join).
     runner = web.AppRunner(
@@ -50,14 +54,14 @@ async def start(
     return runner
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    configure_logging()
+async def serve(settings: Settings, *, reuse_port: bool = False, worker: int | None = None) -> None:
+    configure_logging(redactor=build_redactor(settings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        runner = await start(settings, reuse_port=reuse_port)
+        runner = await start(settings, reuse_port=reuse_port, worker=worker)
     except OSError as exc:
         log.error("server.listen_failed", listen=settings.server.listen, error=str(exc))
         sys.exit(1)
@@ -83,14 +87,14 @@ def run(settings: Settings) -> int:
     return _supervise(settings)
 
 
-def _spawn(settings: Settings) -> int:
+def _spawn(settings: Settings, worker: int) -> int:
     pid = os.fork()
     if pid == 0:  # the worker
         code = 0
         try:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            asyncio.run(serve(settings, reuse_port=True))
+            asyncio.run(serve(settings, reuse_port=True, worker=worker))
         except SystemExit as exc:
             code = int(exc.code or 0)
         except BaseException:
@@ -113,11 +117,11 @@ def _supervise(settings: Settings) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    workers: dict[int, float] = {}  # pid -> started at
+    workers: dict[int, tuple[int, float]] = {}  # pid -> (worker number, started at)
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    for _ in range(settings.server.workers):
-        workers[_spawn(settings)] = time.monotonic()
+    for number in range(settings.server.workers):
+        workers[_spawn(settings, number)] = (number, time.monotonic())
     log.info("supervisor.started", workers=sorted(workers), listen=settings.server.listen)
     exit_code = 0
     while workers:
@@ -127,9 +131,10 @@ def _supervise(settings: Settings) -> int:
             break
         except InterruptedError:
             continue
-        started = workers.pop(pid, None)
-        if started is None:
+        entry = workers.pop(pid, None)
+        if entry is None:
             continue
+        number, started = entry
         code = os.waitstatus_to_exitcode(status)
         if stopping:
             continue
@@ -140,6 +145,6 @@ def _supervise(settings: Settings) -> int:
             request_stop(signal.SIGTERM, None)
             continue
         time.sleep(0.5)
-        workers[_spawn(settings)] = time.monotonic()
+        workers[_spawn(settings, number)] = (number, time.monotonic())
     log.info("supervisor.stopped")
     return exit_code

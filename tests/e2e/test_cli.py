@@ -61,7 +61,7 @@ policy:
 
 def test_check_accepts_the_shipped_examples() -> None:
     root = Path(__file__).resolve().parents[2]
-    examples = sorted((root / "config").glob("*.yaml")) + [root / "deploy" / "countersign.yaml"]
+    examples = [*sorted((root / "config").glob("*.yaml")), root / "deploy" / "countersign.yaml"]
     env = {"CLOUD_TOKEN": "x", "GITHUB_TOKEN": "y", "REDIS_PASSWORD": "z"}
     for example in examples:
         result = cli("check", "-c", str(example), env=env)

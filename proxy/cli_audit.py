@@ -76,9 +76,56 @@ def _reason(exc: OSError) -> str:
 ACTIONS["verify"] = cmd_verify
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """One row per approval, read through the chain verifier (each chain of files in turn)."""
+    from .audit.chain import ChainBroken, VerifyReport, iter_verified
+    from .audit.export import chains_of, collect, parse_when, write_csv, write_jsonl
+
+    try:
+        since = parse_when(args.since) if args.since else None
+        until = parse_when(args.until, end_of_day=True) if args.until else None
+    except ValueError as exc:
+        print(f"countersign audit export: {exc}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    rows = []
+    broken: list[str] = []
+    for chain in chains_of(args.files):
+        report = VerifyReport()
+        try:
+            events = list(iter_verified(chain, allow_broken=args.allow_broken, report=report))
+        except ChainBroken as exc:
+            print(
+                f"countersign audit export: {exc}\n  refusing to export from a broken chain "
+                "(use --allow-broken to export anyway, with the affected rows marked)",
+                file=sys.stderr,
+            )
+            return EXIT_BROKEN
+        except OSError as exc:
+            where = exc.filename or "a file"
+            print(f"countersign audit export: cannot read {where}: {_reason(exc)}", file=sys.stderr)
+            return EXIT_UNREADABLE
+        if report.problem:
+            broken.append(report.problem)
+        rows += collect(events, since, until)
+    rows.sort(key=lambda row: row.requested_at)
+    write = write_csv if args.format == "csv" else write_jsonl
+    if args.output:
+        with open(args.output, "w", newline="", encoding="utf-8") as out:
+            write(rows, out)
+    else:
+        write(rows, sys.stdout)
+    for problem in broken:
+        print(f"WARNING: chain broken at {problem}; rows after it are marked", file=sys.stderr)
+    print(f"exported {len(rows)} approvals", file=sys.stderr)
+    return 0
+
+
+ACTIONS["export"] = cmd_export
+
+
 def add_parser(sub: Any) -> None:
     """Register `audit` and its actions (add an action here and in ACTIONS)."""
-    parser = sub.add_parser("audit", help="verify the hash-chained audit files")
+    parser = sub.add_parser("audit", help="verify and export the hash-chained audit files")
     actions = parser.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     p = actions.add_parser(
         "verify",
@@ -89,6 +136,21 @@ def add_parser(sub: Any) -> None:
         "Exit status: 0 intact, 1 broken, 2 unreadable file.",
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="audit files, in chain order")
+    p = actions.add_parser(
+        "export",
+        help="one row per approval (evidence for auditors), from a verified chain",
+        description="Write one row per approval requested in the window: requested at, "
+        "requester, owner, method, route, path, rule, approvers with channel and reason, "
+        "outcome, executed at, upstream status. The files are verified while read (rotated "
+        "and per-worker files are grouped into their chains); a broken chain is refused unless "
+        "--allow-broken is given, which marks the affected rows.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="audit files (any order)")
+    p.add_argument("--since", help="first day or time (ISO 8601, UTC unless a zone is given)")
+    p.add_argument("--until", help="last day or time (a bare date includes the whole day)")
+    p.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    p.add_argument("-o", "--output", help="write here instead of standard output")
+    p.add_argument("--allow-broken", action="store_true", help="export a broken chain, marked")
     parser.set_defaults(func=main)
 
 

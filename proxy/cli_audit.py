@@ -92,7 +92,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     for chain in chains_of(args.files):
         report = VerifyReport()
         try:
-            events = list(iter_verified(chain, allow_broken=args.allow_broken, report=report))
+            # Streamed: only one row per approval is kept, never the whole trail.
+            events = iter_verified(chain, allow_broken=args.allow_broken, report=report)
+            chain_rows = collect(events, since, until)
         except ChainBroken as exc:
             print(
                 f"countersign audit export: {exc}\n  refusing to export from a broken chain "
@@ -106,7 +108,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             return EXIT_UNREADABLE
         if report.problem:
             broken.append(report.problem)
-        rows += collect(events, since, until)
+        rows += chain_rows
     rows.sort(key=lambda row: row.requested_at)
     write = write_csv if args.format == "csv" else write_jsonl
     if args.output:

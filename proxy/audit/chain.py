@@ -27,9 +27,9 @@ import os
 import re
 import secrets
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 GENESIS: Final = "0" * 64
 
@@ -298,7 +298,7 @@ def _make_line(path: str, lineno: int, offset: int, raw: bytes, last: bool) -> _
     return line
 
 
-def _read_lines(paths: Sequence[StrPath]) -> Iterator[_Line]:
+def _read_lines(paths: Sequence[StrPath]) -> Generator[_Line, None, None]:
     names = [os.fspath(p) for p in paths]
     for index, path in enumerate(names):
         last_file = index == len(names) - 1
@@ -349,6 +349,12 @@ class _Verifier:
         self.report = report
         self._source = _read_lines(paths)
         self._ahead: deque[_Line] = deque()
+        self._unchecked_start: _Line | None = None  # a first line not at genesis
+        self._start_note = ""
+
+    def close(self) -> None:
+        """Close the file being read (when stopping early)."""
+        self._source.close()
 
     def _next(self) -> _Line | None:
         if self._ahead:
@@ -440,11 +446,38 @@ class _Verifier:
                 f"{line.where}: prev_hash is the genesis value (64 zeros) but seq is "
                 f"{line.seq}, not 1"
             ), False
-        self.report.notes.append(
+        self._start_note = (
             f"{line.where}: the chain begins at seq {line.seq}, not 1: the lines before it are "
             "in files not given (rotated away or deleted), so this first link cannot be checked"
         )
+        self.report.notes.append(self._start_note)
+        self._unchecked_start = line
         return None
+
+    def _blame_unchecked_start(self, prev: _Line, line: _Line) -> tuple[str, bool] | None:
+        """When the chain's first line was taken on trust and the next does not follow it."""
+        if prev is not self._unchecked_start or line.seq > prev.seq:
+            return None
+        if prev.prev == line.hash and prev.seq == line.seq + 1:
+            self.report.notes.remove(self._start_note)  # the chain does not begin at `prev`
+            return (
+                f"{prev.where}: lines out of order (seq {prev.seq} comes before seq {line.seq} "
+                f"at {line.where})"
+            ), True
+        ahead = self._peek(1)
+        after = ahead[0] if ahead and ahead[0].error is None else None
+        if after is not None and after.seq == prev.seq + 1 and after.prev == prev.hash:
+            return None  # the chain goes on from `prev`: `line` is the odd one
+        goes_on = (line.seq == 1 and line.prev == GENESIS) or (
+            after is not None and after.seq == line.seq + 1 and after.prev == line.hash
+        )
+        if not goes_on:
+            return None
+        self.report.notes.remove(self._start_note)
+        return (
+            f"{prev.where}: line inserted (the chain goes on from {line.where}, seq {line.seq}, "
+            "which does not follow it)"
+        ), True
 
     def _classify(self, prev: _Line, line: _Line, expected: int) -> tuple[str, bool]:
         ahead = [x for x in self._peek(_LOOKAHEAD) if x.error is None]
@@ -472,8 +505,19 @@ class _Verifier:
                 "was inserted"
             ), True
 
+        blamed = self._blame_unchecked_start(prev, line)
+        if blamed is not None:
+            return blamed
+
         if after is not None and after.seq == expected and after.prev == prev.hash:
             # The chain goes on right after this line, as if it were not there.
+            start = self._unchecked_start
+            if start is not None and line.hash == start.prev:
+                self.report.notes.remove(self._start_note)  # the chain begins with `line`
+                return (
+                    f"{line.where}: lines out of order (seq {seq} belongs before "
+                    f"{start.where}, seq {start.seq})"
+                ), False
             if any(line.prev == x.hash for x in ahead):
                 return (
                     f"{line.where}: lines out of order (seq {seq} where seq {expected} was "
@@ -520,8 +564,10 @@ class _Verifier:
                 f"{line.where}: lines out of order (seq goes backwards: {seq} after {prev.seq})"
             ), False
 
-        # The right seq, but prev_hash is not the previous line's hash.
-        if after is not None and after.seq == seq + 1 and after.prev == line.hash:
+        # The right seq, but prev_hash is not the previous line's hash: the previous line was
+        # re-sealed after a change (a forger changing this line would leave its prev_hash alone),
+        # unless the chain does not go on from this line either.
+        if after is None or (after.seq == seq + 1 and after.prev == line.hash):
             return (
                 f"{prev.where}: line altered and re-sealed (its hash is not the prev_hash that "
                 f"{line.where} records)"
@@ -539,9 +585,12 @@ def verify_files(paths: Sequence[StrPath]) -> VerifyReport:
     """
     report = VerifyReport()
     verifier = _Verifier(paths, report)
-    for _ in verifier.run():
-        if not report.ok:
-            break
+    try:
+        for _ in verifier.run():
+            if not report.ok:
+                break
+    finally:
+        verifier.close()
     return report
 
 
@@ -557,13 +606,17 @@ def iter_verified(
     """
     report = report if report is not None else VerifyReport()
     skipped = 0
-    for line, ok in _Verifier(paths, report).run():
-        if not ok and not allow_broken:
-            raise ChainBroken(report.problem or f"{line.where}: chain broken")
-        if line.obj is None:
-            skipped += 1
-            continue
-        yield line.obj, ok
+    verifier = _Verifier(paths, report)
+    try:
+        for line, ok in verifier.run():
+            if not ok and not allow_broken:
+                raise ChainBroken(report.problem or f"{line.where}: chain broken")
+            if line.obj is None:
+                skipped += 1
+                continue
+            yield line.obj, ok
+    finally:
+        verifier.close()
     if skipped:
         report.warnings.append(f"{skipped} line(s) that are not JSON objects were skipped")
 
@@ -577,40 +630,53 @@ def last_head_of(path: StrPath) -> tuple[ChainHead | None, int]:
     """The head after the last complete line of `path`, and the byte offset where that line ends.
 
     Reads from the end backwards, so it costs the same for any file size. Bytes past the offset
-    are a torn tail (a crash mid-write); the offset is 0 and the head None when no line is
-    complete. Raises ChainError if the last complete line is not a sound chain line (not JSON,
-    fields missing, hash mismatch): continuing a chain from it would hide that.
+    are a torn tail, as `verify_files` sees it: whatever follows the last newline, and a last
+    line that is not JSON at all (a crash can leave zeros). The head is None and the offset 0
+    when no line is complete. Raises ChainError if the last complete line is JSON but not a
+    sound chain line (fields missing, hash mismatch): continuing a chain from it would hide that.
     """
     name = os.fspath(path)
     with open(name, "rb") as f:
-        pos = f.seek(0, os.SEEK_END)
-        buf = b""
-        end = -1  # offset just past the last newline
-        while pos > 0:
-            step = min(_TAIL_BLOCK, pos)
-            pos -= step
-            f.seek(pos)
-            block = f.read(step)
-            if end < 0:
-                cut = block.rfind(b"\n")
-                if cut < 0:
-                    continue  # all torn tail so far: nothing to keep
-                end = pos + cut + 1
-                buf = block[: cut + 1]
-            else:
-                buf = block + buf
-            start = buf.rfind(b"\n", 0, len(buf) - 1)
-            if start >= 0:
-                raw = buf[start + 1 : -1]
-                break
-        else:
-            if end < 0:
+        lines = _lines_backwards(f)
+        found = next(lines, None)
+        if found is None:
+            return None, 0
+        start, raw = found
+        end = start + len(raw) + 1
+        obj, error, unparseable = _parse(raw)
+        if unparseable:  # torn: the chain ends with the line before it
+            end = start
+            found = next(lines, None)
+            if found is None:
                 return None, 0
-            raw = buf[:-1]
-    obj, error, _ = _parse(raw)
+            start, raw = found
+            obj, error, _ = _parse(raw)
     if error is not None or obj is None:
         raise ChainError(
-            f"{name}: the last complete line (ending at byte {end}) cannot continue the chain: "
-            f"{error}"
+            f"{name}: the last complete line (line ending at byte {end}) cannot continue the "
+            f"chain: {error}"
         )
     return ChainHead(obj["seq"], obj["hash"]), end
+
+
+def _lines_backwards(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """(offset, line without its newline) of the complete lines of `f`, the last one first."""
+    pos = f.seek(0, os.SEEK_END)
+    buf = b""  # from `pos` to the end of the line being assembled, its newline included
+    while pos > 0:
+        step = min(_TAIL_BLOCK, pos)
+        pos -= step
+        f.seek(pos)
+        block = f.read(step)
+        if not buf:
+            cut = block.rfind(b"\n")
+            if cut < 0:
+                continue  # still in the torn tail: nothing to keep
+            buf = block[: cut + 1]
+        else:
+            buf = block + buf
+        while (cut := buf.rfind(b"\n", 0, len(buf) - 1)) >= 0:
+            yield pos + cut + 1, buf[cut + 1 : -1]
+            buf = buf[: cut + 1]
+    if buf:
+        yield 0, buf[:-1]

@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 
 from ..app import build_app, build_redactor
+from ..audit.chain import ChainError
 from ..config import Settings
 from ..logs import configure_logging
 
@@ -61,7 +62,14 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: int | N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        runner = await start(settings, reuse_port=reuse_port, worker=worker)
+        app = build_app(settings, worker=worker)
+    except (ChainError, OSError) as exc:
+        # E.g. the audit file's last line is not a sound chain line: continuing would hide
+        # tampering, so refuse to start and say why.
+        log.error("server.start_failed", error=str(exc))
+        sys.exit(1)
+    try:
+        runner = await start(settings, app, reuse_port=reuse_port)
     except OSError as exc:
         log.error("server.listen_failed", listen=settings.server.listen, error=str(exc))
         sys.exit(1)

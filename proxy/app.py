@@ -98,6 +98,7 @@ def build_store(settings: Settings) -> Store:
         key_prefix=store.key_prefix,
         retention_seconds=store.retention_seconds,
         timeout_seconds=store.timeout_seconds,
+        max_connections=store.max_connections,
     )
 
 

@@ -141,6 +141,7 @@ class StoreSettings(_Model):
     # How long decided, expired and executed approvals stay readable (API, CLI, audit lookups).
     retention_seconds: Annotated[int, Field(gt=0)] = 7 * 24 * 3600
     timeout_seconds: Annotated[float, Field(gt=0)] = 2.0  # per Redis command
+    max_connections: Annotated[int, Field(ge=1, le=10_000)] = 64  # per process
 
     @field_validator("url")
     @classmethod

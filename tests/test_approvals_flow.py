@@ -376,3 +376,36 @@ async def test_an_approval_not_used_in_time_expires(make_proxy: Factory) -> None
     assert refused["reason"] == "approved, but not used before the deadline"
     assert [e["approval_id"] for e in sink.named("approval.expired")] == [approval_id]
     assert not sink.named("request.forwarded")
+
+
+async def test_an_executed_request_is_answered_even_if_recording_its_outcome_fails(
+    make_proxy: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.store.base import StoreUnavailable
+    from proxy.store.memory import MemoryStore
+
+    failures = 0
+    original = MemoryStore.record_outcome
+
+    async def flaky(self: MemoryStore, approval_id: str, upstream_status: int) -> Any:
+        nonlocal failures
+        if failures < 2:  # the store hiccups just after the upstream answered
+            failures += 1
+            raise StoreUnavailable("injected")
+        return await original(self, approval_id, upstream_status)
+
+    monkeypatch.setattr(MemoryStore, "record_outcome", flaky)
+    client, sink = await make_proxy()
+    call = held(client)
+    approval_id = await pending_id(client)
+    await decide(client, approval_id, ALICE, "approve")
+    status, _, headers = await asyncio.wait_for(call, 5)
+    assert status == 200, "the upstream ran it: the client gets the upstream's answer"
+    assert headers["Countersign-Approval-Id"] == approval_id
+    assert [e["approval_id"] for e in sink.named("request.forwarded")] == [approval_id]
+    for _ in range(50):  # recorded in the background once the store is back
+        shown = await (await client.get(f"{API}/{approval_id}", headers=ALICE)).json()
+        if shown["upstream_status"] == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert shown["state"] == "executed" and shown["upstream_status"] == 200

@@ -32,6 +32,8 @@ ID_PREFIX = "apr_"
 _OUTAGE_RETRY_SECONDS = 0.25
 # After the deadline, how long a held request keeps trying to read a store that is down.
 _OUTAGE_GRACE_SECONDS = 5.0
+# How long the upstream status of an executed approval is retried through a store outage.
+_OUTCOME_RETRY_SECONDS = 300.0
 
 
 def new_approval_id() -> str:
@@ -77,6 +79,7 @@ class ApprovalService:
         self._clock = clock
         self._sweep_interval = sweep_interval
         self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def mode(self) -> str:
@@ -89,6 +92,8 @@ class ApprovalService:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="approval-expiry")
 
     async def aclose(self) -> None:
+        if self._background:  # let pending outcome records finish, briefly
+            await asyncio.wait(set(self._background), timeout=5)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -222,9 +227,11 @@ class ApprovalService:
         with `StoreUnavailable`, since no decision can be read.
         """
         deadline: float | None = None
+        approval: Approval | None = None
         while True:
             try:
-                approval = await self.store.get(approval_id)
+                if approval is None:
+                    approval = await self.store.get(approval_id)
                 if approval is None:
                     raise ApprovalNotFound("approval not found")
                 deadline = approval.expires_at
@@ -233,9 +240,12 @@ class ApprovalService:
                 remaining = approval.expires_at - self._clock()
                 if remaining <= 0:
                     await self._expire(approval_id, self._clock())
+                    approval = None  # read it again: expired, or decided just in time
                     continue
-                await self.store.wait(approval_id, remaining)
+                # wait() hands back what it read last: no second read per wake-up.
+                approval = await self.store.wait(approval_id, remaining)
             except StoreUnavailable:
+                approval = None
                 if deadline is None or self._clock() > deadline + _OUTAGE_GRACE_SECONDS:
                     raise
                 await asyncio.sleep(_OUTAGE_RETRY_SECONDS)
@@ -251,6 +261,35 @@ class ApprovalService:
 
     async def record_outcome(self, approval_id: str, upstream_status: int) -> Approval:
         return await self.store.record_outcome(approval_id, upstream_status)
+
+    def record_outcome_soon(self, approval_id: str, upstream_status: int) -> None:
+        """Record the upstream's status without holding up the response: retried through a
+        store outage (the approval is already `executed`; only the status is pending)."""
+        task = asyncio.create_task(self._record_outcome_retrying(approval_id, upstream_status))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _record_outcome_retrying(self, approval_id: str, upstream_status: int) -> None:
+        delay = 0.1
+        deadline = self._clock() + _OUTCOME_RETRY_SECONDS
+        while True:
+            try:
+                await self.store.record_outcome(approval_id, upstream_status)
+                return
+            except StoreUnavailable as exc:
+                if self._clock() > deadline:
+                    log.error(
+                        "approvals.outcome_not_recorded",
+                        approval_id=approval_id,
+                        upstream_status=upstream_status,
+                        error=str(exc),
+                    )
+                    return
+            except (state.ApprovalError, KeyError) as exc:
+                log.error("approvals.outcome_not_recorded", approval_id=approval_id, error=str(exc))
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     # -- the approver's side -----------------------------------------------------------------
 

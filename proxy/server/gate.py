@@ -209,13 +209,16 @@ class ApprovalGate:
     async def _execute(
         self, proxy: ProxyHandler, exchange: Exchange, approval: Approval, body: bytes
     ) -> UpstreamResponse:
+        # A store failure here means nothing was sent: the 503 it becomes is the truth.
         await self._service.claim(approval.id)
+        # From here on the request may have reached the upstream: whatever the store does, the
+        # client gets the upstream's answer, and the outcome is recorded in the background.
         try:
             upstream = await proxy.open_upstream(exchange, body)
         except UpstreamError as exc:
-            await self._service.record_outcome(approval.id, exc.status)
+            self._service.record_outcome_soon(approval.id, exc.status)
             raise
-        await self._service.record_outcome(approval.id, upstream.status)
+        self._service.record_outcome_soon(approval.id, upstream.status)
         return upstream
 
 

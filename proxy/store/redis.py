@@ -107,13 +107,15 @@ class RedisStore:
             "health_check_interval": 10,
             "socket_keepalive": True,
         }
-        # A blocking pool: when every connection is busy, a command waits for one (up to the
-        # timeout) instead of failing, so a burst of thousands of waiters re-reading after a
-        # reconnect queues on a few connections.
+        # Commands queue for one of `max_connections` slots in arrival order (a FIFO
+        # semaphore), so a burst of thousands of waiters shares a few connections fairly and a
+        # busy pool is never mistaken for Redis being down: only a command that Redis itself
+        # does not answer within `timeout_seconds` raises StoreUnavailable.
+        self._slots = asyncio.Semaphore(max_connections)
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            timeout=timeout_seconds,
+            timeout=None,
             socket_timeout=timeout_seconds,
             decode_responses=True,
             **common,
@@ -146,7 +148,8 @@ class RedisStore:
         # decode_responses=True gives them.
         """Await a Redis operation; any connection failure becomes `StoreUnavailable`."""
         try:
-            return await operation
+            async with self._slots:
+                return await operation
         except _REDIS_DOWN as exc:
             raise StoreUnavailable(f"redis: {exc or type(exc).__name__}") from exc
 

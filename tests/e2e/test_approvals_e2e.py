@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -78,16 +78,6 @@ class Tokens:
         if key not in self._cache:
             self._cache[key] = await fetch()
         return {"Authorization": f"Bearer {self._cache[key]}"}
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[TestServer]:
-    from tests.upstream import upstream_app
-
-    server = TestServer(upstream_app())
-    await server.start_server()
-    yield server
-    await server.close()
 
 
 @pytest.fixture

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.audit.chain import verify_files
@@ -61,16 +60,6 @@ audit:
   commit_interval_ms: 1000
   redact: {{patterns: ["ACME-[0-9]{{6}}"], fields: [ssn]}}
 """
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[TestServer]:
-    from tests.upstream import upstream_app
-
-    server = TestServer(upstream_app())
-    await server.start_server()
-    yield server
-    await server.close()
 
 
 async def held_and_approved(

@@ -9,12 +9,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
-import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.e2e.conftest import COUNTERSIGN, Process, free_port
 from tests.idp_fixture import TestIdP
-from tests.upstream import upstream_app
 
 StartFn = Callable[[str, int], Process]
 
@@ -149,14 +147,6 @@ def test_keys_new_prints_a_working_config_line(tmp_path: Path) -> None:
     config = tmp_path / "k.yaml"
     config.write_text("identity:\n  api_keys:\n" + entry + "\n")
     assert cli("check", "-c", str(config)).returncode == 0
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[TestServer]:
-    server = TestServer(upstream_app())
-    await server.start_server()
-    yield server
-    await server.close()
 
 
 async def test_run_serves_a_real_idp_token(

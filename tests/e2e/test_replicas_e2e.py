@@ -12,7 +12,7 @@ import json
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -60,16 +60,6 @@ policy:
       approvers: {{groups: [data-owners]}}
       timeout_seconds: 2
 """
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[TestServer]:
-    from tests.upstream import upstream_app
-
-    server = TestServer(upstream_app())
-    await server.start_server()
-    yield server
-    await server.close()
 
 
 @pytest.fixture

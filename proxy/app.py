@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 
 from .approvals.service import ApprovalService
@@ -24,6 +25,8 @@ from .authn.apikeys import ApiKeyAuthenticator
 from .authn.oidc import OIDCVerifier
 from .config import Settings
 from .forward import Forwarder
+from .notify import NotifyHub
+from .notify.webhook import WebhookNotifier
 from .policy import Policy
 from .routing import RouteTable
 from .server.api import api_routes
@@ -122,7 +125,10 @@ def build_app(
     app[SETTINGS_KEY] = settings
     app[AUDIT_KEY] = audit_log
     store = build_store(settings)
-    approvals = ApprovalService(store, settings.approvals, audit_log, redactor=redactor)
+    notify = NotifyHub()
+    approvals = ApprovalService(
+        store, settings.approvals, audit_log, redactor=redactor, notify=notify
+    )
     gate = ApprovalGate(approvals, settings.server.max_body_bytes)
     # Parts that need the running loop are made on startup; handlers find them here.
     holder: dict[str, Any] = {}
@@ -151,6 +157,17 @@ def build_app(
             metrics=metrics,
             gate=gate,
         )
+        webhooks_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        for hook in settings.notify.webhooks:
+            notify.add(
+                WebhookNotifier(
+                    hook.url,
+                    hook.secret,
+                    webhooks_session,
+                    redactor,
+                    public_url=settings.server.public_url,
+                )
+            )
         warm_up = asyncio.create_task(oidc.prefetch())
         approvals.start()
         try:
@@ -158,6 +175,8 @@ def build_app(
         finally:
             warm_up.cancel()
             await approvals.aclose()
+            await notify.aclose()
+            await webhooks_session.close()
             await store.aclose()
             await forwarder.aclose()
             await audit_log.aclose()

@@ -290,7 +290,15 @@ class SlackSettings(_Model):
 
 class WebhookSettings(_Model):
     url: NonEmpty
-    secret: str | None = None
+    secret: str | None = None  # HMAC-SHA256 signing key; strongly recommended
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
+        return v
 
 
 class NotifySettings(_Model):

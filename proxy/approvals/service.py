@@ -12,7 +12,6 @@ import contextlib
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import structlog
 
@@ -25,6 +24,7 @@ from ..store.base import Store, StoreUnavailable
 from ..types import Approval, ApprovalState, DecisionRecord, Identity, Requester, Verdict
 from . import state
 from .fingerprint import body_preview, clean_reason, fingerprint
+from .view import requester_log
 
 log = structlog.get_logger("countersign.approvals")
 
@@ -50,16 +50,6 @@ class ReasonRequired(state.ApprovalError):
     status = 400
 
 
-def requester_log(requester: Requester) -> dict[str, Any]:
-    return {
-        "subject": requester.subject,
-        "issuer": requester.issuer,
-        "client_id": requester.client_id,
-        "email": requester.email,
-        "owner": requester.owner,
-    }
-
-
 class ApprovalService:
     def __init__(
         self,
@@ -70,8 +60,11 @@ class ApprovalService:
         clock: Callable[[], float] = time.time,
         sweep_interval: float = 0.5,
         redactor: Redactor = DEFAULT_REDACTOR,
+        notify: Callable[[str, Approval], None] | None = None,
     ) -> None:
         self._redactor = redactor
+        # Told of every transition (Slack, webhooks); must return at once (it schedules).
+        self._notify = notify or (lambda event, approval: None)
         self.store = store
         self._settings = settings
         self._directory: Mapping[str, Sequence[str]] = settings.groups
@@ -138,6 +131,7 @@ class ApprovalService:
                 requester=requester_log(expired.requester),
                 outcome="expired",
             )
+            self._notify("approval.expired", expired)
         return expired
 
     # -- the requester's side ----------------------------------------------------------------
@@ -214,6 +208,7 @@ class ApprovalService:
                 quorum=approval.quorum,
                 expires_at=approval.expires_at,
             )
+            self._notify("approval.requested", approval)
         return approval, created
 
     async def get(self, approval_id: str) -> Approval | None:
@@ -260,7 +255,9 @@ class ApprovalService:
             raise
 
     async def record_outcome(self, approval_id: str, upstream_status: int) -> Approval:
-        return await self.store.record_outcome(approval_id, upstream_status)
+        approval = await self.store.record_outcome(approval_id, upstream_status)
+        self._notify("approval.executed", approval)
+        return approval
 
     def record_outcome_soon(self, approval_id: str, upstream_status: int) -> None:
         """Record the upstream's status without holding up the response: retried through a
@@ -274,7 +271,7 @@ class ApprovalService:
         deadline = self._clock() + _OUTCOME_RETRY_SECONDS
         while True:
             try:
-                await self.store.record_outcome(approval_id, upstream_status)
+                await self.record_outcome(approval_id, upstream_status)
                 return
             except StoreUnavailable as exc:
                 if self._clock() > deadline:
@@ -362,4 +359,5 @@ class ApprovalService:
             quorum=decided.quorum,
             outcome=decided.state.value,
         )
+        self._notify("approval.decided", decided)
         return decided

@@ -8,64 +8,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from ..approvals import state
-from ..approvals.service import ApprovalService, requester_log
+from ..approvals.service import ApprovalService
+from ..approvals.view import approval_json
 from ..audit import AuditUnavailable
 from ..authn import Authenticator, AuthError, IdentityUnavailable
 from ..store.base import StoreUnavailable
-from ..types import Approval, ApprovalState, Identity, Verdict
+from ..types import ApprovalState, Identity, Verdict
 from .responses import error_response
 
 PREFIX = "/_countersign/api/"
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
-
-
-def approval_json(approval: Approval) -> dict[str, Any]:
-    final = approval.final_decision
-    return {
-        "approval_id": approval.id,
-        "state": approval.state.value,
-        "rule": approval.rule,
-        "route": approval.route,
-        "method": approval.method,
-        "path": approval.path,
-        "query": approval.query,
-        "requester": requester_log(approval.requester),
-        "reason": approval.reason,
-        "body_preview": approval.body_preview,
-        "body_bytes": approval.body_bytes,
-        "content_type": approval.content_type,
-        "quorum": approval.quorum,
-        "approvals": approval.approvals_count,
-        "approvers": {
-            "groups": list(approval.approver_groups),
-            "users": list(approval.approver_users),
-        },
-        "decisions": [
-            {
-                "verdict": d.verdict.value,
-                "approver": {"subject": d.approver_subject, "email": d.approver_email},
-                "channel": d.channel,
-                "reason": d.reason,
-                "at": _iso(d.at),
-            }
-            for d in approval.decisions
-        ],
-        "decided_by": (final.approver_email or final.approver_subject) if final else None,
-        "created_at": _iso(approval.created_at),
-        "expires_at": _iso(approval.expires_at),
-        "executed_at": _iso(approval.executed_at),
-        "upstream_status": approval.upstream_status,
-        "request_id": approval.request_id,
-    }
 
 
 def api_routes(

@@ -1,0 +1,147 @@
+"""Signed webhooks: every approval event reaches a real receiver, signed, retried, redacted."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.config import NotifySettings, WebhookSettings
+from tests.conftest import Factory
+from tests.helpers import AGENT_KEY, ALICE_KEY, bearer, settings_for
+
+SECRET = "webhook-signing-secret-42"
+AGENT = bearer(AGENT_KEY)
+ALICE = bearer(ALICE_KEY)
+
+
+class Receiver:
+    def __init__(self, fail_first: int = 0) -> None:
+        self.fail_first = fail_first
+        self.attempts = 0
+        self.deliveries: list[dict[str, Any]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.attempts += 1
+        if self.attempts <= self.fail_first:
+            return web.Response(status=503)
+        body = await request.read()
+        timestamp = request.headers["X-Countersign-Timestamp"]
+        expected = (
+            "v1="
+            + hmac.new(
+                SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256
+            ).hexdigest()
+        )
+        self.deliveries.append(
+            {
+                "signature_ok": hmac.compare_digest(
+                    expected, request.headers["X-Countersign-Signature"]
+                ),
+                "fresh": abs(time.time() - int(timestamp)) < 300,
+                "event": request.headers["X-Countersign-Event"],
+                "body": json.loads(body),
+                "raw": body.decode(),
+            }
+        )
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, TestServer]]:
+    hooks = Receiver(fail_first=2)
+    app = web.Application()
+    app.router.add_post("/hook", hooks.handle)
+    server = TestServer(app)
+    await server.start_server()
+    yield hooks, server
+    await server.close()
+
+
+async def wait_for(predicate: Any, seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+async def test_every_event_is_delivered_signed_retried_and_redacted(
+    make_proxy: Factory, upstream: TestServer, receiver: tuple[Receiver, TestServer]
+) -> None:
+    hooks, server = receiver
+    base = settings_for(str(upstream.make_url("/")))
+    settings = base.model_copy(
+        update={
+            "notify": NotifySettings(
+                webhooks=(WebhookSettings(url=str(server.make_url("/hook")), secret=SECRET),)
+            )
+        }
+    )
+    client, _ = await make_proxy(settings)
+    call = asyncio.create_task(
+        client.post(
+            "/cloud/exports/customers",
+            json={"password": "hunter2", "format": "csv"},
+            headers={**AGENT, "Countersign-Reason": "token eyJhbGciOi.eyJzdWIiOi.c2ln"},
+        )
+    )
+    await wait_for(lambda: hooks.deliveries)
+    approval_id = hooks.deliveries[0]["body"]["approval"]["approval_id"]
+    resp = await client.post(
+        f"/_countersign/api/approvals/{approval_id}/decision",
+        json={"verdict": "approve", "reason": "ok"},
+        headers=ALICE,
+    )
+    assert resp.status == 200
+    assert (await asyncio.wait_for(call, 10)).status == 200
+    await wait_for(lambda: len(hooks.deliveries) == 3)
+    assert hooks.attempts == 5, "the first two attempts failed and were retried"
+    assert [d["event"] for d in hooks.deliveries] == [
+        "approval.requested",
+        "approval.decided",
+        "approval.executed",
+    ]
+    assert all(d["signature_ok"] and d["fresh"] for d in hooks.deliveries)
+    executed = hooks.deliveries[-1]["body"]["approval"]
+    assert executed["state"] == "executed" and executed["upstream_status"] == 200
+    raw = " ".join(d["raw"] for d in hooks.deliveries)
+    assert "hunter2" not in raw and "eyJhbGciOi" not in raw
+
+
+async def test_a_dead_webhook_never_blocks_an_approval(
+    make_proxy: Factory, upstream: TestServer
+) -> None:
+    base = settings_for(str(upstream.make_url("/")))
+    settings = base.model_copy(
+        update={
+            "notify": NotifySettings(
+                webhooks=(WebhookSettings(url="http://127.0.0.1:9/hook", secret=SECRET),)
+            )
+        }
+    )
+    client, sink = await make_proxy(settings)
+    call = asyncio.create_task(client.post("/cloud/exports/x", json={"n": 1}, headers=AGENT))
+    for _ in range(100):
+        listed = await (await client.get("/_countersign/api/approvals", headers=ALICE)).json()
+        if listed["approvals"]:
+            break
+        await asyncio.sleep(0.05)
+    approval_id = listed["approvals"][0]["approval_id"]
+    started = time.monotonic()
+    resp = await client.post(
+        f"/_countersign/api/approvals/{approval_id}/decision",
+        json={"verdict": "approve"},
+        headers=ALICE,
+    )
+    assert resp.status == 200 and time.monotonic() - started < 1
+    assert (await asyncio.wait_for(call, 10)).status == 200
+    assert sink.named("request.forwarded")

@@ -12,6 +12,7 @@ A `Redactor` is a plain callable processor (structlog style) over an event dict.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
@@ -65,11 +66,19 @@ class Redactor:
         alternatives += list(extra_patterns)
         self._pattern = re.compile("|".join(f"(?:{a})" for a in alternatives))
         self._fields = SENSITIVE_KEYS | {f.lower() for f in extra_fields}
+        # The same short strings (subjects, emails, routes, paths) recur in every event of a
+        # busy proxy: remember their redacted form instead of scanning them again.
+        self._short = functools.lru_cache(maxsize=8192)(self._scrub)
+
+    def _scrub(self, text: str) -> str:
+        return self._pattern.sub(REDACTED, text)
 
     def value(self, value: Any) -> Any:
         """`value` with secrets replaced (strings, and mappings / sequences recursively)."""
         if isinstance(value, str):
-            return self._pattern.sub(REDACTED, value) if value else value
+            if not value:
+                return value
+            return self._short(value) if len(value) <= 256 else self._scrub(value)
         if isinstance(value, Mapping):
             return {
                 k: REDACTED if str(k).lower() in self._fields else self.value(v)

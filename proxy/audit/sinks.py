@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+import orjson
+
 
 def render(event: Mapping[str, Any]) -> str:
-    """One event as one JSON line (without the newline)."""
-    return json.dumps(event, ensure_ascii=False, separators=(", ", ": "), default=str)
+    """One event as one JSON line (without the newline).
+
+    orjson: about ten times faster than the json module, and this runs three times per
+    proxied request."""
+    return orjson.dumps(event, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 class AuditUnavailable(Exception):

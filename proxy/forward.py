@@ -102,6 +102,7 @@ class Forwarder:
     ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
         self._connector = aiohttp.TCPConnector(
             limit=pool_size,
             limit_per_host=pool_size_per_host,
@@ -125,23 +126,27 @@ class Forwarder:
         self,
         method: str,
         url: str,
-        headers: Iterable[tuple[str, str]],
+        headers: CIMultiDict[str] | Iterable[tuple[str, str]],
         body: AsyncIterable[bytes] | bytes | None,
         *,
         read_timeout: float | None = None,
     ) -> UpstreamResponse:
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=self._connect_timeout,
-            sock_read=read_timeout or self._read_timeout,
-        )
+        timeout = self._timeouts.get(read_timeout)
+        if timeout is None:  # one object per distinct read timeout (a route's), made once
+            timeout = self._timeouts[read_timeout] = aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self._connect_timeout,
+                sock_read=read_timeout or self._read_timeout,
+            )
+        if not isinstance(headers, CIMultiDict):
+            headers = CIMultiDict(headers)
         try:
             response = await self._session.request(
                 method,
                 # encoded=True: the path is already normalized and canonically encoded by the
                 # server; yarl must send it as is, not re-quote it.
                 URL(url, encoded=True),
-                headers=CIMultiDict(headers),
+                headers=headers,
                 data=body,
                 allow_redirects=False,
                 timeout=timeout,

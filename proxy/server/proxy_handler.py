@@ -80,6 +80,13 @@ class Exchange:
     identity: Identity | None = None
     route: _Route | None = None
     rule: str | None = None
+    _identity_log: dict[str, Any] | None = None
+
+    def identity_log(self) -> dict[str, Any] | None:
+        """The identity as audit events show it, built once per request."""
+        if self._identity_log is None and self.identity is not None:
+            self._identity_log = self.identity.to_log()
+        return self._identity_log
 
 
 class ProxyHandler:
@@ -135,13 +142,12 @@ class ProxyHandler:
 
     def refuse(self, exchange: Exchange, status: int, error: str, **fields: Any) -> web.Response:
         """A JSON refusal, audited as `request.refused`."""
-        identity = exchange.identity
         self._audit.emit(
             audit.REQUEST_REFUSED,
             request_id=exchange.request_id,
             status=status,
             error=error,
-            identity=identity.to_log() if identity else None,
+            identity=exchange.identity_log(),
             **fields,
         )
         headers = None
@@ -193,7 +199,7 @@ class ProxyHandler:
         self._audit.emit(
             audit.POLICY_DECIDED,
             request_id=exchange.request_id,
-            identity=identity.to_log(),
+            identity=exchange.identity_log(),
             method=info.method,
             path=exchange.path,
             route=info.route,
@@ -270,7 +276,7 @@ class ProxyHandler:
         return await self._forwarder.send(
             exchange.request.method,
             target,
-            headers.items(),
+            headers,
             body,
             read_timeout=route.settings.timeout_seconds or self._read_timeout,
         )
@@ -328,11 +334,10 @@ class ProxyHandler:
             upstream.close()
             raise  # aiohttp drops the connection quietly
         finally:
-            identity = exchange.identity
             self._audit.emit(
                 audit.REQUEST_FORWARDED,
                 request_id=exchange.request_id,
-                identity=identity.to_log() if identity else None,
+                identity=exchange.identity_log(),
                 method=request.method,
                 path=exchange.path,
                 route=exchange.route.settings.name if exchange.route else None,

@@ -664,6 +664,42 @@ class StoreConformance:
         expected = ApprovalState.EXECUTED if successes else ApprovalState.APPROVED
         assert final.state is expected
 
+    # -- notes --------------------------------------------------------------------------------
+
+    async def test_note_round_trips_and_overwrites(self, store: Store) -> None:
+        approval = await self.created(store)
+        assert await store.get_note(approval.id, "slack.message") is None
+        await store.set_note(approval.id, "slack.message", '{"channel": "C1", "ts": "1.2"}')
+        assert (
+            await store.get_note(approval.id, "slack.message") == '{"channel": "C1", "ts": "1.2"}'
+        )
+        await store.set_note(approval.id, "slack.message", "second")
+        assert await store.get_note(approval.id, "slack.message") == "second"
+
+    async def test_notes_are_per_approval_and_per_name(self, store: Store) -> None:
+        first = await self.created(store)
+        second = await self.created(store)
+        await store.set_note(first.id, "a", "1")
+        await store.set_note(first.id, "b", "2")
+        await store.set_note(second.id, "a", "3")
+        assert await store.get_note(first.id, "a") == "1"
+        assert await store.get_note(first.id, "b") == "2"
+        assert await store.get_note(second.id, "a") == "3"
+        assert await store.get_note(second.id, "b") is None
+
+    async def test_note_of_unknown_approval(self, store: Store) -> None:
+        assert await store.get_note("apr_unknown", "a") is None
+        with pytest.raises(KeyError):
+            await store.set_note("apr_unknown", "a", "1")
+
+    async def test_notes_survive_every_transition(self, store: Store) -> None:
+        approval = await self.created(store)
+        await store.set_note(approval.id, "slack.message", "kept")
+        await store.decide(approval.id, approve(), time.time())
+        await store.claim(approval.id, time.time())
+        await store.record_outcome(approval.id, 200)
+        assert await store.get_note(approval.id, "slack.message") == "kept"
+
     # -- health -------------------------------------------------------------------------------
 
     async def test_ping(self, store: Store) -> None:

@@ -138,3 +138,25 @@ async def test_lease_is_held_by_one_store_at_a_time(fresh_redis: RedisServer) ->
     finally:
         await a.aclose()
         await b.aclose()
+
+
+async def test_notes_share_the_approvals_ttl(fresh_redis: RedisServer) -> None:
+    import redis.asyncio as aioredis
+
+    prefix = "test-" + secrets.token_hex(6)
+    store = RedisStore(fresh_redis.url, key_prefix=prefix, retention_seconds=100)
+    observer = aioredis.Redis.from_url(fresh_redis.url)
+    try:
+        approval, _ = await store.create_or_join(make_approval())
+        await store.set_note(approval.id, "slack.message", "x")
+        approval_ttl = await observer.pttl(f"{{{prefix}}}:apr:{approval.id}")
+        notes_ttl = await observer.pttl(f"{{{prefix}}}:notes:{approval.id}")
+        assert 0 < notes_ttl <= approval_ttl and approval_ttl - notes_ttl < 1000
+        # A transition resets the approval's TTL (finished: the retention) and the notes' too.
+        await store.decide(approval.id, approve(), time.time())
+        await store.claim(approval.id, time.time())
+        notes_ttl = await observer.pttl(f"{{{prefix}}}:notes:{approval.id}")
+        assert 90_000 < notes_ttl <= 100_000
+    finally:
+        await observer.aclose()
+        await store.aclose()

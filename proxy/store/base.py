@@ -58,6 +58,16 @@ class Store(Protocol):
         Replicas use it so that one of them at a time sweeps expiries."""
         ...
 
+    async def set_note(self, approval_id: str, name: str, value: str) -> None:
+        """Keep a small named value with an approval, for as long as the approval is kept
+        (e.g. where its Slack message is, so any replica can update it). KeyError for an
+        unknown approval."""
+        ...
+
+    async def get_note(self, approval_id: str, name: str) -> str | None:
+        """The value `set_note` kept, or None (unknown approval or name)."""
+        ...
+
     async def ping(self) -> bool: ...
 
     async def aclose(self) -> None: ...

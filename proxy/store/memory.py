@@ -25,6 +25,7 @@ class MemoryStore:
         self._retention = retention_seconds
         self._max_finished = max_finished
         self._finished: dict[str, float] = {}  # id -> when it finished (insertion ordered)
+        self._notes: dict[str, dict[str, str]] = {}
 
     def _save(self, approval: Approval) -> Approval:
         self._approvals[approval.id] = approval
@@ -48,6 +49,7 @@ class MemoryStore:
                 break
             del self._finished[oldest_id]
             self._approvals.pop(oldest_id, None)
+            self._notes.pop(oldest_id, None)
 
     def _require(self, approval_id: str) -> Approval:
         approval = self._approvals.get(approval_id)
@@ -100,6 +102,13 @@ class MemoryStore:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), seconds)
         return self._approvals.get(approval_id)
+
+    async def set_note(self, approval_id: str, name: str, value: str) -> None:
+        self._require(approval_id)
+        self._notes.setdefault(approval_id, {})[name] = value
+
+    async def get_note(self, approval_id: str, name: str) -> str | None:
+        return self._notes.get(approval_id, {}).get(name)
 
     async def lease(self, name: str, seconds: float) -> bool:
         return True  # one process: always ours

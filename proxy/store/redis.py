@@ -56,11 +56,12 @@ redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[7])
 return 1
 """
 
-# KEYS: approval, fingerprint index, deadlines
+# KEYS: approval, fingerprint index, deadlines, notes
 # ARGV: expected json, new json, id, joinable 1/0, expirable 1/0, expires_at, ttl ms, channel
 _SWAP = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[7])
+redis.call('PEXPIRE', KEYS[4], ARGV[7])
 if ARGV[4] == '1' then
   redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[7])
 elseif redis.call('GET', KEYS[2]) == ARGV[3] then
@@ -72,6 +73,16 @@ else
   redis.call('ZREM', KEYS[3], ARGV[3])
 end
 redis.call('PUBLISH', ARGV[8], ARGV[3])
+return 1
+"""
+
+# Notes live in one hash per approval and share its TTL (refreshed by _SWAP on every change).
+# KEYS: approval, notes; ARGV: name, value
+_SET_NOTE = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return 1
 """
 
@@ -132,11 +143,13 @@ class RedisStore:
         self._deadlines = f"{tag}:deadlines"
         self._created = f"{tag}:created"
         self._lease_key = f"{tag}:lease:"
+        self._notes_key = f"{tag}:notes:"
         self._channel = f"{tag}:changes"
         self._owner = secrets.token_hex(8)
         self._create = self._redis.register_script(_CREATE)
         self._swap = self._redis.register_script(_SWAP)
         self._lease = self._redis.register_script(_LEASE)
+        self._set_note = self._redis.register_script(_SET_NOTE)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._subscribed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
@@ -184,6 +197,7 @@ class RedisStore:
                         self._approval_key + approval_id,
                         self._fingerprint_key + updated.fingerprint,
                         self._deadlines,
+                        self._notes_key + approval_id,
                     ],
                     args=[
                         raw,
@@ -326,6 +340,15 @@ class RedisStore:
                 waiters.discard(event)
                 if not waiters:
                     del self._waiters[approval_id]
+
+    async def set_note(self, approval_id: str, name: str, value: str) -> None:
+        keys = [self._approval_key + approval_id, self._notes_key + approval_id]
+        if not await self._guard(self._set_note(keys=keys, args=[name, value])):
+            raise KeyError(approval_id)
+
+    async def get_note(self, approval_id: str, name: str) -> str | None:
+        value: str | None = await self._guard(self._redis.hget(self._notes_key + approval_id, name))
+        return value
 
     async def lease(self, name: str, seconds: float) -> bool:
         """Hold the named lease for `seconds` (renewable by its holder); one replica at a time

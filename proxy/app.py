@@ -105,6 +105,45 @@ def build_store(settings: Settings) -> Store:
     )
 
 
+async def start_slack(
+    settings: Settings,
+    approvals: ApprovalService,
+    store: Store,
+    notify: NotifyHub,
+    session: aiohttp.ClientSession,
+    holder: dict[str, Any],
+) -> list[Any]:
+    """The Slack notifier and interaction handlers, when `notify.slack` has a bot token.
+
+    Returns the parts to close on shutdown."""
+    slack = settings.notify.slack
+    if slack is None or not slack.bot_token:
+        return []
+    from slack_sdk.web.async_client import AsyncWebClient
+
+    from .notify.slack import SlackNotifier
+    from .server.slack_actions import SlackActions
+
+    # retry_handlers=[]: our own backoff (notify/slack.py) decides what is retried and how long.
+    client = AsyncWebClient(
+        token=slack.bot_token, base_url=slack.api_url, session=session, retry_handlers=[]
+    )
+    if slack.channel:
+        notify.add(
+            SlackNotifier(client, slack.channel, store, public_url=settings.server.public_url)
+        )
+    actions = SlackActions(client, approvals, settings.approvals.groups)
+    holder["slack"] = actions
+    parts: list[Any] = [actions]
+    if slack.app_token:
+        from .server.slack_socket import SlackSocket
+
+        socket = SlackSocket(slack.app_token, client, actions)
+        socket.start()
+        parts.insert(0, socket)
+    return parts
+
+
 def build_app(
     settings: Settings, *, audit_log: AuditLog | None = None, worker: int | None = None
 ) -> web.Application:
@@ -168,12 +207,15 @@ def build_app(
                     public_url=settings.server.public_url,
                 )
             )
+        slack = await start_slack(settings, approvals, store, notify, webhooks_session, holder)
         warm_up = asyncio.create_task(oidc.prefetch())
         approvals.start()
         try:
             yield
         finally:
             warm_up.cancel()
+            for part in slack:
+                await part.aclose()
             await approvals.aclose()
             await notify.aclose()
             await webhooks_session.close()
@@ -196,6 +238,11 @@ def build_app(
 
     app.router.add_routes(internal_routes(metrics, ready=ready))
     app.router.add_routes(api_routes(lambda: holder["authenticator"], approvals))
+    slack_settings = settings.notify.slack
+    if slack_settings is not None and slack_settings.signing_secret:
+        from .server.slack import slack_routes
+
+        app.router.add_routes(slack_routes(lambda: holder["slack"], slack_settings.signing_secret))
     # [\s\S] and not ".": a decoded path may hold a newline, and such a request must still reach
     # the proxy handler to be refused with a clear 400 rather than aiohttp's plain-text 404.
     app.router.add_route("*", r"/{tail:[\s\S]*}", proxy)

@@ -281,11 +281,31 @@ class ApprovalsSettings(_Model):
 
 
 class SlackSettings(_Model):
-    bot_token: str | None = None
-    signing_secret: str | None = None
-    app_token: str | None = None
-    channel: str | None = None
+    bot_token: str | None = None  # xoxb-: posts messages, reads who clicked
+    signing_secret: str | None = None  # HTTP mode: POST /_countersign/slack/events
+    app_token: str | None = None  # xapp-: Socket Mode (no inbound exposure)
+    channel: str | None = None  # where approval messages are posted (an id like C0123)
     api_url: str = "https://slack.com/api/"
+
+    @field_validator("bot_token", "signing_secret", "app_token", "channel", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, v: Any) -> Any:
+        # `${SLACK_BOT_TOKEN:-}` in a shared config turns Slack off where the variable is unset.
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
+        return v if v.endswith("/") else v + "/"
+
+    @model_validator(mode="after")
+    def _needs_bot_token(self) -> SlackSettings:
+        if (self.channel or self.signing_secret or self.app_token) and not self.bot_token:
+            raise ValueError("bot_token is required to post messages and identify who clicked")
+        return self
 
 
 class WebhookSettings(_Model):

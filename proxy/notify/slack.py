@@ -1,0 +1,174 @@
+"""Slack notifier: one Block Kit message per approval, updated in place as it is decided.
+
+`approval.requested` posts the message (chat.postMessage) and keeps where it is (channel, ts) as
+a store note, so whichever replica sees the next event can update it (chat.update). Every post and
+update renders the approval as the store has it *now*, and checks again afterwards: events that
+race (two decisions on two replicas, a decision made while Slack was down) converge on the latest
+state instead of leaving a stale message. Calls are retried with backoff on connection errors,
+429 and 5xx, in the background (the hub never waits): Slack being down never blocks an approval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import structlog
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from ..store.base import Store, StoreUnavailable
+from ..types import Approval
+from . import REQUESTED
+from .slack_format import approval_blocks, fallback_text
+
+log = structlog.get_logger("countersign.notify")
+
+MESSAGE_NOTE = "slack.message"
+# Re-renders after a post or update when the approval changed meanwhile; a bound, not a loop.
+_MAX_CONVERGE = 5
+
+
+class GaveUp(Exception):
+    """A Slack call failed for good (not retryable, or retried until the deadline)."""
+
+
+def retryable(exc: Exception) -> bool:
+    if isinstance(exc, SlackApiError):
+        status: int = exc.response.status_code
+        return status == 429 or status >= 500
+    return isinstance(exc, aiohttp.ClientError | TimeoutError | StoreUnavailable)
+
+
+async def with_retries(
+    call: Callable[[], Awaitable[Any]],
+    *,
+    what: str,
+    retry_seconds: float,
+    first_delay: float,
+) -> Any:
+    """Await `call()` until it succeeds, backing off (doubling to 30 s) on retryable errors."""
+    deadline = time.monotonic() + retry_seconds
+    delay = first_delay
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await call()
+        except Exception as exc:
+            if not retryable(exc) or time.monotonic() + delay > deadline:
+                raise GaveUp(f"{what}: {exc or type(exc).__name__} ({attempt} attempts)") from exc
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 30.0)
+
+
+class SlackNotifier:
+    def __init__(
+        self,
+        client: AsyncWebClient,
+        channel: str,
+        store: Store,
+        *,
+        public_url: str | None = None,
+        retry_seconds: float = 300.0,
+        first_delay: float = 0.5,
+    ) -> None:
+        self._client = client
+        self._channel = channel
+        self._store = store
+        self._public_url = public_url
+        self._retry = {"retry_seconds": retry_seconds, "first_delay": first_delay}
+
+    async def notify(self, event: str, approval: Approval) -> None:
+        try:
+            if event == REQUESTED:
+                await self._post(approval)
+            else:
+                await self._update(approval)
+        except GaveUp as exc:
+            log.warning(
+                "slack.gave_up", notify_event=event, approval_id=approval.id, error=str(exc)
+            )
+
+    async def _latest(self, approval: Approval) -> Approval:
+        """The approval as stored now; what we were told if the store cannot say."""
+        try:
+            return await self._store.get(approval.id) or approval
+        except StoreUnavailable:
+            return approval
+
+    async def _message_ref(self, approval_id: str) -> tuple[str, str] | None:
+        raw = await with_retries(
+            lambda: self._store.get_note(approval_id, MESSAGE_NOTE), what="read note", **self._retry
+        )
+        if raw is None:
+            return None
+        ref = json.loads(raw)
+        return str(ref["channel"]), str(ref["ts"])
+
+    async def _post(self, approval: Approval) -> None:
+        if await self._message_ref(approval.id) is not None:
+            return  # already posted (a duplicate event): one message per approval
+        shown = await self._latest(approval)
+
+        async def post() -> Any:
+            nonlocal shown
+            shown = await self._latest(shown)
+            return await self._client.chat_postMessage(
+                channel=self._channel,
+                text=fallback_text(shown),
+                blocks=approval_blocks(shown, self._public_url),
+                unfurl_links=False,
+                unfurl_media=False,
+            )
+
+        resp = await with_retries(post, what="chat.postMessage", **self._retry)
+        ref = json.dumps({"channel": resp["channel"], "ts": resp["ts"]})
+        try:
+            await with_retries(
+                lambda: self._store.set_note(approval.id, MESSAGE_NOTE, ref),
+                what="save message ref",
+                **self._retry,
+            )
+        except KeyError:
+            return  # the approval is gone from the store: nothing will update it
+        # A decision made before the note was saved found no message to update: catch up.
+        await self._converge(approval.id, str(resp["channel"]), str(resp["ts"]), shown)
+
+    async def _update(self, approval: Approval) -> None:
+        ref = await self._message_ref(approval.id)
+        if ref is None:
+            # Not posted yet; the poster re-reads the approval once it has saved the
+            # reference, so this event is not lost.
+            return
+        await self._converge(approval.id, *ref, shown=None)
+
+    async def _converge(
+        self, approval_id: str, channel: str, ts: str, shown: Approval | None
+    ) -> None:
+        """chat.update until the message shows the approval as currently stored (`shown` is
+        what it shows now, None when unknown)."""
+        for _ in range(_MAX_CONVERGE):
+            current: Approval | None = await with_retries(
+                lambda: self._store.get(approval_id), what="read approval", **self._retry
+            )
+            if current is None or current == shown:
+                return
+
+            async def update(a: Approval = current) -> Any:
+                return await self._client.chat_update(
+                    channel=channel,
+                    ts=ts,
+                    text=fallback_text(a),
+                    blocks=approval_blocks(a, self._public_url),
+                )
+
+            await with_retries(update, what="chat.update", **self._retry)
+            shown = current
+
+    async def aclose(self) -> None:
+        return None

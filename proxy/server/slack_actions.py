@@ -1,0 +1,228 @@
+"""What a click in Slack does: the transport-independent handler of interaction payloads.
+
+HTTP mode (`server/slack.py`) and Socket Mode (`server/slack_socket.py`) both hand verified
+payloads here. The clicker becomes an `Identity` from `users.info` (their workspace profile
+email); `ApprovalService.decide` then authorizes them exactly like an API approver (rule users,
+groups from the `approvals.groups` directory, zero self-approval, quorum). A refused click gets
+an ephemeral explanation and changes nothing; the message itself is updated by the notifier,
+from whichever replica made the decision.
+
+Duplicate deliveries (Slack retrying, the same payload twice) are acknowledged silently: each
+delivery is remembered as a note on its approval, and the store refuses double decisions anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from ..approvals import state
+from ..approvals.service import ApprovalService
+from ..audit import AuditUnavailable
+from ..notify.slack import GaveUp, with_retries
+from ..notify.slack_format import (
+    APPROVE,
+    APPROVE_WITH_NOTE,
+    DENY,
+    REASON_BLOCK,
+    REASON_INPUT,
+    reason_modal,
+)
+from ..store.base import StoreUnavailable
+from ..types import ApprovalState, Identity, Verdict
+
+log = structlog.get_logger("countersign.slack")
+
+_ACTIONS = (APPROVE, APPROVE_WITH_NOTE, DENY)
+
+
+class Refused(Exception):
+    """The click cannot count; the message is shown to the clicker only."""
+
+
+class SlackActions:
+    def __init__(
+        self,
+        client: AsyncWebClient,
+        service: ApprovalService,
+        directory: Mapping[str, Sequence[str]],
+        *,
+        ephemeral_retry_seconds: float = 30.0,
+    ) -> None:
+        self._client = client
+        self._service = service
+        self._directory = directory
+        self._ephemeral_retry = ephemeral_retry_seconds
+        self._team_id: str | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def handle(self, payload: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Handle one interaction; the return value (if any) is the JSON answer to Slack."""
+        kind = payload.get("type")
+        if kind == "block_actions":
+            await self._block_action(payload)
+        elif kind == "view_submission":
+            return await self._view_submission(payload)
+        return None
+
+    # -- the two kinds of interaction -----------------------------------------------------------
+
+    async def _block_action(self, payload: Mapping[str, Any]) -> None:
+        actions = [a for a in payload.get("actions") or () if a.get("action_id") in _ACTIONS]
+        if not actions:
+            return
+        action = actions[0]
+        approval_id = str(action.get("value", ""))
+        user_id = str(payload.get("user", {}).get("id", ""))
+        channel = str((payload.get("channel") or {}).get("id", ""))
+        delivery = f"{user_id}:{action.get('action_ts')}"
+        try:
+            if not await self._first_delivery(approval_id, delivery):
+                return
+            identity = await self.identify(user_id)
+            if action["action_id"] == APPROVE:
+                await self._decide(approval_id, identity, Verdict.APPROVE, None)
+                return
+            # The modals ask for a reason; say "no" before asking when we already know it.
+            approval = await self._service.get(approval_id)
+            if approval is None:
+                raise Refused("this approval no longer exists")
+            if approval.state is not ApprovalState.PENDING:
+                raise Refused(f"this approval is already {approval.state.value}")
+            state.check_approver(approval, identity, self._directory)
+            metadata = json.dumps({"approval_id": approval_id, "channel": channel})
+            view = reason_modal(str(action["action_id"]), approval, metadata)
+            await self._client.views_open(trigger_id=str(payload.get("trigger_id")), view=view)
+        except (Refused, state.ApprovalError) as exc:
+            self._tell(channel, user_id, _explain(exc))
+        except (StoreUnavailable, AuditUnavailable, SlackApiError, GaveUp) as exc:
+            log.warning("slack.action_failed", approval_id=approval_id, error=str(exc))
+            self._tell(channel, user_id, "Countersign could not record that right now; try again.")
+
+    async def _view_submission(self, payload: Mapping[str, Any]) -> dict[str, Any] | None:
+        view = payload.get("view") or {}
+        callback = view.get("callback_id")
+        if callback not in (APPROVE_WITH_NOTE, DENY):
+            return None
+        try:
+            metadata = json.loads(view.get("private_metadata") or "{}")
+        except ValueError:
+            return None
+        approval_id = str(metadata.get("approval_id", ""))
+        channel = str(metadata.get("channel", ""))
+        user_id = str(payload.get("user", {}).get("id", ""))
+        values = view.get("state", {}).get("values", {})
+        reason = ((values.get(REASON_BLOCK) or {}).get(REASON_INPUT) or {}).get("value") or ""
+        reason = reason.strip() or None
+        if callback == DENY and not reason:
+            return {
+                "response_action": "errors",
+                "errors": {REASON_BLOCK: "A denial needs a reason."},
+            }
+        verdict = Verdict.DENY if callback == DENY else Verdict.APPROVE
+        # A resubmission after the error above is a new delivery: only remembered once valid.
+        delivery = f"{user_id}:view:{view.get('id')}"
+        try:
+            if await self._first_delivery(approval_id, delivery):
+                identity = await self.identify(user_id)
+                await self._decide(approval_id, identity, verdict, reason)
+        except (Refused, state.ApprovalError) as exc:
+            self._tell(channel, user_id, _explain(exc))
+        except (StoreUnavailable, AuditUnavailable, SlackApiError, GaveUp) as exc:
+            log.warning("slack.action_failed", approval_id=approval_id, error=str(exc))
+            self._tell(channel, user_id, "Countersign could not record that right now; try again.")
+        return None  # closes the modal
+
+    # -- parts --------------------------------------------------------------------------------
+
+    async def _first_delivery(self, approval_id: str, delivery: str) -> bool:
+        """True the first time this delivery is seen (Slack retries and replays are not)."""
+        name = "slack.delivery." + hashlib.sha256(delivery.encode()).hexdigest()[:32]
+        if await self._service.store.get_note(approval_id, name) is not None:
+            return False
+        try:
+            await self._service.store.set_note(approval_id, name, "1")
+        except KeyError:
+            raise Refused("this approval no longer exists") from None
+        return True
+
+    async def _decide(
+        self, approval_id: str, identity: Identity, verdict: Verdict, reason: str | None
+    ) -> None:
+        await self._service.decide(approval_id, identity, verdict, reason, channel="slack")
+
+    async def identify(self, user_id: str) -> Identity:
+        """The clicker as an approver: their workspace email, or a refusal."""
+        if not user_id:
+            raise Refused("Slack did not say who clicked")
+        team_id = await self._workspace()
+        try:
+            resp = await self._client.users_info(user=user_id)
+        except SlackApiError as exc:
+            if exc.response.status_code != 200:
+                raise  # Slack is down: "try again", not "no"
+            error = exc.response.get("error")
+            raise Refused(f"Slack could not tell who you are ({error})") from None
+        user: Mapping[str, Any] = resp.get("user") or {}
+        if user.get("deleted"):
+            raise Refused("deactivated users cannot decide approvals")
+        if user.get("is_bot") or user.get("is_app_user") or user_id == "USLACKBOT":
+            raise Refused("bots cannot decide approvals")
+        if user.get("is_stranger") or (team_id and user.get("team_id") != team_id):
+            raise Refused("only members of this workspace can decide approvals")
+        email = (user.get("profile") or {}).get("email")
+        if not email:
+            raise Refused("your Slack profile has no email, so Countersign cannot tell who you are")
+        email = str(email)
+        return Identity(subject=email, issuer="slack", email=email, groups=frozenset())
+
+    async def _workspace(self) -> str | None:
+        if self._team_id is None:
+            resp = await self._client.auth_test()
+            self._team_id = str(resp.get("team_id") or "") or None
+        return self._team_id
+
+    def _tell(self, channel: str, user_id: str, text: str) -> None:
+        """An ephemeral note to the clicker, in the background (Slack wants an answer in 3 s)."""
+        if not channel or not user_id:
+            return
+
+        async def send() -> None:
+            try:
+                await with_retries(
+                    lambda: self._client.chat_postEphemeral(
+                        channel=channel, user=user_id, text=text
+                    ),
+                    what="chat.postEphemeral",
+                    retry_seconds=self._ephemeral_retry,
+                    first_delay=0.5,
+                )
+            except GaveUp as exc:
+                log.warning("slack.ephemeral_failed", error=str(exc))
+
+        task = asyncio.create_task(send())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=5)
+
+
+def _explain(exc: Exception) -> str:
+    if isinstance(exc, state.SelfApproval):
+        return "You cannot decide this request: it was made by you or by an agent acting for you."
+    if isinstance(exc, state.NotAnApprover):
+        return f"You are not an approver of this request: {exc.message}."
+    if isinstance(exc, state.DuplicateApprover):
+        return "You already approved this request; it needs another approver."
+    if isinstance(exc, state.ApprovalError):
+        return f"Your decision was not recorded: {exc.message}."
+    return f"Your decision was not recorded: {exc}."

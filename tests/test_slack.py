@@ -1,0 +1,360 @@
+"""Slack end to end in process: the real proxy, a local fake of the Slack API, signed clicks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from proxy.config import ApprovalsSettings, NotifySettings, Settings, SlackSettings
+from tests.conftest import Client, Factory
+from tests.helpers import AGENT_KEY, ALICE_KEY, bearer, settings_for
+from tests.slack_fake import (
+    APP_TOKEN,
+    BOT_TOKEN,
+    CHANNEL,
+    SIGNING_SECRET,
+    FakeSlack,
+    block_action,
+    envelope,
+    signed_request,
+    view_submission,
+)
+
+AGENT = bearer(AGENT_KEY)
+EVENTS = "/_countersign/slack/events"
+PUBLIC_URL = "https://countersign.example.com"
+EVIL_REASON = "<!channel> @here <https://evil.example|click> <@U999> & @everyone"
+
+
+@pytest.fixture
+async def slack() -> AsyncIterator[FakeSlack]:
+    fake = FakeSlack()
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+def slack_settings(upstream: TestServer, fake: FakeSlack, **slack: Any) -> Settings:
+    base = settings_for(str(upstream.make_url("/")))
+    fields: dict[str, Any] = {
+        "bot_token": BOT_TOKEN,
+        "signing_secret": SIGNING_SECRET,
+        "channel": CHANNEL,
+        "api_url": fake.api_url,
+        **slack,
+    }
+    return base.model_copy(
+        update={
+            "server": base.server.model_copy(update={"public_url": PUBLIC_URL}),
+            "notify": NotifySettings(slack=SlackSettings(**fields)),
+            # Slack approvers carry no token groups: the directory says who is a data owner.
+            "approvals": ApprovalsSettings(
+                mode="hold",
+                timeout_seconds=60,
+                groups={
+                    "data-owners": ("carol@example.com", "alice@example.com", "bob@example.com")
+                },
+            ),
+        }
+    )
+
+
+async def wait_for(predicate: Callable[[], Any], seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+async def hold(
+    client: Client, slack: FakeSlack, path: str = "/cloud/exports/customers", **headers: str
+) -> tuple[asyncio.Task[Any], str]:
+    """The agent's privileged call, held; returns the waiting call and the approval id."""
+    before = len(slack.called("chat.postMessage"))
+    call = asyncio.create_task(
+        client.post(
+            path,
+            json={"format": "csv", "password": "hunter2", "note": "<!everyone>"},
+            headers={**AGENT, **headers},
+        )
+    )
+    await wait_for(lambda: len(slack.called("chat.postMessage")) > before)
+    message = slack.called("chat.postMessage")[-1]
+    approval_id = message["blocks"][-1]["elements"][0]["value"]
+    return call, approval_id
+
+
+async def click(client: Client, payload: dict[str, Any], **kw: Any) -> tuple[int, Any]:
+    body, headers = signed_request(payload, **kw)
+    resp = await client.post(EVENTS, data=body, headers=headers)
+    text = await resp.text()
+    return resp.status, (json.loads(text) if text else None)
+
+
+def message_text(slack: FakeSlack) -> str:
+    """Everything the (only) approval message currently shows."""
+    assert len(slack.messages) == 1
+    return json.dumps(next(iter(slack.messages.values())))
+
+
+async def approval_state(client: Client, approval_id: str) -> dict[str, Any]:
+    resp = await client.get(f"/_countersign/api/approvals/{approval_id}", headers=bearer(ALICE_KEY))
+    data: dict[str, Any] = await resp.json()
+    return data
+
+
+async def test_message_has_every_field_and_agent_text_is_inert(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    client, _ = await make_proxy(slack_settings(upstream, slack))
+    call, approval_id = await hold(client, slack, **{"Countersign-Reason": EVIL_REASON})
+    message = slack.called("chat.postMessage")[0]
+    assert message["channel"] == CHANNEL
+    assert message["_token"] == f"Bearer {BOT_TOKEN}"
+    shown = json.dumps(message["blocks"]) + message["text"]
+    for expected in (
+        "agent-key",  # requester subject
+        "bob@example.com",  # the owner it acts for
+        "POST",
+        "/cloud/exports/customers",
+        "cloud / exports",  # route / rule
+        "0 of 1",  # quorum progress
+        "<!date^",  # expiry, in the reader's time zone
+        f"<{PUBLIC_URL}/_countersign/api/approvals/{approval_id}|Open in Countersign>",
+        '\\"format\\": \\"csv\\"',  # the body preview
+        "countersign_approve",
+        "countersign_approve_note",
+        "countersign_deny",
+    ):
+        assert expected in shown, expected
+    assert "hunter2" not in shown, "the body preview is redacted"
+    # The agent's text is shown, inert: no broadcast, no mention, no link of its own.
+    assert "&lt;!channel&gt;" in shown and "&lt;https://evil.example|click&gt;" in shown
+    assert "&lt;@U999&gt;" in shown and "&amp;" in shown
+    for live in ("<!channel>", "<!everyone>", "<https://evil", "<@U999>", "@here", "@everyone"):
+        assert live not in shown, live
+    call.cancel()
+
+
+async def test_approve_click_forwards_the_held_request_and_updates_the_message(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    client, sink = await make_proxy(slack_settings(upstream, slack))
+    call, approval_id = await hold(client, slack)
+    status, _ = await click(client, block_action("UCAROL", approval_id, "countersign_approve"))
+    assert status == 200
+    resp = await asyncio.wait_for(call, 10)
+    assert resp.status == 200
+    assert resp.headers["Countersign-Approval-Id"] == approval_id
+    decided = sink.named("approval.decided")
+    assert decided[0]["channel"] == "slack"
+    assert decided[0]["approver"] == {"subject": "carol@example.com", "email": "carol@example.com"}
+    await wait_for(lambda: "upstream answered *200*" in message_text(slack))
+    final = message_text(slack)
+    assert "carol@example.com" in final and "upstream answered *200*" in final
+    assert "countersign_approve" not in final, "the buttons are replaced by the outcome"
+    assert len(slack.called("chat.postMessage")) == 1
+
+
+async def test_quorum_progress_is_shown_after_each_approval(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    client, _ = await make_proxy(slack_settings(upstream, slack))
+    call, approval_id = await hold(client, slack, path="/cloud/iam/roles")
+    assert "0 of 2" in message_text(slack)
+    await click(client, block_action("UCAROL", approval_id, "countersign_approve"))
+    await wait_for(lambda: "1 of 2" in message_text(slack))
+    assert "countersign_approve" in message_text(slack), "still pending: buttons stay"
+    await click(client, block_action("UALICE", approval_id, "countersign_approve"))
+    assert (await asyncio.wait_for(call, 10)).status == 200
+    await wait_for(lambda: "upstream answered" in message_text(slack))
+
+
+async def test_deny_opens_a_modal_that_requires_a_reason(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    client, _ = await make_proxy(slack_settings(upstream, slack))
+    call, approval_id = await hold(client, slack)
+    status, _ = await click(client, block_action("UCAROL", approval_id, "countersign_deny"))
+    assert status == 200
+    modal = slack.called("views.open")[0]["view"]
+    assert modal["callback_id"] == "countersign_deny"
+    assert modal["blocks"][-1]["optional"] is False
+    status, answer = await click(
+        client, view_submission("UCAROL", "countersign_deny", approval_id, "  ")
+    )
+    assert status == 200
+    assert answer == {"response_action": "errors", "errors": {"reason": "A denial needs a reason."}}
+    assert (await approval_state(client, approval_id))["state"] == "pending"
+    status, answer = await click(
+        client, view_submission("UCAROL", "countersign_deny", approval_id, "not this quarter")
+    )
+    assert status == 200 and answer is None
+    resp = await asyncio.wait_for(call, 10)
+    assert resp.status == 403
+    body = await resp.json()
+    assert body["error"] == "approval_denied" and body["reason"] == "not this quarter"
+    assert body["decided_by"] == "carol@example.com"
+    await wait_for(lambda: "Denied" in message_text(slack))
+    assert "not this quarter" in message_text(slack)
+
+
+async def test_approve_with_note_records_the_note(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    client, _ = await make_proxy(slack_settings(upstream, slack))
+    call, approval_id = await hold(client, slack)
+    await click(client, block_action("UCAROL", approval_id, "countersign_approve_note"))
+    modal = slack.called("views.open")[0]["view"]
+    assert modal["callback_id"] == "countersign_approve_note" and modal["blocks"][-1]["optional"]
+    await click(
+        client,
+        view_submission("UCAROL", "countersign_approve_note", approval_id, "ok for Q3 @channel"),
+    )
+    assert (await asyncio.wait_for(call, 10)).status == 200
+    decisions = (await approval_state(client, approval_id))["decisions"]
+    assert decisions[0]["reason"] == "ok for Q3 @channel" and decisions[0]["channel"] == "slack"
+    await wait_for(lambda: "upstream answered" in message_text(slack))
+    assert "ok for Q3 @\\u2060channel" in message_text(slack), "approvers' text is inert too"
+
+
+@pytest.mark.parametrize("how", ["forged", "stale", "unsigned"])
+async def test_bad_signatures_get_401_and_change_nothing(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack, how: str
+) -> None:
+    client, _ = await make_proxy(slack_settings(upstream, slack))
+    call, approval_id = await hold(client, slack)
+    payload = block_action("UCAROL", approval_id, "countersign_approve")
+    if how == "forged":
+        body, headers = signed_request(payload, secret="not-the-secret")
+    elif how == "stale":
+        body, headers = signed_request(payload, timestamp=int(time.time()) - 6 * 60)
+    else:
+        body, headers = signed_request(payload)
+        del headers["X-Slack-Signature"]
+    resp = await client.post(EVENTS, data=body, headers=headers)
+    assert resp.status == 401
+    assert (await resp.json())["error"] == "invalid_signature"
+    await asyncio.sleep(0.2)
+    assert (await approval_state(client, approval_id))["state"] == "pending"
+    assert not slack.called("users.info") and not slack.called("chat.update")
+    assert not call.done()
+    call.cancel()
+
+
+async def test_a_replayed_delivery_decides_once_and_says_nothing_twice(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    client, sink = await make_proxy(slack_settings(upstream, slack, channel=None))
+    call = asyncio.create_task(client.post("/cloud/iam/roles", json={}, headers=AGENT))
+    await wait_for(lambda: sink.named("approval.requested"))
+    approval_id = sink.named("approval.requested")[0]["approval_id"]
+    payload = block_action("UCAROL", approval_id, "countersign_approve")
+    for _ in range(3):  # Slack retrying the same delivery
+        status, _ = await click(client, payload)
+        assert status == 200
+    await asyncio.sleep(0.3)
+    state = await approval_state(client, approval_id)
+    assert state["approvals"] == 1 and len(state["decisions"]) == 1
+    assert len(sink.named("approval.decided")) == 1
+    assert not slack.called("chat.postEphemeral")
+    assert not slack.called("chat.postMessage"), "no channel configured: no message"
+    call.cancel()
+
+
+@pytest.mark.parametrize(
+    ("user_id", "explanation"),
+    [
+        ("UMALLORY", "not an approver"),
+        ("UBOB", "acting for you"),  # the agent's owner: zero self-approval
+        ("UBOT", "bots cannot"),
+        ("UGONE", "deactivated"),
+        ("UNOMAIL", "no email"),
+        ("UGUEST", "only members of this workspace"),
+        ("UNKNOWN", "could not tell who you are (user_not_found)"),
+    ],
+)
+async def test_refused_clickers_get_an_ephemeral_note_and_change_nothing(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack, user_id: str, explanation: str
+) -> None:
+    client, sink = await make_proxy(slack_settings(upstream, slack))
+    call, approval_id = await hold(client, slack)
+    for action in ("countersign_approve", "countersign_deny"):
+        status, _ = await click(client, block_action(user_id, approval_id, action))
+        assert status == 200
+    await wait_for(lambda: len(slack.called("chat.postEphemeral")) == 2)
+    for note in slack.called("chat.postEphemeral"):
+        assert note["user"] == user_id and note["channel"] == CHANNEL
+        assert explanation in note["text"], note["text"]
+    assert not slack.called("views.open"), "no modal for someone who cannot decide"
+    assert (await approval_state(client, approval_id))["state"] == "pending"
+    assert not sink.named("approval.decided") and not call.done()
+    call.cancel()
+
+
+async def test_a_decision_on_a_finished_approval_is_explained(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    client, _ = await make_proxy(slack_settings(upstream, slack))
+    call, approval_id = await hold(client, slack)
+    await click(client, block_action("UCAROL", approval_id, "countersign_approve"))
+    assert (await asyncio.wait_for(call, 10)).status == 200
+    await click(client, block_action("UALICE", approval_id, "countersign_approve"))
+    await wait_for(lambda: slack.called("chat.postEphemeral"))
+    assert "approval is executed" in slack.called("chat.postEphemeral")[0]["text"]
+
+
+async def test_slack_down_never_blocks_and_the_message_is_posted_when_it_is_back(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    client, sink = await make_proxy(slack_settings(upstream, slack))
+    slack.fail_status = 500
+    call = asyncio.create_task(client.post("/cloud/exports/x", json={"n": 1}, headers=AGENT))
+    await wait_for(lambda: sink.named("approval.requested"))
+    approval_id = sink.named("approval.requested")[0]["approval_id"]
+    started = time.monotonic()
+    resp = await client.post(
+        f"/_countersign/api/approvals/{approval_id}/decision",
+        json={"verdict": "approve"},
+        headers=bearer(ALICE_KEY),
+    )
+    assert resp.status == 200 and time.monotonic() - started < 1
+    assert (await asyncio.wait_for(call, 10)).status == 200
+    await wait_for(lambda: slack.called("chat.postMessage"))  # tried, and failed
+    assert not slack.messages
+    slack.fail_status = None  # Slack is back: the retry posts it, showing the outcome
+    await wait_for(lambda: slack.messages, seconds=15)
+    await wait_for(lambda: "upstream answered" in message_text(slack), seconds=15)
+    assert len(slack.messages) == 1
+
+
+async def test_socket_mode_interactive_envelope_approves_and_is_acked(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    settings = slack_settings(upstream, slack, signing_secret=None, app_token=APP_TOKEN)
+    client, _ = await make_proxy(settings)
+    await wait_for(lambda: slack.sockets)
+    assert slack.called("apps.connections.open")[0]["_token"] == f"Bearer {APP_TOKEN}"
+    call, approval_id = await hold(client, slack)
+    # HTTP mode is off without a signing secret.
+    assert (await client.post(EVENTS, data=b"")).status != 200
+
+    deny = envelope(view_submission("UCAROL", "countersign_deny", approval_id, ""))
+    await slack.push(deny)
+    await wait_for(lambda: slack.acks)
+    assert slack.acks[0]["envelope_id"] == deny["envelope_id"]
+    assert slack.acks[0]["payload"]["response_action"] == "errors"
+
+    approve = envelope(block_action("UCAROL", approval_id, "countersign_approve"))
+    await slack.push(approve)
+    assert (await asyncio.wait_for(call, 10)).status == 200
+    await wait_for(lambda: len(slack.acks) == 2)
+    assert slack.acks[1]["envelope_id"] == approve["envelope_id"]
+    await wait_for(lambda: "upstream answered" in message_text(slack))

@@ -1,0 +1,115 @@
+"""Slack across two `countersign run` replicas on one Redis: held on A, clicked on B.
+
+The fake Slack API runs in the test process; both replicas talk to it. The message reference
+lives in the shared store, so whichever replica sees an event can update the one message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from proxy.authn.apikeys import key_digest
+from tests.e2e.conftest import Process, free_port
+from tests.e2e.test_replicas_e2e import events
+from tests.redis_fixture import RedisServer
+from tests.slack_fake import (
+    BOT_TOKEN,
+    CHANNEL,
+    SIGNING_SECRET,
+    FakeSlack,
+    block_action,
+    signed_request,
+)
+
+StartFn = Callable[[str, int], Process]
+AGENT_KEY = "cs_slack_e2e_agent_000000000000000000000000"
+AGENT = {"Authorization": f"Bearer {AGENT_KEY}"}
+
+
+def config(port: int, upstream: str, redis_url: str, prefix: str, slack_api: str) -> str:
+    return f"""
+server: {{listen: "127.0.0.1:{port}"}}
+identity:
+  api_keys:
+    - {{sha256: "{key_digest(AGENT_KEY)}", subject: agent-7, groups: [agents], owner: "bob@example.com"}}
+store: {{url: "{redis_url}", key_prefix: "{prefix}", timeout_seconds: 1}}
+routes:
+  - {{name: cloud, prefix: /cloud/, upstream: "{upstream}"}}
+approvals:
+  timeout_seconds: 60
+  groups: {{data-owners: ["carol@example.com"]}}
+notify:
+  slack:
+    bot_token: "{BOT_TOKEN}"
+    signing_secret: "{SIGNING_SECRET}"
+    channel: "{CHANNEL}"
+    api_url: "{slack_api}"
+policy:
+  rules:
+    - name: exports
+      methods: [POST]
+      paths: ["/cloud/exports/**"]
+      action: approve
+      approvers: {{groups: [data-owners]}}
+"""
+
+
+@pytest.fixture
+async def slack() -> AsyncIterator[FakeSlack]:
+    fake = FakeSlack()
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+async def wait_for(predicate: Callable[[], object], seconds: float = 15) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+async def test_held_on_a_clicked_on_b_forwarded_by_a_and_the_message_updated(
+    run_countersign: StartFn, upstream: TestServer, fresh_redis: RedisServer, slack: FakeSlack
+) -> None:
+    prefix = "e2e-slack-" + secrets.token_hex(6)
+    a, b = (
+        run_countersign(
+            config(port, str(upstream.make_url("/")), fresh_redis.url, prefix, slack.api_url),
+            port,
+        )
+        for port in (free_port(), free_port())
+    )
+    async with aiohttp.ClientSession() as session:
+
+        async def agent_call() -> int:
+            async with session.post(f"{a.url}/cloud/exports/x", json={"n": 1}, headers=AGENT) as r:
+                return r.status
+
+        held = asyncio.create_task(agent_call())
+        await wait_for(lambda: slack.messages)
+        message = next(iter(slack.messages.values()))
+        approval_id = message["blocks"][-1]["elements"][0]["value"]
+
+        body, headers = signed_request(block_action("UCAROL", approval_id, "countersign_approve"))
+        async with session.post(
+            f"{b.url}/_countersign/slack/events", data=body, headers=headers
+        ) as resp:
+            assert resp.status == 200
+        assert await asyncio.wait_for(held, 10) == 200
+
+    await wait_for(lambda: "upstream answered *200*" in json.dumps(slack.messages))
+    assert len(slack.called("chat.postMessage")) == 1
+    forwarded = events(a, name="request.forwarded")
+    assert [e["approval_id"] for e in forwarded] == [approval_id]
+    decided = events(b, name="approval.decided")
+    assert decided[0]["channel"] == "slack"
+    assert decided[0]["approver"]["email"] == "carol@example.com"

@@ -358,3 +358,30 @@ async def test_socket_mode_interactive_envelope_approves_and_is_acked(
     await wait_for(lambda: len(slack.acks) == 2)
     assert slack.acks[1]["envelope_id"] == approve["envelope_id"]
     await wait_for(lambda: "upstream answered" in message_text(slack))
+
+
+async def test_expiry_replaces_the_buttons(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    settings = slack_settings(upstream, slack)
+    settings = settings.model_copy(
+        update={"approvals": settings.approvals.model_copy(update={"timeout_seconds": 1})}
+    )
+    client, _ = await make_proxy(settings)
+    call, _ = await hold(client, slack)
+    resp = await asyncio.wait_for(call, 10)
+    assert resp.status == 403 and (await resp.json())["error"] == "approval_expired"
+    await wait_for(lambda: "Expired" in message_text(slack))
+    assert "countersign_approve" not in message_text(slack)
+
+
+def test_slack_settings_blank_values_turn_it_off_and_a_bot_token_is_required() -> None:
+    from proxy.config import ConfigError, load_settings_text
+
+    text = 'notify:\n  slack: {bot_token: "${T:-}", signing_secret: "${S:-}", channel: "C1"}\n'
+    with pytest.raises(ConfigError, match="bot_token is required"):
+        load_settings_text(text, "x.yaml", env={})
+    off = load_settings_text(text.replace('"C1"', '"${C:-}"'), "x.yaml", env={})
+    assert off.notify.slack is not None and off.notify.slack.bot_token is None
+    on = load_settings_text(text, "x.yaml", env={"T": "xoxb-1", "S": "s"})
+    assert on.notify.slack is not None and on.notify.slack.api_url == "https://slack.com/api/"

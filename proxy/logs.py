@@ -24,7 +24,9 @@ def configure_logging(level: int = logging.INFO, redactor: Redactor = DEFAULT) -
     structlog.configure(
         processors=[*shared, redactor, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line (message and newline together): worker processes share stderr,
+        # and separate writes would let their lines interleave.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import (
@@ -48,6 +48,14 @@ FORBIDDEN_ALGORITHMS = re.compile(r"^(HS\d+|none)$", re.IGNORECASE)
 ALLOWED_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
+
+
+def _http_url(value: str) -> SplitResult:
+    """`value` split, if it is an absolute http(s) URL with a host; else a ValueError."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    return parts
 
 
 class ServerSettings(_Model):
@@ -183,9 +191,7 @@ class RouteSettings(_Model):
     @field_validator("upstream")
     @classmethod
     def _upstream(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
+        parts = _http_url(v)
         if parts.query or parts.fragment:
             raise ValueError("must not have a query or fragment")
         return v
@@ -296,9 +302,7 @@ class SlackSettings(_Model):
     @field_validator("api_url")
     @classmethod
     def _api_url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
+        _http_url(v)
         return v if v.endswith("/") else v + "/"
 
     @model_validator(mode="after")
@@ -315,9 +319,7 @@ class WebhookSettings(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
+        _http_url(v)
         return v
 
 

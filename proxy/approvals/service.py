@@ -12,6 +12,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import structlog
 
@@ -48,6 +49,17 @@ class ApprovalNotFound(state.ApprovalError):
 class ReasonRequired(state.ApprovalError):
     code = "reason_required"
     status = 400
+
+
+def _about(approval: Approval) -> dict[str, Any]:
+    """The fields every approval event carries."""
+    return {
+        "approval_id": approval.id,
+        "request_id": approval.request_id,
+        "rule": approval.rule,
+        "route": approval.route,
+        "requester": requester_log(approval.requester),
+    }
 
 
 class ApprovalService:
@@ -124,11 +136,7 @@ class ApprovalService:
         if expired is not None:
             await self._audit.emit_durable(
                 audit.APPROVAL_EXPIRED,
-                approval_id=expired.id,
-                request_id=expired.request_id,
-                rule=expired.rule,
-                route=expired.route,
-                requester=requester_log(expired.requester),
+                **_about(expired),
                 outcome="expired",
             )
             self._notify("approval.expired", expired)
@@ -197,13 +205,9 @@ class ApprovalService:
             # Durable before anyone can act on it.
             await self._audit.emit_durable(
                 audit.APPROVAL_REQUESTED,
-                approval_id=approval.id,
-                request_id=request_id,
-                rule=approval.rule,
-                route=approval.route,
+                **_about(approval),
                 method=method,
                 path=path,
-                requester=requester_log(approval.requester),
                 reason=approval.reason,
                 quorum=approval.quorum,
                 expires_at=approval.expires_at,
@@ -346,11 +350,7 @@ class ApprovalService:
         # Durable before the decider hears back (and before this replica forwards anything).
         await self._audit.emit_durable(
             audit.APPROVAL_DECIDED,
-            approval_id=decided.id,
-            request_id=decided.request_id,
-            rule=decided.rule,
-            route=decided.route,
-            requester=requester_log(decided.requester),
+            **_about(decided),
             approver={"subject": approver.subject, "email": approver.email},
             channel=channel,
             verdict=verdict.value,

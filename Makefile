@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 IDP_STAMP  := tests/idp/node_modules/.installed
 
-.PHONY: demo test lint unit install clean bench redis-server
+.PHONY: demo test lint unit install clean bench bench-tools redis-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,18 @@ redis-server:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server (Debian package)"; \
 	  apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+
+# The benchmark (bench/run_all.py, issue 7) drives load with wrk and compares with nginx: install
+# them where missing, and stop the nginx service the package may start (the bench runs its own).
+# `make bench PY_SPY=/path/to/py-spy` adds a profile of the proxy to the results.
+bench-tools:
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || { \
+	  echo "installing wrk and nginx (Debian packages)"; \
+	  apt-get update -qq && apt-get install -y -qq wrk nginx >/dev/null; \
+	  nginx -s quit 2>/dev/null || true; }
+
+bench: $(STAMP) $(IDP_STAMP) redis-server bench-tools
+	$(BIN)/python bench/run_all.py $(if $(PY_SPY),--py-spy $(PY_SPY))
 
 unit: $(TEST_STAMP) $(IDP_STAMP) redis-server
 	$(BIN)/pytest -q

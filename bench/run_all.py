@@ -385,7 +385,9 @@ def profile(
     """A py-spy profile of the proxy during one more wrk run (not the measured one)."""
     print(f"-- py-spy on pid {pid} during another wrk run of {args.seconds}s", flush=True)
     out = tmp / "profile.txt"
-    cmd = [args.py_spy, "record", "-p", str(pid), "-s", "-r", "250", "-d", str(args.seconds)]
+    # --gil: only the thread holding the GIL is sampled, i.e. the CPU the event loop competes
+    # for (the audit file sink's fsync in a worker thread does not count).
+    cmd = [args.py_spy, "record", "--gil", "-p", str(pid), "-r", "250", "-d", str(args.seconds)]
     spy = subprocess.Popen(
         [*cmd, "--nonblocking", "-f", "raw", "-o", str(out)],
         stdout=subprocess.DEVNULL,
@@ -655,8 +657,9 @@ def render(
     if prof:
         lines += [
             "",
-            f"Where the time goes (py-spy, workers: 1, during another wrk run, {prof['samples']:,}"
-            " non-idle samples; % of them with the module anywhere on the stack / as the leaf):",
+            f"Where the time goes (py-spy --gil, workers: 1, during another wrk run, "
+            f"{prof['samples']:,} samples of the thread holding the GIL; % of them with the "
+            "module anywhere on the stack / as the leaf):",
             "",
             "```",
             *(f"{pc:5.1f} %  {name}" for name, pc in prof["inclusive"]),

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,6 +41,7 @@ log = structlog.get_logger("countersign.store")
 _FINISHED = (ApprovalState.DENIED, ApprovalState.EXPIRED, ApprovalState.EXECUTED)
 _EXPIRABLE = (ApprovalState.PENDING, ApprovalState.APPROVED)
 _CAS_ATTEMPTS = 200
+_RECENT_MAX = 20_000  # approvals whose last known JSON this process keeps
 
 # KEYS: fingerprint index, approval, deadlines, created
 # ARGV: expected current index value ('' for none), approval json, id, expires_at, created_at,
@@ -151,6 +153,7 @@ class RedisStore:
         self._lease = self._redis.register_script(_LEASE)
         self._set_note = self._redis.register_script(_SET_NOTE)
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._recent: OrderedDict[str, tuple[str, Approval]] = OrderedDict()
         self._subscribed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
 
@@ -175,21 +178,48 @@ class RedisStore:
     async def _read(self, approval_id: str) -> tuple[str | None, Approval | None]:
         raw: str | None = await self._guard(self._redis.get(self._approval_key + approval_id))
         if raw is None:
+            self._recent.pop(approval_id, None)
             return None, None
-        return raw, codec.loads(raw)
+        approval = codec.loads(raw)
+        self._remember(approval_id, raw, approval)
+        return raw, approval
+
+    def _remember(self, approval_id: str, raw: str, approval: Approval) -> None:
+        self._recent[approval_id] = (raw, approval)
+        self._recent.move_to_end(approval_id)
+        if len(self._recent) > _RECENT_MAX:
+            self._recent.popitem(last=False)
 
     async def _transition(
         self, approval_id: str, step: Callable[[Approval], Approval | None]
     ) -> Approval | None:
         """Compare-and-set loop: apply `step` to the current value until the swap succeeds.
 
-        `step` raises to refuse the transition, or returns None for "nothing to do"."""
+        `step` raises to refuse the transition, or returns None for "nothing to do".
+
+        The first attempt starts from the value this process read or wrote last, if any (a
+        release reads the approval on waking, then claims it and records the outcome: that
+        saves a read each). The swap itself checks it is still current; and a refusal or a
+        "nothing to do" is only trusted on a value just read, never on a remembered one."""
+        recent = self._recent.pop(approval_id, None)
         for _ in range(_CAS_ATTEMPTS):
-            raw, current = await self._read(approval_id)
-            if raw is None or current is None:
-                raise KeyError(approval_id)
-            updated = step(current)
+            if recent is not None:
+                (raw, current), from_memory = recent, True
+                recent = None
+            else:
+                fresh, current_or_none = await self._read(approval_id)
+                if fresh is None or current_or_none is None:
+                    raise KeyError(approval_id)
+                raw, current, from_memory = fresh, current_or_none, False
+            try:
+                updated = step(current)
+            except transitions.ApprovalError:
+                if from_memory:
+                    continue  # maybe stale: decide on what Redis holds now
+                raise
             if updated is None:
+                if from_memory:
+                    continue
                 return None
             swapped = await self._guard(
                 self._swap(
@@ -201,7 +231,7 @@ class RedisStore:
                     ],
                     args=[
                         raw,
-                        codec.dumps(updated),
+                        new_raw := codec.dumps(updated),
                         approval_id,
                         "1" if transitions.joinable(updated) else "0",
                         "1" if updated.state in _EXPIRABLE else "0",
@@ -212,8 +242,10 @@ class RedisStore:
                 )
             )
             if swapped:
+                self._remember(approval_id, new_raw, updated)
                 return updated
-            await asyncio.sleep(0)  # someone else changed it first: read again
+            if not from_memory:
+                await asyncio.sleep(0)  # someone else changed it first: read again
         raise StoreUnavailable(f"approval {approval_id} is changing too fast to update")
 
     # -- the Store protocol --------------------------------------------------------------------

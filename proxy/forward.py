@@ -11,7 +11,7 @@ and pools keep-alive connections across all routes.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -49,11 +49,17 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
-def strip_hop_by_hop(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """A copy without hop-by-hop headers, including those named in `Connection`."""
+def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    """The (lower-case) header names a `Connection` header declares hop-by-hop."""
     named: set[str] = set()
-    for value in headers.getall("Connection", []) if isinstance(headers, CIMultiDictProxy) else []:
+    for value in headers.getall("Connection", ()):
         named.update(token.strip().lower() for token in value.split(","))
+    return named
+
+
+def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """A copy without hop-by-hop headers, including those named in `Connection`."""
+    named = connection_named(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for key, value in headers.items():
         lower = key.lower()

@@ -75,10 +75,6 @@ class AuditLog:
             await sink.aclose()
 
 
-def null_audit() -> AuditLog:
-    return AuditLog([])
-
-
 __all__ = [
     "APPROVAL_DECIDED",
     "APPROVAL_EXPIRED",
@@ -92,6 +88,5 @@ __all__ = [
     "AuditUnavailable",
     "Sink",
     "StreamSink",
-    "null_audit",
     "render",
 ]

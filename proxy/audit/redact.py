@@ -103,14 +103,3 @@ class Redactor:
 
 
 DEFAULT = Redactor()
-
-
-def redact_value(value: Any) -> Any:
-    """Redaction with the built-in rules only (for code that has no configured redactor)."""
-    return DEFAULT.value(value)
-
-
-def redact_event(
-    logger: Any, method: str, event: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    return DEFAULT(logger, method, event)

@@ -23,7 +23,7 @@ from .. import audit
 from ..audit import AuditLog, AuditUnavailable
 from ..authn import Authenticator, AuthError, IdentityUnavailable
 from ..config import RouteSettings, ServerSettings
-from ..forward import HOP_BY_HOP, Forwarder, UpstreamError, UpstreamResponse
+from ..forward import HOP_BY_HOP, Forwarder, UpstreamError, UpstreamResponse, connection_named
 from ..paths import (
     AmbiguousRequest,
     check_method,
@@ -225,9 +225,7 @@ class ProxyHandler:
         self, request: web.Request, route: _Route, request_id: str
     ) -> CIMultiDict[str]:
         headers = request.headers
-        named: set[str] = set()
-        for value in headers.getall("Connection", ()):
-            named.update(token.strip().lower() for token in value.split(","))
+        named = connection_named(headers)
         trusted = self._is_trusted(request.remote)
         out: CIMultiDict[str] = CIMultiDict()
         for key, value in headers.items():

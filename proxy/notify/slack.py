@@ -10,9 +10,7 @@ state instead of leaving a stale message. Calls are retried with backoff on conn
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,6 +22,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 from ..store.base import Store, StoreUnavailable
 from ..types import Approval
 from . import REQUESTED
+from .retry import GaveUp
+from .retry import with_retries as _with_retries
 from .slack_format import approval_blocks, fallback_text
 
 log = structlog.get_logger("countersign.notify")
@@ -31,10 +31,6 @@ log = structlog.get_logger("countersign.notify")
 MESSAGE_NOTE = "slack.message"
 # Re-renders after a post or update when the approval changed meanwhile; a bound, not a loop.
 _MAX_CONVERGE = 5
-
-
-class GaveUp(Exception):
-    """A Slack call failed for good (not retryable, or retried until the deadline)."""
 
 
 def retryable(exc: Exception) -> bool:
@@ -45,25 +41,16 @@ def retryable(exc: Exception) -> bool:
 
 
 async def with_retries(
-    call: Callable[[], Awaitable[Any]],
-    *,
-    what: str,
-    retry_seconds: float,
-    first_delay: float,
+    call: Callable[[], Awaitable[Any]], *, what: str, retry_seconds: float, first_delay: float
 ) -> Any:
-    """Await `call()` until it succeeds, backing off (doubling to 30 s) on retryable errors."""
-    deadline = time.monotonic() + retry_seconds
-    delay = first_delay
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return await call()
-        except Exception as exc:
-            if not retryable(exc) or time.monotonic() + delay > deadline:
-                raise GaveUp(f"{what}: {exc or type(exc).__name__} ({attempt} attempts)") from exc
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 30.0)
+    """`retry.with_retries` with Slack's idea of a retryable error."""
+    return await _with_retries(
+        call,
+        what=what,
+        retry_seconds=retry_seconds,
+        first_delay=first_delay,
+        retryable=retryable,
+    )
 
 
 class SlackNotifier:

@@ -9,7 +9,6 @@ minutes (replays). Deliveries are retried with exponential backoff on connection
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -22,8 +21,21 @@ import structlog
 from ..approvals.view import approval_json
 from ..audit.redact import Redactor
 from ..types import Approval
+from .retry import GaveUp, with_retries
 
 log = structlog.get_logger("countersign.notify")
+
+
+class _Refused(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def _retryable(exc: Exception) -> bool:
+    if isinstance(exc, _Refused):
+        return exc.status == 429 or exc.status >= 500
+    return isinstance(exc, aiohttp.ClientError | TimeoutError)
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -60,12 +72,9 @@ class WebhookNotifier:
 
     async def notify(self, event: str, approval: Approval) -> None:
         body = json.dumps(self.payload(event, approval), ensure_ascii=False).encode()
-        deadline = time.monotonic() + self._retry_seconds
-        delay = self._first_delay
-        attempt = 0
-        while True:
-            attempt += 1
-            timestamp = str(int(time.time()))
+
+        async def deliver() -> None:
+            timestamp = str(int(time.time()))  # fresh for every attempt
             headers = {
                 "Content-Type": "application/json",
                 "User-Agent": "countersign-webhook/1",
@@ -74,28 +83,28 @@ class WebhookNotifier:
             }
             if self._secret:
                 headers["X-Countersign-Signature"] = sign(self._secret, timestamp, body)
-            try:
-                async with self._session.post(
-                    self._url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
-                ) as resp:
-                    if resp.status < 300:
-                        return
-                    retry = resp.status == 429 or resp.status >= 500
-                    problem = f"HTTP {resp.status}"
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                retry, problem = True, str(exc) or type(exc).__name__
-            if not retry or time.monotonic() + delay > deadline:
-                log.warning(
-                    "webhook.gave_up",
-                    url=self._url,
-                    notify_event=event,
-                    approval_id=approval.id,
-                    attempts=attempt,
-                    error=problem,
-                )
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            async with self._session.post(
+                self._url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
+            ) as resp:
+                if resp.status >= 300:
+                    raise _Refused(resp.status)
+
+        try:
+            await with_retries(
+                deliver,
+                what=f"POST {self._url}",
+                retry_seconds=self._retry_seconds,
+                first_delay=self._first_delay,
+                retryable=_retryable,
+            )
+        except GaveUp as exc:
+            log.warning(
+                "webhook.gave_up",
+                url=self._url,
+                notify_event=event,
+                approval_id=approval.id,
+                error=str(exc),
+            )
 
     async def aclose(self) -> None:
         return None

@@ -26,7 +26,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 from ..approvals import state
 from ..approvals.service import ApprovalService
 from ..audit import AuditUnavailable
-from ..notify.slack import GaveUp, with_retries
+from ..notify.retry import GaveUp
+from ..notify.slack import with_retries
 from ..notify.slack_format import (
     APPROVE,
     APPROVE_WITH_NOTE,

@@ -177,10 +177,13 @@ def build_app(
             connect_timeout=settings.server.upstream_connect_timeout_seconds,
             read_timeout=settings.server.upstream_timeout_seconds,
         )
+        # Discovery, JWKS, webhooks and Slack share one general-purpose client; proxied traffic
+        # has its own lean one (the forwarder).
+        session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         oidc = OIDCVerifier(
             settings.identity.issuers,
             settings.identity.claims,
-            forwarder.session,
+            session,
             cache_size=settings.identity.token_cache_size,
             refresh_cooldown=settings.identity.jwks_refresh_cooldown_seconds,
         )
@@ -196,18 +199,17 @@ def build_app(
             metrics=metrics,
             gate=gate,
         )
-        webhooks_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         for hook in settings.notify.webhooks:
             notify.add(
                 WebhookNotifier(
                     hook.url,
                     hook.secret,
-                    webhooks_session,
+                    session,
                     redactor,
                     public_url=settings.server.public_url,
                 )
             )
-        slack = await start_slack(settings, approvals, store, notify, webhooks_session, holder)
+        slack = await start_slack(settings, approvals, store, notify, session, holder)
         warm_up = asyncio.create_task(oidc.prefetch())
         approvals.start()
         try:
@@ -218,7 +220,7 @@ def build_app(
                 await part.aclose()
             await approvals.aclose()
             await notify.aclose()
-            await webhooks_session.close()
+            await session.close()
             await store.aclose()
             await forwarder.aclose()
             await audit_log.aclose()

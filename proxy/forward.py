@@ -1,22 +1,37 @@
 """The upstream client: one small transport interface, errors mapped at the boundary.
 
-`Forwarder.send()` opens the upstream request with a streamed body and returns the upstream
-response with its body still unread, so the server can stream it back chunk by chunk. Connection
-failures become `UpstreamUnavailable` (502), timeouts `UpstreamTimeout` (504); nothing else of
-aiohttp leaks out.
+`Forwarder.send()` sends the request upstream (its body streamed, or the exact bytes of an
+approved request) and returns the response with its body still unread, so the server can stream
+it back chunk by chunk. Connection failures and invalid answers become `UpstreamUnavailable`
+(502), timeouts `UpstreamTimeout` (504); nothing else leaks out.
 
 The client keeps no cookies, does not decompress (bytes pass through as the upstream sent them)
-and pools keep-alive connections across all routes.
+and pools keep-alive connections across all routes (proxy/h1/).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from dataclasses import dataclass
+import asyncio
+import ssl
+from collections.abc import AsyncIterable, Iterable
+from urllib.parse import urlsplit
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
+
+from .h1.connection import UpstreamConnection
+from .h1.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .h1.pool import ConnectionPool, Origin
+
+__all__ = [
+    "HOP_BY_HOP",
+    "Forwarder",
+    "UpstreamError",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "connection_named",
+    "strip_hop_by_hop",
+]
 
 # RFC 9110 section 7.6.1 plus the de facto ones; never forwarded in either direction.
 HOP_BY_HOP = frozenset(
@@ -32,69 +47,106 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+# Methods a stale pooled connection may be retried for: safe, and sent without a body.
+_RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
+_EMPTY_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_COALESCE_BELOW = 64 * 1024  # a body smaller than this leaves in the same write as the head
 
 
-class UpstreamError(Exception):
-    status = 502
-    code = "upstream_unavailable"
-
-
-class UpstreamUnavailable(UpstreamError):
-    status = 502
-    code = "upstream_unavailable"
-
-
-class UpstreamTimeout(UpstreamError):
-    status = 504
-    code = "upstream_timeout"
-
-
-def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    """The (lower-case) header names a `Connection` header declares hop-by-hop."""
+def _connection_tokens(values: Iterable[str]) -> set[str]:
     named: set[str] = set()
-    for value in headers.getall("Connection", ()):
+    for value in values:
         named.update(token.strip().lower() for token in value.split(","))
     return named
 
 
-def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    """A copy without hop-by-hop headers, including those named in `Connection`."""
-    named = connection_named(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in headers.items():
-        lower = key.lower()
-        if lower not in HOP_BY_HOP and lower not in named:
-            out.add(key, value)
-    return out
+def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    """The (lower-case) header names a `Connection` header declares hop-by-hop."""
+    return _connection_tokens(headers.getall("Connection", ()))
 
 
-@dataclass(slots=True)
+def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headers without hop-by-hop ones, including those named in `Connection`."""
+    headers = list(headers)
+    named = _connection_tokens(v for k, v in headers if k.lower() == "connection")
+    return [
+        (key, value)
+        for key, value in headers
+        if (lower := key.lower()) not in HOP_BY_HOP and lower not in named
+    ]
+
+
 class UpstreamResponse:
-    status: int
-    reason: str | None
-    headers: CIMultiDict[str]
-    _response: aiohttp.ClientResponse
+    """The upstream's answer: status and headers read, the body still on its way."""
 
-    async def iter_body(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; a failure mid-body raises `UpstreamError` like `send` does."""
-        try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-            raise UpstreamTimeout(str(exc) or "upstream timed out mid-body") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(str(exc) or type(exc).__name__) from exc
+    __slots__ = (
+        "_conn",
+        "_done",
+        "_pool",
+        "_writer",
+        "content_length",
+        "headers",
+        "reason",
+        "status",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        headers: list[tuple[str, str]],
+        content_length: int | None,
+        conn: UpstreamConnection,
+        pool: ConnectionPool,
+        writer: asyncio.Task[None] | None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content_length = content_length
+        self._conn = conn
+        self._pool = pool
+        self._writer = writer
+        self._done = False
+
+    async def read(self) -> bytes:
+        """The next piece of the body as it arrives; b"" at its end. A failure mid-body raises
+        `UpstreamError` like `send` does."""
+        return await self._conn.read_chunk()
 
     @property
-    def content_length(self) -> int | None:
-        return self._response.content_length
+    def body_complete(self) -> bool:
+        """Whether the whole body has arrived already (typical of small answers)."""
+        return self._conn.message_complete
+
+    def read_all(self) -> bytes:
+        """The rest of the body at once; only when `body_complete`."""
+        assert self._conn.message_complete
+        return self._conn.take_body()
 
     def release(self) -> None:
-        self._response.release()
+        """The body was read to its end: the connection goes back to the pool if it can."""
+        if self._done:
+            return
+        self._done = True
+        if self._writer is not None and not self._writer.done():
+            # The upstream answered before taking the whole request body: the connection is
+            # mid-request and cannot carry another.
+            self._writer.cancel()
+            self._pool.discard(self._conn)
+        elif self._conn.response_complete:
+            self._pool.release(self._conn)
+        else:
+            self._pool.discard(self._conn)
 
     def close(self) -> None:
         """Drop the connection (the body was not read to the end; it cannot be reused)."""
-        self._response.close()
+        if self._done:
+            return
+        self._done = True
+        if self._writer is not None:
+            self._writer.cancel()
+        self._pool.discard(self._conn)
 
 
 class Forwarder:
@@ -104,70 +156,145 @@ class Forwarder:
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
         pool_size: int = 1000,
-        pool_size_per_host: int = 0,
+        idle_timeout: float = 30.0,
     ) -> None:
-        self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
-        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
-        self._connector = aiohttp.TCPConnector(
+        self._pool = ConnectionPool(
+            connect_timeout=connect_timeout,
             limit=pool_size,
-            limit_per_host=pool_size_per_host,
-            keepalive_timeout=30,
-            enable_cleanup_closed=True,
+            idle_timeout=idle_timeout,
+            ssl_context=ssl.create_default_context(),
         )
-        self._session = aiohttp.ClientSession(
-            connector=self._connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            raise_for_status=False,
-        )
+        self._origins: dict[str, Origin] = {}
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        """The shared pooled session (authn reuses it for discovery and JWKS fetches)."""
-        return self._session
+    def open_connections(self) -> int:
+        return self._pool.open_connections
 
     async def send(
         self,
         method: str,
         url: str,
-        headers: CIMultiDict[str] | Iterable[tuple[str, str]],
+        headers: Iterable[tuple[str, str]],
         body: AsyncIterable[bytes] | bytes | None,
         *,
         read_timeout: float | None = None,
     ) -> UpstreamResponse:
-        timeout = self._timeouts.get(read_timeout)
-        if timeout is None:  # one object per distinct read timeout (a route's), made once
-            timeout = self._timeouts[read_timeout] = aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self._connect_timeout,
-                sock_read=read_timeout or self._read_timeout,
+        """Send a request to `url` (already normalized and encoded: sent as is)."""
+        origin, target = self._split(url)
+        head, chunked = _request_head(method, target, origin.host_header, headers, body)
+        timeout = read_timeout or self._read_timeout
+        retry = body is None and method in _RETRYABLE
+        while True:
+            conn, reused = await self._pool.acquire(origin)
+            response_head = conn.begin(head_only=method == "HEAD", read_timeout=timeout)
+            writer: asyncio.Task[None] | None = None
+            try:
+                if body is None:
+                    conn.write(head)
+                elif isinstance(body, bytes):
+                    if len(body) < _COALESCE_BELOW:
+                        conn.write(head + body)
+                    else:
+                        conn.write(head)
+                        conn.write(body)
+                else:
+                    conn.write(head)
+                    writer = asyncio.create_task(_stream_body(conn, body, chunked))
+                answer = await response_head
+            except UpstreamError:
+                if writer is not None:
+                    writer.cancel()
+                self._pool.discard(conn)
+                if retry and reused and not conn.received_any:
+                    # The upstream closed an idle keep-alive connection as we reused it: the
+                    # request never arrived, and a safe one can go again on a fresh connection.
+                    retry = False
+                    continue
+                raise
+            except BaseException:
+                if writer is not None:
+                    writer.cancel()
+                self._pool.discard(conn)
+                raise
+            return UpstreamResponse(
+                answer.status,
+                answer.reason,
+                strip_hop_by_hop(answer.headers),
+                answer.content_length,
+                conn,
+                self._pool,
+                writer,
             )
-        if not isinstance(headers, CIMultiDict):
-            headers = CIMultiDict(headers)
-        try:
-            response = await self._session.request(
-                method,
-                # encoded=True: the path is already normalized and canonically encoded by the
-                # server; yarl must send it as is, not re-quote it.
-                URL(url, encoded=True),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=timeout,
-                compress=None,
+
+    def _split(self, url: str) -> tuple[Origin, str]:
+        slash = url.find("/", url.find("//") + 2)
+        if slash < 0:
+            base, target = url, "/"
+        else:
+            base, target = url[:slash], url[slash:]
+        origin = self._origins.get(base)
+        if origin is None:
+            parts = urlsplit(base)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise UpstreamUnavailable(f"not an http(s) upstream: {base}")
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            origin = self._origins[base] = Origin(
+                parts.scheme, parts.hostname, port, parts.netloc.rpartition("@")[2]
             )
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout(str(exc) or "upstream timed out") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(str(exc) or type(exc).__name__) from exc
-        return UpstreamResponse(
-            status=response.status,
-            reason=response.reason,
-            headers=strip_hop_by_hop(response.headers),
-            _response=response,
-        )
+        return origin, target
 
     async def aclose(self) -> None:
-        await self._session.close()
+        await self._pool.aclose()
+
+
+def _request_head(
+    method: str,
+    target: str,
+    host: str,
+    headers: Iterable[tuple[str, str]],
+    body: AsyncIterable[bytes] | bytes | None,
+) -> tuple[bytes, bool]:
+    """The request line and headers, with framing set by the body actually sent."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    streamed = body is not None and not isinstance(body, bytes)
+    has_length = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "content-length":
+            if not streamed:
+                continue  # set below from the bytes actually sent
+            has_length = True
+        elif lower == "transfer-encoding" or lower == "host":
+            continue
+        lines.append(f"{name}: {value}")
+    chunked = False
+    if isinstance(body, bytes):
+        lines.append(f"Content-Length: {len(body)}")
+    elif body is None:
+        if method in _EMPTY_BODY_METHODS:
+            lines.append("Content-Length: 0")
+    elif not has_length:
+        lines.append("Transfer-Encoding: chunked")
+        chunked = True
+    text = "\r\n".join(lines)
+    # Header names and values come from a parsed request or from the config; neither may hold
+    # a line break, but one would let a header smuggle a second request: check, cheaply.
+    if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
+        raise UpstreamUnavailable("a header holds a line break; not forwarded")
+    return (text + "\r\n\r\n").encode("utf-8", "surrogateescape"), chunked
+
+
+async def _stream_body(conn: UpstreamConnection, body: AsyncIterable[bytes], chunked: bool) -> None:
+    try:
+        async for chunk in body:
+            if not chunk:
+                continue
+            conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            await conn.drain()
+        if chunked:
+            conn.write(b"0\r\n\r\n")
+    except UpstreamError:
+        pass  # the exchange has failed already, and says so to whoever reads the response
+    except Exception as exc:  # the client's upload broke off
+        conn.fail(UpstreamUnavailable(f"the request body could not be read: {exc}"))

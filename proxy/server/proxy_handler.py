@@ -9,15 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import itertools
+import os
 import time
-import uuid
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from .. import audit
 from ..audit import AuditLog, AuditUnavailable
@@ -54,18 +54,22 @@ _CLIENT_ONLY = frozenset(
 # Rebuilt by the proxy on every request (extended from a trusted proxy's values).
 _X_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 _NO_BODY_STATUSES = frozenset({204, 304})
+# Checked once per header: what never goes upstream as the client sent it. A route's injected
+# headers replace the client's of the same name.
+_NOT_FORWARDED = HOP_BY_HOP | _CLIENT_ONLY | _X_FORWARDED
 
 
 class _Route:
     """A route's per-request constants, computed once at start."""
 
-    __slots__ = ("inject", "origin", "settings")
+    __slots__ = ("inject", "inject_names", "origin", "settings")
 
     def __init__(self, settings: RouteSettings) -> None:
         parts = urlsplit(settings.upstream)
         self.settings = settings
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self.inject = tuple(settings.inject_headers.items())
+        self.inject_names = frozenset(name.lower() for name in settings.inject_headers)
 
 
 @dataclass(slots=True)
@@ -80,6 +84,7 @@ class Exchange:
     identity: Identity | None = None
     route: _Route | None = None
     rule: str | None = None
+    forwarded: bool = False  # the upstream's answer is what the client gets
     _identity_log: dict[str, Any] | None = None
 
     def identity_log(self) -> dict[str, Any] | None:
@@ -112,6 +117,10 @@ class ProxyHandler:
         self._gate = gate
         self._trusted = tuple(ipaddress.ip_network(n, strict=False) for n in server.trusted_proxies)
         self._read_timeout = server.upstream_timeout_seconds
+        # Request ids: unique, not secret. A random per-process prefix and a counter cost a
+        # fraction of uuid4's read of the OS's randomness on every request.
+        self._id_prefix = os.urandom(8).hex()
+        self._id_counter = itertools.count(1)
 
     def _route(self, settings: RouteSettings) -> _Route:
         info = self._route_info.get(settings.name)
@@ -122,7 +131,8 @@ class ProxyHandler:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         raw_path, _, query = request.raw_path.partition("?")
-        exchange = Exchange(request, uuid.uuid4().hex, raw_path, query)
+        request_id = f"{self._id_prefix}{next(self._id_counter):016x}"
+        exchange = Exchange(request, request_id, raw_path, query)
         self._audit.emit(
             audit.REQUEST_RECEIVED,
             request_id=exchange.request_id,
@@ -133,8 +143,7 @@ class ProxyHandler:
         outcome, status = "error", 500
         try:
             response = await self._handle(exchange)
-            # Refusals are complete `web.Response`s; forwarded answers are streamed.
-            outcome = "refused" if isinstance(response, web.Response) else "forwarded"
+            outcome = "forwarded" if exchange.forwarded else "refused"
             status = response.status
             return response
         finally:
@@ -223,30 +232,33 @@ class ProxyHandler:
 
     def _upstream_headers(
         self, request: web.Request, route: _Route, request_id: str
-    ) -> CIMultiDict[str]:
+    ) -> list[tuple[str, str]]:
         headers = request.headers
-        named = connection_named(headers)
+        named = connection_named(headers) if "Connection" in headers else ()
         trusted = self._is_trusted(request.remote)
-        out: CIMultiDict[str] = CIMultiDict()
+        out: list[tuple[str, str]] = []
         for key, value in headers.items():
             lower = key.lower()
-            if lower in HOP_BY_HOP or lower in _CLIENT_ONLY or lower in named:
+            if lower in _NOT_FORWARDED or lower in named or lower in route.inject_names:
                 continue
-            if lower in _X_FORWARDED or (lower == "forwarded" and not trusted):
+            if lower == "forwarded" and not trusted:
                 continue
-            out.add(key, value)
+            out.append((key, value))
         peer = request.remote or ""
         prior_for = headers.get("X-Forwarded-For") if trusted else None
-        out["X-Forwarded-For"] = f"{prior_for}, {peer}" if prior_for else peer
-        out["X-Forwarded-Proto"] = (
-            headers.get("X-Forwarded-Proto", request.scheme) if trusted else request.scheme
+        scheme = request.scheme
+        out.append(("X-Forwarded-For", f"{prior_for}, {peer}" if prior_for else peer))
+        out.append(
+            ("X-Forwarded-Proto", headers.get("X-Forwarded-Proto", scheme) if trusted else scheme)
         )
-        out["X-Forwarded-Host"] = (
-            headers.get("X-Forwarded-Host", request.host) if trusted else request.host
+        out.append(
+            (
+                "X-Forwarded-Host",
+                headers.get("X-Forwarded-Host", request.host) if trusted else request.host,
+            )
         )
-        out[REQUEST_ID_HEADER] = request_id
-        for key, value in route.inject:
-            out[key] = value
+        out.append((REQUEST_ID_HEADER, request_id))
+        out.extend(route.inject)
         return out
 
     def _is_trusted(self, remote: str | None) -> bool:
@@ -268,9 +280,9 @@ class ProxyHandler:
         target = route.origin + encode_path(upstream_path(route.settings, exchange.path))
         if exchange.query:
             target += "?" + exchange.query
+        # An approved request's Content-Length is set by the forwarder from the very bytes that
+        # were approved.
         headers = self._upstream_headers(exchange.request, route, exchange.request_id)
-        if isinstance(body, bytes):
-            headers["Content-Length"] = str(len(body))  # exactly the bytes that were approved
         return await self._forwarder.send(
             exchange.request.method,
             target,
@@ -293,6 +305,19 @@ class ProxyHandler:
             **fields,
         )
 
+    @staticmethod
+    def _copy_headers(
+        response: web.StreamResponse,
+        exchange: Exchange,
+        upstream: UpstreamResponse,
+        approval_id: str | None,
+    ) -> None:
+        headers = response.headers
+        headers.extend(upstream.headers)
+        headers[REQUEST_ID_HEADER] = exchange.request_id
+        if approval_id is not None:
+            headers[APPROVAL_ID_HEADER] = approval_id
+
     async def relay(
         self,
         exchange: Exchange,
@@ -303,22 +328,32 @@ class ProxyHandler:
     ) -> web.StreamResponse:
         """Stream the upstream's answer back to the client, then audit `request.forwarded`."""
         request = exchange.request
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(upstream.headers)
-        response.headers[REQUEST_ID_HEADER] = exchange.request_id
-        if approval_id is not None:
-            response.headers[APPROVAL_ID_HEADER] = approval_id
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
+        exchange.forwarded = True
+        has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
+        response: web.StreamResponse
         sent = 0
         failure: str | None = None
         try:
-            await response.prepare(request)
-            if request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES:
-                async for chunk in upstream.iter_body():
-                    await response.write(chunk)
-                    sent += len(chunk)
-            await response.write_eof()
+            if has_body and upstream.body_complete:
+                # The whole (small) answer is in already: status, headers and body leave in
+                # one write, where streaming would take two.
+                body = upstream.read_all()
+                response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
+                self._copy_headers(response, exchange, upstream, approval_id)
+                await response.prepare(request)
+                await response.write_eof()
+                sent = len(body)
+            else:
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                self._copy_headers(response, exchange, upstream, approval_id)
+                if upstream.content_length is not None:
+                    response.content_length = upstream.content_length
+                await response.prepare(request)
+                if has_body:
+                    while chunk := await upstream.read():
+                        await response.write(chunk)
+                        sent += len(chunk)
+                await response.write_eof()
             upstream.release()  # fully read: the connection goes back to the pool
         except UpstreamError as exc:
             # The status line is already sent, so the only honest signal left is to cut the

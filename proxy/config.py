@@ -65,6 +65,8 @@ class ServerSettings(_Model):
     trusted_proxies: tuple[str, ...] = ()
     # Processes serving the same port (SO_REUSEPORT); more than one needs a shared store.
     workers: Annotated[int, Field(ge=1, le=64)] = 1
+    # uvloop (libuv) costs less CPU per request than asyncio's own loop; "asyncio" to compare.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     upstream_connect_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
     upstream_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
 

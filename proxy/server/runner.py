@@ -13,6 +13,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -90,9 +92,19 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: int | N
 def run(settings: Settings) -> int:
     """`countersign run`: one process, or a supervisor of `server.workers` processes."""
     if settings.server.workers <= 1:
-        asyncio.run(serve(settings))
+        _run_loop(settings, serve(settings))
         return 0
     return _supervise(settings)
+
+
+def _run_loop(settings: Settings, main: Coroutine[Any, Any, None]) -> None:
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if settings.server.event_loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
 
 
 def _spawn(settings: Settings, worker: int) -> int:
@@ -102,7 +114,7 @@ def _spawn(settings: Settings, worker: int) -> int:
         try:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            asyncio.run(serve(settings, reuse_port=True, worker=worker))
+            _run_loop(settings, serve(settings, reuse_port=True, worker=worker))
         except SystemExit as exc:
             code = int(exc.code or 0)
         except BaseException:

@@ -202,13 +202,21 @@ class Forwarder:
                     conn.write(head)
                     writer = asyncio.create_task(_stream_body(conn, body, chunked))
                 answer = await response_head
-            except UpstreamError:
+            except UpstreamError as exc:
                 if writer is not None:
                     writer.cancel()
                 self._pool.discard(conn)
-                if retry and reused and not conn.received_any:
+                if (
+                    retry
+                    and reused
+                    and not conn.received_any
+                    and not isinstance(exc, UpstreamTimeout)
+                ):
                     # The upstream closed an idle keep-alive connection as we reused it: the
                     # request never arrived, and a safe one can go again on a fresh connection.
+                    # Not after a read timeout, though: then the upstream most likely has the
+                    # request and is slow, and a second try would double the caller's wait and
+                    # the upstream's work.
                     retry = False
                     continue
                 raise

@@ -134,6 +134,14 @@ class UpstreamConnection(asyncio.Protocol):
         body = b"".join(self._body)
         self._body.clear()
         self._buffered = 0
+        # A body just over _HIGH_WATER completes in the read that paused the socket: resume it
+        # here too, or the connection goes back to the pool paused and the next exchange on it
+        # never sees its answer (nor times out: the timer counts a paused socket as waiting on
+        # our client).
+        if self._reading_paused:
+            self._reading_paused = False
+            if self._transport is not None and not self.closed:
+                self._transport.resume_reading()
         return body
 
     @property

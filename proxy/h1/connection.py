@@ -231,6 +231,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason = status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head is not None and self._head.done():
+            # Trailer fields after a chunked body: not forwarded. Appended here they would turn
+            # into response headers whenever they arrived in the same read as the head.
+            return
         self._header_list.append(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         )

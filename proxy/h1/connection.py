@@ -248,6 +248,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._header_list = []
             return
         self._informational = False
+        if status == 101:
+            # llhttp reports the switch (HttpParserUpgrade) only after ending the message, when
+            # the answer already passes for a complete, bodiless 101 and fail() no longer
+            # applies: refuse it here. The proxy never asks for an upgrade.
+            self.fail(UpstreamUnavailable("the upstream switched protocols; not proxied"))
+            return
         chunked = False
         for name, value in self._header_list:
             lower = name.lower()

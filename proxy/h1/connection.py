@@ -276,9 +276,17 @@ class UpstreamConnection(asyncio.Protocol):
             # next exchange gets a fresh parser.
             self._end_message()
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # Another answer after this one, in the same read (a later read is refused in
+            # data_received): the framing cannot be trusted, the connection is not reused.
+            self._keep_alive = False
+
     def on_body(self, body: bytes) -> None:
         if self._complete:
-            return  # bytes after a HEAD answer; the connection is dropped, see data_received
+            # Body bytes after a HEAD answer, in the same read as its head: likewise.
+            self._keep_alive = False
+            return
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._reading_paused:

@@ -1,4 +1,10 @@
-"""Approvals to and from JSON, for stores that keep them outside the process."""
+"""Approvals to and from JSON, for stores that keep them outside the process.
+
+orjson writes the dataclasses directly (fields in declaration order, enums as their values,
+tuples as arrays): several times cheaper than `dataclasses.asdict` + `json.dumps`, and the same
+JSON document. What orjson refuses (unpaired surrogates, from undecodable header bytes kept
+with `surrogateescape`) goes through the json module, with every non-ASCII character escaped.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,23 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+import orjson
+
 from ..types import Approval, ApprovalState, DecisionRecord, Requester, Verdict
 
 
-def dumps(approval: Approval) -> str:
-    return json.dumps(asdict(approval), separators=(",", ":"), ensure_ascii=False)
+def dumps(approval: Approval) -> bytes:
+    try:
+        return orjson.dumps(approval)
+    except orjson.JSONEncodeError:
+        return json.dumps(asdict(approval), separators=(",", ":")).encode("ascii")
 
 
 def loads(text: str | bytes) -> Approval:
-    data: dict[str, Any] = json.loads(text)
+    try:
+        data: dict[str, Any] = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        data = json.loads(text)  # escaped unpaired surrogates, which orjson refuses
     data["state"] = ApprovalState(data["state"])
     requester = data["requester"]
     requester["groups"] = tuple(requester.get("groups", ()))

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from proxy.store import codec
 from proxy.store.base import StoreUnavailable
 from proxy.store.redis import RedisStore
 from proxy.types import ApprovalState
@@ -159,4 +160,67 @@ async def test_notes_share_the_approvals_ttl(fresh_redis: RedisServer) -> None:
         assert 90_000 < notes_ttl <= 100_000
     finally:
         await observer.aclose()
+        await store.aclose()
+
+
+async def test_a_woken_waiter_takes_the_decision_from_the_notice(
+    fresh_redis: RedisServer,
+) -> None:
+    """The notice carries the approval's new JSON: waking, then claiming from it, reads
+    nothing from Redis."""
+    prefix = "test-" + secrets.token_hex(6)
+    waiter_store = RedisStore(fresh_redis.url, key_prefix=prefix)
+    decider = RedisStore(fresh_redis.url, key_prefix=prefix)
+    try:
+        approval, _ = await waiter_store.create_or_join(make_approval())
+        waiting = asyncio.create_task(waiter_store.wait(approval.id, 10))
+        await asyncio.sleep(0.2)  # subscribed, first read done
+        reads = 0
+        real_get = waiter_store._redis.get
+
+        def counting_get(*args: object, **kwargs: object) -> object:
+            nonlocal reads
+            reads += 1
+            return real_get(*args, **kwargs)  # type: ignore[arg-type]
+
+        waiter_store._redis.get = counting_get  # type: ignore[method-assign,assignment]
+        decided = await decider.decide(approval.id, approve(), time.time())
+        woken = await asyncio.wait_for(waiting, 5)
+        assert woken == decided
+        claimed = await waiter_store.claim(approval.id, time.time())
+        assert claimed.state is ApprovalState.EXECUTED
+        assert reads == 0
+    finally:
+        await waiter_store.aclose()
+        await decider.aclose()
+
+
+async def test_only_changes_to_pending_approvals_are_published(fresh_redis: RedisServer) -> None:
+    import redis.asyncio as aioredis
+
+    prefix = "test-" + secrets.token_hex(6)
+    store = RedisStore(fresh_redis.url, key_prefix=prefix)
+    listener = aioredis.Redis.from_url(fresh_redis.url, decode_responses=True)
+    pubsub = listener.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(f"{{{prefix}}}:changes")
+        approval, _ = await store.create_or_join(make_approval())
+        decided = await store.decide(approval.id, approve(), time.time())
+        await store.claim(approval.id, time.time())
+        await store.record_outcome(approval.id, 200)
+        other, _ = await store.create_or_join(make_approval(expires_at=time.time() - 1))
+        expired = await store.expire(other.id, time.time())
+        assert expired is not None
+        notices = []
+        quiet_until = time.monotonic() + 0.5
+        while time.monotonic() < quiet_until:
+            message = await pubsub.get_message(timeout=0.1)
+            if message is not None:
+                notices.append(message["data"])
+        assert [n.partition(" ")[0] for n in notices] == [approval.id, other.id]
+        assert codec.loads(notices[0].partition(" ")[2]) == decided
+        assert codec.loads(notices[1].partition(" ")[2]) == expired
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await listener.aclose()
         await store.aclose()

@@ -7,9 +7,12 @@ script keeps the indexes (fingerprint → open approval, deadline sorted set) an
 change, in one atomic step.
 
 Wake-ups: one pub/sub subscription per process, dispatching change notices to local waiters
-(10,000 held requests need no more Redis connections than one). After every (re)subscription all
-local waiters re-read their approval, so a decision published while the subscription was down is
-not missed; while it is down, waiters poll.
+(10,000 held requests need no more Redis connections than one). A notice is published only when
+an approval changes while `pending` (what waiters wait for: claims and outcomes publish nothing),
+and it carries the approval's new JSON, so a woken waiter needs no read: that JSON is exactly
+what the same atomic step stored. After every (re)subscription all local waiters re-read their
+approval, so a decision published while the subscription was down is not missed; while it is
+down, waiters poll.
 
 All keys share one hash tag (`{prefix}`), so every script runs in one slot and works on Redis
 Cluster; approvals are human-paced, so one slot's throughput is ample. Any Redis failure is
@@ -59,7 +62,9 @@ return 1
 """
 
 # KEYS: approval, fingerprint index, deadlines, notes
-# ARGV: expected json, new json, id, joinable 1/0, expirable 1/0, expires_at, ttl ms, channel
+# ARGV: expected json, new json, id, joinable 1/0, expirable 1/0, expires_at, ttl ms, channel,
+#       publish 1/0
+# The notice is "<id> <new json>": a waiter takes the new value from it without reading Redis.
 _SWAP = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[7])
@@ -74,7 +79,9 @@ if ARGV[5] == '1' then
 else
   redis.call('ZREM', KEYS[3], ARGV[3])
 end
-redis.call('PUBLISH', ARGV[8], ARGV[3])
+if ARGV[9] == '1' then
+  redis.call('PUBLISH', ARGV[8], ARGV[3] .. ' ' .. ARGV[2])
+end
 return 1
 """
 
@@ -99,6 +106,17 @@ return 0
 """
 
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class _Waiter:
+    """One `wait` call: woken by a change notice, with the approval's new value when the
+    notice carried one (else None: read Redis)."""
+
+    __slots__ = ("event", "noticed")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.noticed: tuple[str, Approval] | None = None
 
 
 class RedisStore:
@@ -152,8 +170,8 @@ class RedisStore:
         self._swap = self._redis.register_script(_SWAP)
         self._lease = self._redis.register_script(_LEASE)
         self._set_note = self._redis.register_script(_SET_NOTE)
-        self._waiters: dict[str, set[asyncio.Event]] = {}
-        self._recent: OrderedDict[str, tuple[str, Approval]] = OrderedDict()
+        self._waiters: dict[str, set[_Waiter]] = {}
+        self._recent: OrderedDict[str, tuple[str | bytes, Approval]] = OrderedDict()
         self._subscribed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
 
@@ -184,7 +202,7 @@ class RedisStore:
         self._remember(approval_id, raw, approval)
         return raw, approval
 
-    def _remember(self, approval_id: str, raw: str, approval: Approval) -> None:
+    def _remember(self, approval_id: str, raw: str | bytes, approval: Approval) -> None:
         self._recent[approval_id] = (raw, approval)
         self._recent.move_to_end(approval_id)
         if len(self._recent) > _RECENT_MAX:
@@ -238,6 +256,9 @@ class RedisStore:
                         repr(updated.expires_at),
                         self._ttl_ms(updated),
                         self._channel,
+                        # Waiters wait for an approval to leave `pending`: nothing to tell them
+                        # about a claim or an outcome.
+                        "1" if current.state is ApprovalState.PENDING else "0",
                     ],
                 )
             )
@@ -348,15 +369,21 @@ class RedisStore:
 
     async def wait(self, approval_id: str, seconds: float) -> Approval | None:
         self._ensure_listener()
-        event = asyncio.Event()
-        self._waiters.setdefault(approval_id, set()).add(event)
+        waiter = _Waiter()
+        self._waiters.setdefault(approval_id, set()).add(waiter)
         deadline = time.monotonic() + seconds
         try:
             while True:
-                # Clear, then read: a change published after the read sets the event again,
-                # so it is never missed.
-                event.clear()
-                approval = await self.get(approval_id)
+                # Take the notice and clear, then read only without a notice: a change
+                # published after this point sets the event again, so it is never missed.
+                noticed, waiter.noticed = waiter.noticed, None
+                waiter.event.clear()
+                approval: Approval | None
+                if noticed is not None:
+                    raw, approval = noticed
+                    self._remember(approval_id, raw, approval)
+                else:
+                    approval = await self.get(approval_id)
                 remaining = deadline - time.monotonic()
                 if approval is None or approval.state is not ApprovalState.PENDING:
                     return approval
@@ -365,11 +392,12 @@ class RedisStore:
                 if not self._subscribed.is_set():
                     remaining = min(remaining, 0.5)  # no subscription right now: poll
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await waiter.event.wait()
         finally:
             waiters = self._waiters.get(approval_id)
             if waiters is not None:
-                waiters.discard(event)
+                waiters.discard(waiter)
                 if not waiters:
                     del self._waiters[approval_id]
 
@@ -413,14 +441,29 @@ class RedisStore:
         if self._listener is None or self._listener.done():
             self._listener = asyncio.create_task(self._listen(), name="redis-store-listener")
 
-    def _wake(self, approval_id: str) -> None:
-        for event in self._waiters.get(approval_id, ()):
-            event.set()
+    def _notice(self, data: str) -> None:
+        """A change notice, "<id> <json>": wake that approval's waiters with its new value,
+        decoded once for all of them (a bare id, or JSON that does not decode: they read)."""
+        approval_id, _, raw = data.partition(" ")
+        waiters = self._waiters.get(approval_id)
+        if not waiters:
+            return
+        noticed: tuple[str, Approval] | None = None
+        if raw:
+            try:
+                noticed = (raw, codec.loads(raw))
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning("store.unreadable_notice", approval_id=approval_id, error=str(exc))
+        for waiter in waiters:
+            waiter.noticed = noticed
+            waiter.event.set()
 
     def _wake_all(self) -> None:
+        """Every local waiter reads its approval from Redis again."""
         for waiters in self._waiters.values():
-            for event in waiters:
-                event.set()
+            for waiter in waiters:
+                waiter.noticed = None
+                waiter.event.set()
 
     async def _listen(self) -> None:
         backoff = 0.1
@@ -433,7 +476,7 @@ class RedisStore:
                 self._wake_all()  # re-read everything: changes may have been missed
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
-                        self._wake(str(message["data"]))
+                        self._notice(str(message["data"]))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import uvloop
 
 from proxy.forward import (
     Forwarder,
@@ -25,6 +26,22 @@ from proxy.forward import (
     UpstreamUnavailable,
 )
 from proxy.h1.connection import _HIGH_WATER
+
+# (pytest-asyncio 1.4's replacement, the pytest_asyncio_loop_factories hook, would apply to the
+# whole suite from a conftest; this module alone runs on both loops.)
+pytestmark = pytest.mark.filterwarnings(
+    'ignore:Overriding the "event_loop_policy" fixture is deprecated'
+)
+
+
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every test runs on both loops: `countersign run` uses uvloop, the in-process tests
+    asyncio's own; their transports differ in the details."""
+    if request.param == "uvloop":
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
+
 
 # ---------------------------------------------------------------------------- raw upstream
 

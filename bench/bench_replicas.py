@@ -701,7 +701,8 @@ class Bench:
         if not self.args.py_spy:
             return None
         out = self.workdir / f"{name}.txt"
-        args = [self.args.py_spy, "record", "-p", str(pid), "-r", "100", "-f", "raw", "-o"]
+        rate = str(self.args.py_spy_rate)
+        args = [self.args.py_spy, "record", "-p", str(pid), "-r", rate, "-f", "raw", "-o"]
         return self.track(Proc(name, [*args, str(out), "--nonblocking"], self.workdir))
 
     def end_profile(self, proc: Proc | None) -> None:
@@ -845,6 +846,7 @@ def main() -> None:
     parser.add_argument("--release-timeout", type=float, default=120.0)
     parser.add_argument("--keep", action="store_true", help="keep the logs directory")
     parser.add_argument("--py-spy", help="py-spy binary: profile the held proxy (use --keep)")
+    parser.add_argument("--py-spy-rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:

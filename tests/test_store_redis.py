@@ -6,13 +6,15 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
+from proxy.approvals.state import NotClaimable
 from proxy.store import codec
 from proxy.store.base import StoreUnavailable
 from proxy.store.redis import RedisStore
-from proxy.types import ApprovalState
+from proxy.types import Approval, ApprovalState
 from tests.redis_fixture import RedisServer
 from tests.store_conformance import StoreConformance, approve, make_approval
 
@@ -223,4 +225,54 @@ async def test_only_changes_to_pending_approvals_are_published(fresh_redis: Redi
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
         await listener.aclose()
+        await store.aclose()
+
+
+async def test_scripts_flushed_from_redis_are_loaded_again(fresh_redis: RedisServer) -> None:
+    import redis.asyncio as aioredis
+
+    store = new_store(fresh_redis)
+    admin = aioredis.Redis.from_url(fresh_redis.url)
+    try:
+        approval, _ = await store.create_or_join(make_approval())
+        await admin.script_flush()
+        decided = await asyncio.gather(
+            store.decide(approval.id, approve(), time.time()),
+            store.create_or_join(make_approval()),
+        )
+        assert decided[0].state is ApprovalState.APPROVED
+        await admin.script_flush()
+        claimed = await store.claim(approval.id, time.time())
+        assert claimed.state is ApprovalState.EXECUTED
+    finally:
+        await admin.aclose()
+        await store.aclose()
+
+
+async def test_a_burst_of_commands_shares_pipelines(fresh_redis: RedisServer) -> None:
+    """Thousands of concurrent claims leave in a few pipelines, each claim still exactly once."""
+    store = new_store(fresh_redis)
+    try:
+        approvals = await asyncio.gather(
+            *(store.create_or_join(make_approval()) for _ in range(500))
+        )
+        ids = [a.id for a, _ in approvals]
+        await asyncio.gather(*(store.decide(i, approve(), time.time()) for i in ids))
+        sent = 0
+        real_send = store._send
+
+        async def counting_send(batch: list[Any]) -> None:
+            nonlocal sent
+            sent += 1
+            await real_send(batch)
+
+        store._send = counting_send  # type: ignore[method-assign]
+        outcomes = await asyncio.gather(
+            *(store.claim(i, time.time()) for i in ids for _ in range(2)), return_exceptions=True
+        )
+        claimed = [o for o in outcomes if isinstance(o, Approval)]
+        assert sorted(a.id for a in claimed) == sorted(ids)
+        assert all(isinstance(o, NotClaimable) for o in outcomes if not isinstance(o, Approval))
+        assert sent < 50, f"{sent} pipelines for 1,000 claims"
+    finally:
         await store.aclose()

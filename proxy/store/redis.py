@@ -14,6 +14,11 @@ what the same atomic step stored. After every (re)subscription all local waiters
 approval, so a decision published while the subscription was down is not missed; while it is
 down, waiters poll.
 
+Reads and scripts leave in pipelines: what the event loop issues in one turn (a burst of claims
+after a bulk decision) goes out in one write on one connection, each command still atomic on its
+own. redis-py's per-command overhead (pool checkout, packing, timeouts) was most of the CPU a
+release cost.
+
 All keys share one hash tag (`{prefix}`), so every script runs in one slot and works on Redis
 Cluster; approvals are human-paced, so one slot's throughput is ample. Any Redis failure is
 raised as `StoreUnavailable`: privileged requests fail closed with 503 and nothing is forwarded
@@ -33,6 +38,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
+from redis.commands.core import AsyncScript
 
 from ..approvals import state as transitions
 from ..types import Approval, ApprovalState, DecisionRecord
@@ -45,6 +51,7 @@ _FINISHED = (ApprovalState.DENIED, ApprovalState.EXPIRED, ApprovalState.EXECUTED
 _EXPIRABLE = (ApprovalState.PENDING, ApprovalState.APPROVED)
 _CAS_ATTEMPTS = 200
 _RECENT_MAX = 20_000  # approvals whose last known JSON this process keeps
+_PIPELINE_MAX = 1000  # commands in one pipeline
 
 # KEYS: fingerprint index, approval, deadlines, created
 # ARGV: expected current index value ('' for none), approval json, id, expires_at, created_at,
@@ -130,6 +137,7 @@ class RedisStore:
         max_connections: int = 64,
     ) -> None:
         self._url = url
+        self._timeout = timeout_seconds
         self._retention_ms = int(retention_seconds * 1000)
         # No approval outlives its window plus the retention; a generous bound for trimming.
         self._max_age_seconds = retention_seconds + 7 * 24 * 3600
@@ -174,6 +182,11 @@ class RedisStore:
         self._recent: OrderedDict[str, tuple[str | bytes, Approval]] = OrderedDict()
         self._subscribed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
+        # Commands waiting to leave in the next pipeline, and the pipelines in flight.
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._flush_scheduled = False
+        self._max_pipelines = max_connections
+        self._pipelines: set[asyncio.Task[None]] = set()
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -187,6 +200,78 @@ class RedisStore:
         except _REDIS_DOWN as exc:
             raise StoreUnavailable(f"redis: {exc or type(exc).__name__}") from exc
 
+    def _command(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command; its reply (or its error) arrives in the future. Commands queued
+        in the same turn of the event loop leave together in one pipeline, and while every
+        connection has a pipeline in flight they keep gathering for the next one: one write,
+        one read and one pool checkout for a whole burst of claims. No MULTI: each command (each
+        script) is atomic on its own, as when sent alone. A Redis failure is `StoreUnavailable`.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((args, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        while self._queue and len(self._pipelines) < self._max_pipelines:
+            batch = self._queue[:_PIPELINE_MAX]
+            del self._queue[:_PIPELINE_MAX]
+            task = asyncio.create_task(self._send(batch))
+            self._pipelines.add(task)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._pipelines.discard(task)
+        if self._queue and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            async with self._slots, self._redis.pipeline(transaction=False) as pipe:
+                # What nobody awaits any more is not sent (as a cancelled call never was).
+                batch = [(args, future) for args, future in batch if not future.done()]
+                if not batch:
+                    return
+                for args, _ in batch:
+                    pipe.execute_command(*args)
+                replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for _, future in batch:
+                if future.done():
+                    continue
+                if isinstance(exc, _REDIS_DOWN):
+                    error = StoreUnavailable(f"redis: {exc or type(exc).__name__}")
+                    error.__cause__ = exc
+                    future.set_exception(error)
+                elif isinstance(exc, Exception):
+                    future.set_exception(exc)
+                else:
+                    future.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its caller was cancelled
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def _script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """Run a registered script through the pipelines (loading it into Redis if needed)."""
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return await self._command(*command)
+        except redis.exceptions.NoScriptError:
+            await self._guard(self._redis.script_load(script.script))
+            return await self._command(*command)
+
     def _ttl_ms(self, approval: Approval) -> int:
         if approval.state in _FINISHED:
             return self._retention_ms
@@ -194,7 +279,7 @@ class RedisStore:
         return int(remaining * 1000) + self._retention_ms
 
     async def _read(self, approval_id: str) -> tuple[str | None, Approval | None]:
-        raw: str | None = await self._guard(self._redis.get(self._approval_key + approval_id))
+        raw: str | None = await self._command("GET", self._approval_key + approval_id)
         if raw is None:
             self._recent.pop(approval_id, None)
             return None, None
@@ -239,28 +324,27 @@ class RedisStore:
                 if from_memory:
                     continue
                 return None
-            swapped = await self._guard(
-                self._swap(
-                    keys=[
-                        self._approval_key + approval_id,
-                        self._fingerprint_key + updated.fingerprint,
-                        self._deadlines,
-                        self._notes_key + approval_id,
-                    ],
-                    args=[
-                        raw,
-                        new_raw := codec.dumps(updated),
-                        approval_id,
-                        "1" if transitions.joinable(updated) else "0",
-                        "1" if updated.state in _EXPIRABLE else "0",
-                        repr(updated.expires_at),
-                        self._ttl_ms(updated),
-                        self._channel,
-                        # Waiters wait for an approval to leave `pending`: nothing to tell them
-                        # about a claim or an outcome.
-                        "1" if current.state is ApprovalState.PENDING else "0",
-                    ],
-                )
+            swapped = await self._script(
+                self._swap,
+                [
+                    self._approval_key + approval_id,
+                    self._fingerprint_key + updated.fingerprint,
+                    self._deadlines,
+                    self._notes_key + approval_id,
+                ],
+                [
+                    raw,
+                    new_raw := codec.dumps(updated),
+                    approval_id,
+                    "1" if transitions.joinable(updated) else "0",
+                    "1" if updated.state in _EXPIRABLE else "0",
+                    repr(updated.expires_at),
+                    self._ttl_ms(updated),
+                    self._channel,
+                    # Waiters wait for an approval to leave `pending`: nothing to tell them
+                    # about a claim or an outcome.
+                    "1" if current.state is ApprovalState.PENDING else "0",
+                ],
             )
             if swapped:
                 self._remember(approval_id, new_raw, updated)
@@ -274,7 +358,7 @@ class RedisStore:
     async def create_or_join(self, approval: Approval) -> tuple[Approval, bool]:
         index = self._fingerprint_key + approval.fingerprint
         for _ in range(_CAS_ATTEMPTS):
-            expected: str = await self._guard(self._redis.get(index)) or ""
+            expected: str = await self._command("GET", index) or ""
             if expected:
                 _, existing = await self._read(expected)
                 if (
@@ -283,25 +367,19 @@ class RedisStore:
                     and not transitions.is_due(existing, approval.created_at)
                 ):
                     return existing, False
-            created = await self._guard(
-                self._create(
-                    keys=[
-                        index,
-                        self._approval_key + approval.id,
-                        self._deadlines,
-                        self._created,
-                    ],
-                    args=[
-                        expected,
-                        codec.dumps(approval),
-                        approval.id,
-                        repr(approval.expires_at),
-                        repr(approval.created_at),
-                        self._ttl_ms(approval),
-                        # Older entries of the listing index point at expired keys: trim them.
-                        repr(approval.created_at - self._max_age_seconds),
-                    ],
-                )
+            created = await self._script(
+                self._create,
+                [index, self._approval_key + approval.id, self._deadlines, self._created],
+                [
+                    expected,
+                    codec.dumps(approval),
+                    approval.id,
+                    repr(approval.expires_at),
+                    repr(approval.created_at),
+                    self._ttl_ms(approval),
+                    # Older entries of the listing index point at expired keys: trim them.
+                    repr(approval.created_at - self._max_age_seconds),
+                ],
             )
             if created:
                 return approval, True
@@ -432,6 +510,8 @@ class RedisStore:
                 await self._listener
             self._listener = None
         self._wake_all()
+        if self._pipelines:  # let commands already sent have their answers
+            await asyncio.wait(set(self._pipelines), timeout=self._timeout)
         await self._redis.aclose()
         await self._subscriber.aclose()
 

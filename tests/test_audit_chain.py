@@ -7,12 +7,14 @@ would, and verified: every kind of tampering must be named at its exact first li
 from __future__ import annotations
 
 import datetime
+import enum
 import hashlib
 import json
 import random
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,58 @@ def test_seal_follows_the_contract_byte_for_byte() -> None:
         assert seal(ev, head) == expected
         head = expected[1]
     assert head.seq == len(events)
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+class Verdict(enum.StrEnum):
+    APPROVE = "approve"
+
+
+class Text(str):
+    pass
+
+
+def test_seal_writes_every_kind_of_value_as_the_json_module_does() -> None:
+    """Plain events are encoded with orjson, everything else with json: the text is the same.
+
+    Each pair is (value given, what the line must hold: the value as json.dumps writes it, or
+    as text where JSON has no type for it)."""
+    floats = [0.0, -0.0, 1.0, 0.1, 1e-4, 9.99e-5, 2.5e-05, 1e-9, 1.5e-10, 5e-324, 123.456]
+    floats += [1795628264.06, 1e15, 9999999999999998.0, 1e16, 1.5e16, 1e300, -2.5e-7, -1e-4]
+    cases: list[tuple[Any, Any]] = [(f, f) for f in floats]
+    cases += [(i, i) for i in (0, -1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1)]
+    cases += [
+        (("a", (1, 2.0), []), ["a", [1, 2.0], []]),
+        (float("nan"), "NaN"),
+        (float("-inf"), "-Infinity"),
+        (Color.RED, "Color.RED"),
+        (Level.HIGH, 3),
+        (Verdict.APPROVE, "approve"),
+        (Text("text"), "text"),
+        (uuid.UUID(int=7), str(uuid.UUID(int=7))),
+        (datetime.datetime(2026, 11, 25, 16, 7, 44), "2026-11-25 16:07:44"),
+        ({2: "x", 10: "y"}, {"10": "y", "2": "x"}),
+        ({"z": {"y": [{"x": 1e-5}]}}, {"z": {"y": [{"x": 1e-5}]}}),
+        ("\udcff", "\\udcff"),
+    ]
+    head = ChainHead(0, GENESIS)
+    for given, written in cases:
+        for ev in ({"event": "x", "value": given}, {"event": "x", "nested": [{"value": given}]}):
+            expected_ev = {**ev}
+            if "value" in ev:
+                expected_ev["value"] = written
+            else:
+                expected_ev["nested"] = [{"value": written}]
+            expected = reference_seal(expected_ev, head)
+            assert seal(ev, head) == expected, given
+            head = expected[1]
 
 
 def test_seal_line_shape() -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from .chain import ChainHead, last_head_of, seal
+from .chain import GENESIS, ChainHead, last_head_of, seal_line
 from .sinks import AuditUnavailable, Sink
 
 log = structlog.get_logger("countersign.audit")
@@ -60,7 +60,8 @@ class ChainedFileSink(Sink):
         self._max_bytes = max_bytes
         self._fd: int | None = None
         self._size = 0
-        self._head = ChainHead(0, "0" * 64)
+        self._seq = 0  # the chain's head: seq and hash of the last line sealed
+        self._hash = GENESIS
         self._pending: list[bytes] = []
         self._pending_seq = 0  # seq of the last line in _pending
         self._synced_seq = 0  # seq of the last line known to be on disk
@@ -85,8 +86,9 @@ class ChainedFileSink(Sink):
                 head, _ = last_head_of(older)
                 if head is not None:
                     break
-        self._head = head or ChainHead(0, "0" * 64)
-        self._pending_seq = self._synced_seq = self._head.seq
+        head = head or ChainHead(0, GENESIS)
+        self._seq, self._hash = head.seq, head.hash
+        self._pending_seq = self._synced_seq = head.seq
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._size = os.fstat(self._fd).st_size
 
@@ -103,14 +105,15 @@ class ChainedFileSink(Sink):
 
     @property
     def head(self) -> ChainHead:
-        return self._head
+        return ChainHead(self._seq, self._hash)
 
     # -- writing -------------------------------------------------------------------------------
 
     def write(self, event: Mapping[str, Any]) -> None:
-        line, self._head = seal(event, self._head)
-        self._pending.append(line.encode("utf-8"))
-        self._pending_seq = self._head.seq
+        seq = self._seq + 1
+        line, self._hash = seal_line(event, seq, self._hash)
+        self._seq = self._pending_seq = seq
+        self._pending.append(line)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

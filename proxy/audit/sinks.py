@@ -49,6 +49,7 @@ class StreamSink(Sink):
         self._max_lines = max_lines
         self._pending: list[str] = []
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._flush_now = False  # the flush scheduled is due at once
         self._writing: asyncio.Future[None] | None = None
 
     def write(self, event: Mapping[str, Any]) -> None:
@@ -59,7 +60,8 @@ class StreamSink(Sink):
             self._write_now(self._take())
             return
         if len(self._pending) >= self._max_lines:
-            self._schedule(loop, 0)
+            if not self._flush_now:  # once: not a new timer for every line past max_lines
+                self._schedule(loop, 0)
         elif self._flush_handle is None:
             self._schedule(loop, self._interval)
 
@@ -67,6 +69,7 @@ class StreamSink(Sink):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         self._flush_handle = loop.call_later(delay, self._start_flush, loop)
+        self._flush_now = delay == 0
 
     def _take(self) -> list[str]:
         lines, self._pending = self._pending, []
@@ -74,6 +77,7 @@ class StreamSink(Sink):
 
     def _start_flush(self, loop: asyncio.AbstractEventLoop) -> None:
         self._flush_handle = None
+        self._flush_now = False
         if not self._pending:
             return
         if self._writing is not None and not self._writing.done():
@@ -98,6 +102,7 @@ class StreamSink(Sink):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+            self._flush_now = False
         if self._writing is not None:
             await self._writing
         self._write_now(self._take())

@@ -115,6 +115,22 @@ return 0
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
+def _pack(args: tuple[Any, ...]) -> bytes:
+    """One command in the Redis protocol (an array of bulk strings)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        else:
+            raise TypeError(f"cannot send {type(arg).__name__} to Redis")
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 class _Waiter:
     """One `wait` call: woken by a change notice, with the approval's new value when the
     notice carried one (else None: read Redis)."""
@@ -231,37 +247,47 @@ class RedisStore:
             asyncio.get_running_loop().call_soon(self._flush)
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        try:
-            async with self._slots, self._redis.pipeline(transaction=False) as pipe:
-                # What nobody awaits any more is not sent (as a cancelled call never was).
-                batch = [(args, future) for args, future in batch if not future.done()]
-                if not batch:
-                    return
-                for args, _ in batch:
-                    pipe.execute_command(*args)
-                replies = await pipe.execute(raise_on_error=False)
-        except BaseException as exc:
-            for _, future in batch:
-                if future.done():
-                    continue
-                if isinstance(exc, _REDIS_DOWN):
-                    error = StoreUnavailable(f"redis: {exc or type(exc).__name__}")
-                    error.__cause__ = exc
-                    future.set_exception(error)
-                elif isinstance(exc, Exception):
-                    future.set_exception(exc)
-                else:
-                    future.cancel()
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, future), reply in zip(batch, replies, strict=True):
-            if future.done():  # its caller was cancelled
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+        """Write a batch in one go on one pooled connection, then hand each reply to its caller
+        as it is read. Never retried: a script that may have run is not run again."""
+        pool = self._redis.connection_pool
+        async with self._slots:
+            # What nobody awaits any more is not sent (as a cancelled call never was).
+            batch = [(args, future) for args, future in batch if not future.done()]
+            if not batch:
+                return
+            connection = None
+            try:
+                connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+                await connection.send_packed_command(b"".join(_pack(args) for args, _ in batch))
+                for _, future in batch:
+                    try:
+                        reply = await connection.read_response()
+                    except redis.exceptions.ResponseError as exc:  # that command's own error
+                        reply = exc
+                    if future.done():  # its caller was cancelled
+                        continue
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+            except BaseException as exc:
+                # A failing connection is closed by redis-py; whatever was not answered fails.
+                for _, future in batch:
+                    if future.done():
+                        continue
+                    if isinstance(exc, _REDIS_DOWN):
+                        error = StoreUnavailable(f"redis: {exc or type(exc).__name__}")
+                        error.__cause__ = exc
+                        future.set_exception(error)
+                    elif isinstance(exc, Exception):
+                        future.set_exception(exc)
+                    else:
+                        future.cancel()
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                if connection is not None:
+                    await pool.release(connection)
 
     async def _script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """Run a registered script through the pipelines (loading it into Redis if needed)."""

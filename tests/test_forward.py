@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
 import random
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from proxy.forward import (
     Forwarder,
@@ -116,6 +124,7 @@ class RawUpstream:
 
     handler: Handler
     read_bodies: bool = True  # False: the handler answers with the request body unread
+    tls: ssl.SSLContext | None = None  # serve HTTPS with this context
     connections: int = 0
     requests: list[Received] = field(default_factory=list)
     port: int = 0
@@ -123,12 +132,12 @@ class RawUpstream:
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -187,8 +196,10 @@ MakeForwarder = Callable[..., Forwarder]
 async def serve() -> AsyncIterator[Serve]:
     servers: list[RawUpstream] = []
 
-    async def start(handler: Handler, read_bodies: bool = True) -> RawUpstream:
-        server = RawUpstream(handler, read_bodies)
+    async def start(
+        handler: Handler, read_bodies: bool = True, tls: ssl.SSLContext | None = None
+    ) -> RawUpstream:
+        server = RawUpstream(handler, read_bodies, tls)
         await server.start()
         servers.append(server)
         return server
@@ -1076,3 +1087,78 @@ async def test_aclose_closes_pooled_connections(serve: Serve, forwarder: Forward
     assert forwarder.open_connections == 0
     with pytest.raises(UpstreamUnavailable, match="shutting down"):
         await forwarder.send("GET", server.url + "/", [], None)
+
+
+# ---------------------------------------------------------------------------- HTTPS upstreams
+
+
+def _certificate_authority(tmp: Path) -> tuple[Path, ssl.SSLContext]:
+    """A throwaway CA (its PEM file) and a server context whose certificate it signed, for
+    127.0.0.1."""
+    now = datetime.datetime.now(datetime.UTC)
+    validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(hours=1))
+
+    def certificate(
+        subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: Any, ca: bool
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(validity[0])
+            .not_valid_after(validity[1])
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca_cert = certificate("test CA", ca_key, ca_name, ca_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = certificate("127.0.0.1", key, ca_name, ca_key, ca=False)
+    ca_file = tmp / "ca.pem"
+    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "server.pem").write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(tmp / "server.pem")
+    return ca_file, server
+
+
+async def test_https_upstream_is_verified_and_used(
+    serve: Serve, make_forwarder: MakeForwarder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca_file, tls = _certificate_authority(tmp_path)
+    server = await serve(answer(OK), tls=tls)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # what the system's CA store would say
+    forwarder = make_forwarder()
+    for _ in range(2):
+        response, body = await fetch(forwarder, server.url + "/secure?x=1")
+        assert (response.status, body) == (200, b"ok")
+    assert server.requests[0].request_line == "GET /secure?x=1 HTTP/1.1"
+    assert server.connections == 1  # kept alive over TLS too
+
+
+async def test_https_upstream_with_an_untrusted_certificate_is_502(
+    serve: Serve, make_forwarder: MakeForwarder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, tls = _certificate_authority(tmp_path)
+    server = await serve(answer(OK), tls=tls)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "nothing-trusted.pem"))
+    forwarder = make_forwarder()
+    with pytest.raises(UpstreamUnavailable, match="certificate verify failed"):
+        await forwarder.send("GET", server.url + "/", [], None)
+    assert server.requests == []

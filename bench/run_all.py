@@ -352,17 +352,42 @@ def processes() -> Iterator[list[subprocess.Popen[Any]]]:
             stop(p)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of `pid` and of its child processes (a supervisor's workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pids += [int(c) for c in (task / "children").read_text().split()]
+    for p in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def measure(
-    name: str, port: int, path: str, header: str | None, args: argparse.Namespace
+    name: str,
+    port: int,
+    path: str,
+    header: str | None,
+    args: argparse.Namespace,
+    pid: int | None = None,
 ) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}{path}"
     print(f"-- {name}: warm-up {args.warmup}s, wrk {args.seconds}s", flush=True)
     if args.warmup:
         wrk(url, args.warmup, args.connections, header)
+    before = cpu_seconds(pid) if pid else 0.0
     r = wrk(url, args.seconds, args.connections, header)
+    if pid:
+        # CPU per request survives a busy machine better than requests per second do.
+        r["cpu_us"] = (cpu_seconds(pid) - before) / max(1, r["requests"]) * 1e6
     print(
         f"   {r['rps']:.0f} req/s p50 {r['p50']:.2f} ms p99 {r['p99']:.2f} ms"
-        f" non-2xx {r['errors']} {r['socket_errors']}",
+        f" non-2xx {r['errors']} {r['socket_errors']}"
+        + (f" CPU {r['cpu_us']:.0f} µs/request" if pid else ""),
         flush=True,
     )
     if args.rate_seconds:
@@ -498,7 +523,7 @@ def main() -> None:
                 token = asyncio.run(idp.token("agent-7"))
                 header = f"Authorization: Bearer {token}"
                 name = f"Countersign, workers: {workers}"
-                results[name] = measure(name, port, PATH, header, args)
+                results[name] = measure(name, port, PATH, header, args, proc.pid)
                 results[name]["audit_lines"] = sum(  # one file per worker when workers > 1
                     sum(1 for _ in f.open("rb"))
                     for f in tmp.glob(f"countersign-w{workers}-audit*.jsonl*")
@@ -584,16 +609,17 @@ def render(
         "time; the upstream-direct row is that client's own floor.",
         "",
         f"| target | req/s | p50 | p99 | ratio req/s vs nginx proxy_pass | "
-        f"p50 @ {args.rate}/s | p99 @ {args.rate}/s |",
-        "|---|---|---|---|---|---|---|",
+        f"p50 @ {args.rate}/s | p99 @ {args.rate}/s | proxy CPU per request |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         ratio = f"{r['rps'] / nginx_r['rps'] * 100:.1f} %"
         f = r.get("fixed")
         fixed = f"{f['p50']:.2f} ms | {f['p99']:.2f} ms" if f else "— | —"
+        cpu = f"{r['cpu_us']:.0f} µs" if "cpu_us" in r else "—"
         lines.append(
             f"| {name} | {r['rps']:,.0f} | {r['p50']:.2f} ms | {r['p99']:.2f} ms | "
-            f"{ratio} | {fixed} |"
+            f"{ratio} | {fixed} | {cpu} |"
         )
     problems = [
         f"{n}: {r['errors']} non-2xx {r['socket_errors']}".strip()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -75,6 +76,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: int | N
     except OSError as exc:
         log.error("server.listen_failed", listen=settings.server.listen, error=str(exc))
         sys.exit(1)
+    _tune_garbage_collector()
     log.info(
         "server.started",
         listen=settings.server.listen,
@@ -87,6 +89,22 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: int | N
     finally:
         log.info("server.stopping", pid=os.getpid())
         await runner.cleanup()
+
+
+# Collect young objects every this many net allocations (Python's default: 700), gen-1 every
+# this many gen-0 runs, gen-2 (everything) every this many gen-1 runs (and then only when the
+# heap has grown by a quarter since). Thousands of held requests are thousands of live objects
+# that every full collection walks: with the defaults, releasing 10,000 held requests took
+# 5.8 s and 5.2 CPU-s of the proxy; with these, 4.0 s and 3.1 CPU-s (bench/bench_replicas.py).
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def _tune_garbage_collector() -> None:
+    """Once serving: move everything built at start-up (config, compiled policy, modules) out
+    of the collector's sight, and collect less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def run(settings: Settings) -> int:

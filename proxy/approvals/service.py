@@ -8,7 +8,6 @@ its results and errors into HTTP answers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,7 @@ from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
 from ..audit.redact import Redactor
 from ..config import ApprovalsSettings, RuleSettings
 from ..store.base import Store, StoreUnavailable
+from ..tasks import stop_task
 from ..types import Approval, ApprovalState, DecisionRecord, Identity, Requester, Verdict
 from . import state
 from .fingerprint import body_preview, clean_reason, fingerprint
@@ -100,9 +100,7 @@ class ApprovalService:
         if self._background:  # let pending outcome records finish, briefly
             await asyncio.wait(set(self._background), timeout=5)
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await stop_task(self._sweeper)
             self._sweeper = None
 
     async def _sweep_forever(self) -> None:

@@ -9,7 +9,6 @@ remains the durable record).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +17,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
+from ..tasks import stop_task
 from .sinks import Sink, render
 
 log = structlog.get_logger("countersign.audit")
@@ -77,7 +77,5 @@ class RedisStreamSink(Sink):
     async def aclose(self) -> None:
         if self._task is not None:
             await asyncio.sleep(self._interval * 1.5)  # one last batch
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
         await self._redis.aclose()

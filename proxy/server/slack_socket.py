@@ -9,7 +9,6 @@ until Slack answers; once up, slack_sdk reconnects by itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import structlog
@@ -19,6 +18,7 @@ from slack_sdk.socket_mode.request import SocketModeRequest
 from slack_sdk.socket_mode.response import SocketModeResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
+from ..tasks import stop_task
 from .slack_actions import SlackActions
 
 log = structlog.get_logger("countersign.slack")
@@ -60,7 +60,5 @@ class SlackSocket:
 
     async def aclose(self) -> None:
         if self._connecting is not None:
-            self._connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._connecting
+            await stop_task(self._connecting)
         await self._client.close()  # type: ignore[no-untyped-call]

@@ -42,6 +42,7 @@ import structlog
 from redis.commands.core import AsyncScript
 
 from ..approvals import state as transitions
+from ..tasks import stop_task
 from ..types import Approval, ApprovalState, DecisionRecord
 from . import codec
 from .base import StoreUnavailable
@@ -534,9 +535,7 @@ class RedisStore:
 
     async def aclose(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await stop_task(self._listener)
             self._listener = None
         self._wake_all()
         if self._pipelines:  # let commands already sent have their answers

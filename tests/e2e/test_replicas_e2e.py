@@ -272,7 +272,8 @@ async def test_workers_share_the_port_and_the_store(
         assert await decide(session, proc, approval_id, ALICE) == 200
         status, _ = await asyncio.wait_for(held, 10)
         assert status == 200
-    assert proc.stop() == 0
+    code = proc.stop()
+    assert code == 0, proc.stderr()[-6000:]
     started = [
         json.loads(line) for line in proc.stderr().splitlines() if '"server.started"' in line
     ]

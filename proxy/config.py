@@ -196,6 +196,11 @@ class RouteSettings(_Model):
         parts = _http_url(v)
         if parts.query or parts.fragment:
             raise ValueError("must not have a query or fragment")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                "must not hold credentials (user:password@); send them with inject_headers, "
+                "e.g. Authorization: Basic ..."
+            )
         return v
 
 

@@ -264,7 +264,7 @@ def _request_head(
     body: AsyncIterable[bytes] | bytes | None,
 ) -> tuple[bytes, bool]:
     """The request line and headers, with framing set by the body actually sent."""
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    lines = [f"{method} {target} HTTP/1.1", ""]  # the Host line is filled in below
     streamed = body is not None and not isinstance(body, bytes)
     has_length = False
     for name, value in headers:
@@ -273,9 +273,13 @@ def _request_head(
             if not streamed:
                 continue  # set below from the bytes actually sent
             has_length = True
-        elif lower == "transfer-encoding" or lower == "host":
+        elif lower == "transfer-encoding":
+            continue
+        elif lower == "host":
+            host = value  # a route's injected Host (a virtual host behind an address)
             continue
         lines.append(f"{name}: {value}")
+    lines[1] = f"Host: {host}"
     chunked = False
     if isinstance(body, bytes):
         lines.append(f"Content-Length: {len(body)}")

@@ -183,3 +183,12 @@ def test_globs_and_prefixes_that_can_never_match_are_config_errors(
     text: str, expected: str
 ) -> None:
     assert any(issue.startswith(expected) for issue in errors_of(text)), errors_of(text)
+
+
+def test_upstream_with_credentials_in_its_url_is_refused() -> None:
+    errors = errors_of(
+        "routes:\n  - name: cloud\n    prefix: /cloud/\n    upstream: https://user:pw@cloud.example/\n"
+    )
+    assert len(errors) == 1
+    assert errors[0].startswith("c.yaml:4: routes[0].upstream:")
+    assert "must not hold credentials" in errors[0]

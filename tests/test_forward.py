@@ -284,7 +284,6 @@ async def test_get_returns_the_answer_without_hop_by_hop_headers(
         forwarder,
         server.url + "/a%2Fb?x=1&y=%20",
         headers=[
-            ("Host", "evil.example"),
             ("X-Request-Id", "r-1"),
             ("Accept", "a"),
             ("Accept", "b"),
@@ -1162,3 +1161,46 @@ async def test_https_upstream_with_an_untrusted_certificate_is_502(
     with pytest.raises(UpstreamUnavailable, match="certificate verify failed"):
         await forwarder.send("GET", server.url + "/", [], None)
     assert server.requests == []
+
+
+# ---------------------------------------------------------------------------- review fixes
+
+
+async def test_a_steady_upload_longer_than_the_read_timeout_succeeds(
+    echo_upstream: RawUpstream, make_forwarder: MakeForwarder
+) -> None:
+    """The timeout is for silence, not for the time an upload takes."""
+    forwarder = make_forwarder(read_timeout=0.2)
+    pieces = [b"x" * 100] * 8
+    response, _ = await fetch(
+        forwarder, echo_upstream.url + "/upload", "POST", body=_chunks(*pieces, pause=0.08)
+    )
+    assert response.status == 200
+    assert echo_upstream.requests[0].body == b"x" * 800
+
+
+async def test_an_endless_response_head_is_502(serve: Serve, forwarder: Forwarder) -> None:
+    async def endless(_: Received, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(5000):
+            writer.write(b"X-Filler-%d: %s\r\n" % (i, b"y" * 60))
+            await writer.drain()
+
+    server = await serve(endless)
+    with pytest.raises(UpstreamUnavailable, match="response head is too large"):
+        await forwarder.send("GET", server.url + "/", [], None)
+
+
+async def test_a_transfer_coding_other_than_chunked_is_502(
+    serve: Serve, forwarder: Forwarder
+) -> None:
+    server = await serve(answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxxxx"))
+    with pytest.raises(UpstreamUnavailable, match="unsupported Transfer-Encoding: gzip"):
+        await forwarder.send("GET", server.url + "/", [], None)
+
+
+async def test_an_injected_host_header_is_the_one_sent(serve: Serve, forwarder: Forwarder) -> None:
+    server = await serve(answer(OK))
+    await fetch(forwarder, server.url + "/", headers=[("Host", "internal.example")])
+    [request] = server.requests
+    assert request.all("Host") == ["internal.example"]

@@ -41,6 +41,15 @@ async def test_allowed_read_is_forwarded_with_injected_credentials(make_proxy: F
     assert "upstream-secret-123" not in json.dumps(sink.events)
 
 
+async def test_injected_credentials_replace_the_clients_own(make_proxy: Factory) -> None:
+    client, _ = await make_proxy()
+    resp = await client.get(
+        "/cloud/buckets", headers={**AGENT, "X-Cloud-Token": "forged-by-the-agent"}
+    )
+    sent = [v for k, v in (await resp.json())["header_list"] if k.lower() == "x-cloud-token"]
+    assert sent == ["upstream-secret-123"]
+
+
 async def test_forbidden_call_gets_403_policy_denied(make_proxy: Factory) -> None:
     client, sink = await make_proxy()
     resp = await client.delete("/cloud/buckets/reports", headers=AGENT)

@@ -276,3 +276,19 @@ async def test_a_burst_of_commands_shares_pipelines(fresh_redis: RedisServer) ->
         assert sent < 50, f"{sent} pipelines for 1,000 claims"
     finally:
         await store.aclose()
+
+
+async def test_an_id_made_of_a_clients_raw_bytes_fails_nobody_else(
+    fresh_redis: RedisServer,
+) -> None:
+    """aiohttp hands header bytes that are not UTF-8 over as surrogate escapes; such an id
+    (e.g. a forged Countersign-Approval header) is an unknown key, and the commands that share
+    its pipeline are answered as usual."""
+    store = RedisStore(fresh_redis.url, key_prefix="test-" + secrets.token_hex(6))
+    try:
+        approval, _ = await store.create_or_join(make_approval())
+        found, odd = await asyncio.gather(store.get(approval.id), store.get("apr_x\udcff"))
+        assert found is not None and found.id == approval.id
+        assert odd is None
+    finally:
+        await store.aclose()

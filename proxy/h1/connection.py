@@ -23,6 +23,9 @@ import httptools
 from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 _HIGH_WATER = 256 * 1024
+# The most a response head may take (status line, headers, interim answers): as a browser or
+# nginx would, refuse an upstream that streams headers without end.
+MAX_HEAD_BYTES = 64 * 1024
 _LOW_WATER = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -65,9 +68,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._reading_paused = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
-        # Read timeout.
+        self._head_bytes = 0
+        # Read timeout: no progress (a byte received, or a piece of the request body written)
+        # for this long.
         self._read_timeout = 0.0
-        self._last_read = 0.0
+        self._last_progress = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ used by the client
@@ -88,15 +93,19 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._error = None
         self.received_any = False
+        self._head_bytes = 0
         self._read_timeout = read_timeout
-        self._last_read = self._loop.time()
-        self._timer = self._loop.call_at(self._last_read + read_timeout, self._on_timer)
+        self._last_progress = self._loop.time()
+        self._timer = self._loop.call_at(self._last_progress + read_timeout, self._on_timer)
         return self._head
 
     def write(self, data: bytes) -> None:
         if self._transport is None or self.closed:
             raise UpstreamUnavailable("upstream connection closed")
         self._transport.write(data)
+        # An upload in progress is progress: a large body sent steadily for longer than the
+        # timeout is not a silent upstream.
+        self._last_progress = self._loop.time()
 
     async def drain(self) -> None:
         """Wait while the socket's send buffer is full (a slow upstream slows the upload)."""
@@ -191,9 +200,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
             return
         self.received_any = True
-        self._last_read = self._loop.time()
+        self._last_progress = self._loop.time()
         try:
             parser.feed_data(data)
+            if self._head is not None and not self._head.done() and self._error is None:
+                # Still no complete head (what came was headers, or interim answers).
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self.fail(UpstreamUnavailable("the upstream's response head is too large"))
         except httptools.HttpParserUpgrade:
             self.fail(UpstreamUnavailable("the upstream switched protocols; not proxied"))
         except httptools.HttpParserError as exc:
@@ -260,6 +274,11 @@ class UpstreamConnection(asyncio.Protocol):
             if lower == "content-length":
                 self._content_length = int(value)  # llhttp has checked it is one number
             elif lower == "transfer-encoding":
+                if value.rpartition(",")[2].strip().lower() != "chunked":
+                    # (llhttp would read such a body to the connection's end; its coding could
+                    # not be passed on anyway, the header being hop-by-hop.)
+                    self.fail(UpstreamUnavailable(f"unsupported Transfer-Encoding: {value}"))
+                    return
                 chunked = True
         bodyless = self._head_only or status in _NO_BODY_STATUSES
         if status in _NO_BODY_STATUSES:
@@ -331,8 +350,8 @@ class UpstreamConnection(asyncio.Protocol):
         now = self._loop.time()
         if self._reading_paused:
             # Waiting on our client, not on the upstream.
-            self._last_read = now
-        deadline = self._last_read + self._read_timeout
+            self._last_progress = now
+        deadline = self._last_progress + self._read_timeout
         if now >= deadline:
             self.fail(UpstreamTimeout(f"no data from the upstream for {self._read_timeout:g} s"))
         else:

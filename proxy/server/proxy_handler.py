@@ -247,17 +247,19 @@ class ProxyHandler:
         peer = request.remote or ""
         prior_for = headers.get("X-Forwarded-For") if trusted else None
         scheme = request.scheme
-        out.append(("X-Forwarded-For", f"{prior_for}, {peer}" if prior_for else peer))
-        out.append(
-            ("X-Forwarded-Proto", headers.get("X-Forwarded-Proto", scheme) if trusted else scheme)
-        )
-        out.append(
+        ours = [
+            ("X-Forwarded-For", f"{prior_for}, {peer}" if prior_for else peer),
+            ("X-Forwarded-Proto", headers.get("X-Forwarded-Proto", scheme) if trusted else scheme),
             (
                 "X-Forwarded-Host",
                 headers.get("X-Forwarded-Host", request.host) if trusted else request.host,
-            )
-        )
-        out.append((REQUEST_ID_HEADER, request_id))
+            ),
+            (REQUEST_ID_HEADER, request_id),
+        ]
+        # A route's injected header replaces ours of the same name, as it does the client's.
+        if route.inject_names:
+            ours = [item for item in ours if item[0].lower() not in route.inject_names]
+        out.extend(ours)
         out.extend(route.inject)
         return out
 

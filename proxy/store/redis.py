@@ -122,7 +122,9 @@ def _pack(args: tuple[Any, ...]) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         if isinstance(arg, str):
-            data = arg.encode()
+            # surrogateescape: an id taken from a header holds the client's raw bytes this way
+            # (aiohttp decodes headers so); they go back as those bytes, a key like any other.
+            data = arg.encode("utf-8", "surrogateescape")
         elif isinstance(arg, bytes):
             data = arg
         elif isinstance(arg, int):
@@ -259,10 +261,23 @@ class RedisStore:
             batch = [(args, future) for args, future in batch if not future.done()]
             if not batch:
                 return
+            # A command that cannot be encoded fails alone, before anything is sent.
+            packed: list[bytes] = []
+            sendable = []
+            for args, future in batch:
+                try:
+                    packed.append(_pack(args))
+                except (TypeError, UnicodeEncodeError) as exc:
+                    future.set_exception(ValueError(f"cannot send to Redis: {exc}"))
+                else:
+                    sendable.append((args, future))
+            batch = sendable
+            if not batch:
+                return
             connection = None
             try:
                 connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-                await connection.send_packed_command(b"".join(_pack(args) for args, _ in batch))
+                await connection.send_packed_command(b"".join(packed))
                 for _, future in batch:
                     try:
                         reply = await connection.read_response()

@@ -128,6 +128,9 @@ class ConnectionPool:
         except BaseException:
             self._connection_gone()
             raise
+        if conn.closed:  # lost before it was registered: _lost() could not count it down
+            self._connection_gone()
+            raise UpstreamUnavailable(f"{origin.host}:{origin.port} closed the connection at once")
         self._origin_of[conn] = origin
         return conn
 

@@ -202,12 +202,13 @@ class Forwarder:
                     conn.write(head)
                     writer = asyncio.create_task(_stream_body(conn, body, chunked))
                 answer = await response_head
-            except UpstreamError as exc:
+            except BaseException as exc:
                 if writer is not None:
                     writer.cancel()
                 self._pool.discard(conn)
                 if (
-                    retry
+                    isinstance(exc, UpstreamError)
+                    and retry
                     and reused
                     and not conn.received_any
                     and not isinstance(exc, UpstreamTimeout)
@@ -219,11 +220,6 @@ class Forwarder:
                     # the upstream's work.
                     retry = False
                     continue
-                raise
-            except BaseException:
-                if writer is not None:
-                    writer.cancel()
-                self._pool.discard(conn)
                 raise
             return UpstreamResponse(
                 answer.status,

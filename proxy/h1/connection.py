@@ -54,6 +54,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_only = False
         self._informational = False
         self._reason = ""
+        self._head_bytes = 0  # received while the head is incomplete (bounded)
         self._header_list: list[tuple[str, str]] = []
         self._content_length: int | None = None
         self._eof_delimited = False
@@ -68,7 +69,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._reading_paused = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
-        self._head_bytes = 0
         # Read timeout: no progress (a byte received, or a piece of the request body written)
         # for this long.
         self._read_timeout = 0.0
@@ -120,11 +120,7 @@ class UpstreamConnection(asyncio.Protocol):
         while True:
             if self._body:
                 chunk = self._body.popleft()
-                self._buffered -= len(chunk)
-                if self._reading_paused and self._buffered <= _LOW_WATER:
-                    self._reading_paused = False
-                    if self._transport is not None and not self.closed:
-                        self._transport.resume_reading()
+                self._taken(len(chunk))
                 return chunk
             if self._error is not None:
                 raise self._error
@@ -142,16 +138,21 @@ class UpstreamConnection(asyncio.Protocol):
         """All of the body still buffered, at once (for a complete message)."""
         body = b"".join(self._body)
         self._body.clear()
-        self._buffered = 0
-        # A body just over _HIGH_WATER completes in the read that paused the socket: resume it
-        # here too, or the connection goes back to the pool paused and the next exchange on it
-        # never sees its answer (nor times out: the timer counts a paused socket as waiting on
-        # our client).
-        if self._reading_paused:
+        self._taken(self._buffered)
+        return body
+
+    def _taken(self, size: int) -> None:
+        """`size` bytes of body went to the caller: resume reading once few are left.
+
+        Every way of taking the body must come through here: a body just over _HIGH_WATER
+        completes in the read that paused the socket, and a connection left paused goes back
+        to the pool where the next exchange never sees its answer (nor times out: the timer
+        counts a paused socket as waiting on our client)."""
+        self._buffered -= size
+        if self._reading_paused and self._buffered <= _LOW_WATER:
             self._reading_paused = False
             if self._transport is not None and not self.closed:
                 self._transport.resume_reading()
-        return body
 
     @property
     def response_complete(self) -> bool:

@@ -113,20 +113,18 @@ class ConnectionPool:
                     ssl=tls,
                     server_hostname=origin.host if tls is not None else None,
                 )
-        except TimeoutError as exc:
+        except BaseException as exc:
             self._connection_gone()
-            raise UpstreamTimeout(
-                f"connecting to {origin.host}:{origin.port} timed out "
-                f"after {self._connect_timeout:g} s"
-            ) from exc
-        except OSError as exc:  # ssl.SSLError included
-            self._connection_gone()
-            reason = exc.strerror or str(exc)
-            raise UpstreamUnavailable(
-                f"cannot connect to {origin.host}:{origin.port}: {reason}"
-            ) from exc
-        except BaseException:
-            self._connection_gone()
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout(
+                    f"connecting to {origin.host}:{origin.port} timed out "
+                    f"after {self._connect_timeout:g} s"
+                ) from exc
+            if isinstance(exc, OSError):  # ssl.SSLError included
+                reason = exc.strerror or str(exc)
+                raise UpstreamUnavailable(
+                    f"cannot connect to {origin.host}:{origin.port}: {reason}"
+                ) from exc
             raise
         if conn.closed:  # lost before it was registered: _lost() could not count it down
             self._connection_gone()

@@ -117,6 +117,13 @@ return 0
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
+def _unavailable(cause: BaseException) -> StoreUnavailable:
+    """What a connection failure to Redis becomes for the store's callers."""
+    error = StoreUnavailable(f"redis: {cause or type(cause).__name__}")
+    error.__cause__ = cause
+    return error
+
+
 def _pack(args: tuple[Any, ...]) -> bytes:
     """One command in the Redis protocol (an array of bulk strings)."""
     parts = [b"*%d\r\n" % len(args)]
@@ -220,7 +227,7 @@ class RedisStore:
             async with self._slots:
                 return await operation
         except _REDIS_DOWN as exc:
-            raise StoreUnavailable(f"redis: {exc or type(exc).__name__}") from exc
+            raise _unavailable(exc) from exc
 
     def _command(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command; its reply (or its error) arrives in the future. Commands queued
@@ -257,17 +264,15 @@ class RedisStore:
         as it is read. Never retried: a script that may have run is not run again."""
         pool = self._redis.connection_pool
         async with self._slots:
-            # What nobody awaits any more is not sent (as a cancelled call never was).
-            batch = [(args, future) for args, future in batch if not future.done()]
-            if not batch:
-                return
-            # A command that cannot be encoded fails alone, before anything is sent.
             packed: list[bytes] = []
             sendable = []
             for args, future in batch:
+                if future.done():
+                    continue  # nobody awaits it any more: not sent (as a cancelled call never was)
                 try:
                     packed.append(_pack(args))
                 except (TypeError, UnicodeEncodeError) as exc:
+                    # A command that cannot be encoded fails alone, before anything is sent.
                     future.set_exception(ValueError(f"cannot send to Redis: {exc}"))
                 else:
                     sendable.append((args, future))
@@ -295,9 +300,7 @@ class RedisStore:
                     if future.done():
                         continue
                     if isinstance(exc, _REDIS_DOWN):
-                        error = StoreUnavailable(f"redis: {exc or type(exc).__name__}")
-                        error.__cause__ = exc
-                        future.set_exception(error)
+                        future.set_exception(_unavailable(exc))
                     elif isinstance(exc, Exception):
                         future.set_exception(exc)
                     else:

@@ -60,10 +60,9 @@ class ChainedFileSink(Sink):
         self._max_bytes = max_bytes
         self._fd: int | None = None
         self._size = 0
-        self._seq = 0  # the chain's head: seq and hash of the last line sealed
+        self._seq = 0  # the chain's head: seq and hash of the last line sealed (the last pending)
         self._hash = GENESIS
         self._pending: list[bytes] = []
-        self._pending_seq = 0  # seq of the last line in _pending
         self._synced_seq = 0  # seq of the last line known to be on disk
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -88,7 +87,7 @@ class ChainedFileSink(Sink):
                     break
         head = head or ChainHead(0, GENESIS)
         self._seq, self._hash = head.seq, head.hash
-        self._pending_seq = self._synced_seq = head.seq
+        self._synced_seq = head.seq
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._size = os.fstat(self._fd).st_size
 
@@ -112,7 +111,7 @@ class ChainedFileSink(Sink):
     def write(self, event: Mapping[str, Any]) -> None:
         seq = self._seq + 1
         line, self._hash = seal_line(event, seq, self._hash)
-        self._seq = self._pending_seq = seq
+        self._seq = seq
         self._pending.append(line)
         try:
             loop = asyncio.get_running_loop()
@@ -136,7 +135,7 @@ class ChainedFileSink(Sink):
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                seq = self._pending_seq
+                seq = self._seq
                 try:
                     await loop.run_in_executor(None, self._append, batch)
                 except OSError as exc:
@@ -200,12 +199,12 @@ class ChainedFileSink(Sink):
         batch, self._pending = self._pending, []
         if batch:
             self._append(batch)
-            self._synced_seq = self._pending_seq
+            self._synced_seq = self._seq
 
     async def sync(self) -> None:
         if self._failed is not None:
             raise self._failed
-        target = self._pending_seq
+        target = self._seq
         if self._synced_seq >= target:
             return
         loop = asyncio.get_running_loop()

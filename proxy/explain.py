@@ -6,14 +6,16 @@ what the proxy would do.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from .config import Settings
+from .model import Identity, RequestInfo
 from .paths import AmbiguousRequest, normalize_path
 from .policy import Explanation, Policy
 from .routing import RouteTable
-from .types import Identity, RequestInfo
+from .server.responses import error_body
 
 
 def explain(
@@ -69,13 +71,13 @@ def explain(
         + (f" by rule {decision.rule}" if decision.rule else " (default)")
         + f" — {decision.reason}"
     )
-    lines.append(f"outcome:  {_outcome(decision.action.value, decision.rule)}")
+    lines.append(f"outcome:  {_outcome(decision.action.value, decision.rule, route.name)}")
     return "\n".join(lines), explanation
 
 
-def _outcome(action: str, rule: str | None) -> str:
+def _outcome(action: str, rule: str | None, route: str) -> str:
     if action == "allow":
         return "forwarded to the upstream"
     if action == "deny":
-        return f'403 {{"error": "policy_denied", "rule": {rule!r}}}'.replace("'", '"')
+        return f"403 {json.dumps(error_body(403, 'policy_denied', rule=rule, route=route))}"
     return "held for approval by a human"

@@ -141,7 +141,7 @@ async def test_real_idp_token_for_another_audience_is_refused(
         token = await idp.token("agent-7", resource="https://other.example")
         resp = await client.get("/cloud/buckets", headers=bearer(token))
         assert resp.status == 401
-        assert (await resp.json())["message"] == "token audience is not accepted"
+        assert (await resp.json())["error"]["message"] == "token audience is not accepted"
         assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
     finally:
         await client.close()
@@ -191,7 +191,7 @@ async def test_invalid_claims_are_refused(
     try:
         resp = await client.get("/cloud/x", headers=bearer(local_issuer.mint(**claims)))
         assert resp.status == 401
-        assert (await resp.json())["message"] == message
+        assert (await resp.json())["error"]["message"] == message
     finally:
         await client.close()
 
@@ -232,12 +232,12 @@ async def test_hs256_and_none_are_refused_even_with_the_public_key(
         assert signing_input  # the genuine token shape was used as the base
         resp = await client.get("/cloud/x", headers=bearer(forged))
         assert resp.status == 401
-        assert (await resp.json())["message"] == "algorithm 'HS256' is not accepted"
+        assert (await resp.json())["error"]["message"] == "algorithm 'HS256' is not accepted"
 
         none_header = base64.urlsafe_b64encode(b'{"alg":"none"}').rstrip(b"=").decode()
         resp = await client.get("/cloud/x", headers=bearer(f"{none_header}.{payload}."))
         assert resp.status == 401
-        assert (await resp.json())["message"] == "algorithm 'none' is not accepted"
+        assert (await resp.json())["error"]["message"] == "algorithm 'none' is not accepted"
     finally:
         await client.close()
 
@@ -249,7 +249,7 @@ async def test_algorithm_outside_the_issuer_allow_list_is_refused(
     try:
         resp = await client.get("/cloud/x", headers=bearer(local_issuer.mint(alg="ES256")))
         assert resp.status == 401
-        assert (await resp.json())["message"] == "algorithm 'ES256' is not accepted"
+        assert (await resp.json())["error"]["message"] == "algorithm 'ES256' is not accepted"
     finally:
         await client.close()
     client, _ = await _proxy(upstream, _issuer_cfg(local_issuer))  # default: RS256, ES256
@@ -268,15 +268,16 @@ async def test_wrong_signature_and_untrusted_issuer_are_refused(
         stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         resp = await client.get("/cloud/x", headers=bearer(local_issuer.mint(key=stranger)))
         assert resp.status == 401
-        assert (await resp.json())["message"] == "invalid token: Signature verification failed"
+        error = (await resp.json())["error"]
+        assert error["message"] == "invalid token: Signature verification failed"
         resp = await client.get(
             "/cloud/x", headers=bearer(local_issuer.mint(iss="https://evil.example"))
         )
         assert resp.status == 401
-        assert (await resp.json())["message"] == "token issuer is not trusted"
+        assert (await resp.json())["error"]["message"] == "token issuer is not trusted"
         resp = await client.get("/cloud/x", headers=bearer("eyJhbGciOi.garbage"))
         assert resp.status == 401
-        assert (await resp.json())["message"] == "malformed token"
+        assert (await resp.json())["error"]["message"] == "malformed token"
     finally:
         await client.close()
 
@@ -292,7 +293,7 @@ async def test_random_kids_cannot_hammer_the_idp(
             token = local_issuer.mint(kid=f"random-{i}")
             resp = await client.get("/cloud/x", headers=bearer(token))
             assert resp.status == 401
-            assert (await resp.json())["message"] == "token signed with an unknown key"
+            assert (await resp.json())["error"]["message"] == "token signed with an unknown key"
         # At most one refetch inside the cooldown window, whatever the number of unknown kids.
         assert local_issuer.jwks_hits <= 2
     finally:
@@ -312,7 +313,7 @@ async def test_unreachable_idp_is_503_not_401(upstream: TestServer) -> None:
         )
         resp = await client.get("/cloud/x", headers=bearer(token))
         assert resp.status == 503
-        assert (await resp.json())["error"] == "identity_unavailable"
+        assert (await resp.json())["error"]["code"] == "identity_unavailable"
     finally:
         await client.close()
 
@@ -346,3 +347,47 @@ async def test_verified_tokens_are_cached_until_they_expire(local_issuer: LocalI
         await asyncio.sleep(2.1)
         with pytest.raises(Exception, match="token expired"):
             await verifier.verify(token)
+
+
+def _with_header(header: Any, token: str) -> str:
+    """`token` with its header segment replaced by `header` (JSON, base64url), signature kept."""
+    import base64
+
+    _, payload, signature = token.split(".")
+    encoded = base64.urlsafe_b64encode(json.dumps(header).encode()).rstrip(b"=").decode()
+    return f"{encoded}.{payload}.{signature}"
+
+
+# pyjwt's own words follow "invalid token header: " (they name the fault, and may change).
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ({"alg": "RS256", "kid": 123}, "invalid token header: "),
+        ({"alg": "RS256", "kid": ["a"]}, "invalid token header: "),
+        ({"alg": "RS256", "crit": ["x"]}, "invalid token header: "),
+        ({"alg": "RS256", "crit": "x"}, "invalid token header: "),
+        ({"alg": "RS256", "crit": [1]}, "invalid token header: "),
+        ({"alg": 256, "kid": "rsa-1"}, "algorithm 256 is not accepted"),
+        ({"alg": ["RS256"], "kid": "rsa-1"}, "algorithm ['RS256'] is not accepted"),
+        (["RS256"], "malformed token"),
+        ("RS256", "malformed token"),
+        (None, "malformed token"),
+    ],
+)
+async def test_malformed_token_headers_are_401_not_500(
+    local_issuer: LocalIssuer, upstream: TestServer, header: Any, message: str
+) -> None:
+    client, sink = await _proxy(upstream, _issuer_cfg(local_issuer))
+    try:
+        token = _with_header(header, local_issuer.mint())
+        resp = await client.get("/cloud/x", headers=bearer(token))
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+        error = (await resp.json())["error"]
+        assert error["code"] == "unauthorized" and error["message"].startswith(message)
+        assert error["request_id"] == resp.headers["X-Request-Id"]
+        refused = sink.named("request.refused")
+        assert [(e["status"], e["error"]) for e in refused] == [(401, "unauthorized")]
+        assert not sink.named("request.forwarded")
+    finally:
+        await client.close()

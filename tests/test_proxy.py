@@ -55,7 +55,7 @@ async def test_forbidden_call_gets_403_policy_denied(make_proxy: Factory) -> Non
     resp = await client.delete("/cloud/buckets/reports", headers=AGENT)
     assert resp.status == 403
     body = await resp.json()
-    assert body["error"] == "policy_denied" and body["rule"] == "no-deletes"
+    assert body["error"]["code"] == "policy_denied" and body["error"]["rule"] == "no-deletes"
     refused = sink.named("request.refused")[0]
     assert refused["rule"] == "no-deletes" and refused["status"] == 403
 
@@ -64,8 +64,8 @@ async def test_default_deny_when_no_rule_matches(make_proxy: Factory) -> None:
     client, _ = await make_proxy()
     resp = await client.patch("/cloud/buckets/reports", headers=AGENT)
     assert resp.status == 403
-    assert (await resp.json())["error"] == "policy_denied"
-    assert (await resp.json()).get("rule") is None
+    assert (await resp.json())["error"]["code"] == "policy_denied"
+    assert (await resp.json())["error"].get("rule") is None
 
 
 @pytest.mark.parametrize(
@@ -85,14 +85,14 @@ async def test_missing_or_bad_credentials_get_401(
     assert resp.status == 401
     assert resp.headers["www-authenticate"].startswith('Bearer error="invalid_token"')
     body = await resp.json()
-    assert body["error"] == "unauthorized" and body["message"] == description
+    assert body["error"]["code"] == "unauthorized" and body["error"]["message"] == description
 
 
 async def test_unknown_route_is_404(make_proxy: Factory) -> None:
     client, _ = await make_proxy()
     resp = await client.get("/nowhere/x", headers=AGENT)
     assert resp.status == 404
-    assert (await resp.json())["error"] == "no_route"
+    assert (await resp.json())["error"]["code"] == "no_route"
 
 
 @pytest.mark.parametrize(
@@ -119,8 +119,8 @@ async def test_ambiguous_paths_are_refused_with_400(
     # Raw socket-level request so no client library normalizes the path first.
     resp = await _raw_request(client, f"GET {raw} HTTP/1.1", AGENT)
     assert resp["status"] == 400, resp
-    assert resp["json"]["error"] == "ambiguous_request"
-    assert resp["json"]["reason"] == reason
+    assert resp["json"]["error"]["code"] == "ambiguous_request"
+    assert resp["json"]["error"]["reason"] == reason
 
 
 async def test_lower_case_methods_are_refused(make_proxy: Factory) -> None:
@@ -136,7 +136,8 @@ async def test_method_override_headers_are_refused(make_proxy: Factory) -> None:
     resp = await client.get("/cloud/buckets", headers={**AGENT, "X-HTTP-Method-Override": "DELETE"})
     assert resp.status == 400
     body = await resp.json()
-    assert body == {**body, "error": "ambiguous_request", "reason": "method_override"}
+    error = body["error"]
+    assert error == {**error, "code": "ambiguous_request", "reason": "method_override"}
 
 
 async def test_normalized_path_is_what_is_judged_and_forwarded(make_proxy: Factory) -> None:
@@ -152,7 +153,7 @@ async def test_encoded_path_cannot_dodge_a_deny_rule(make_proxy: Factory) -> Non
     # An encoded letter decodes before judging, so it cannot slip a path past a rule.
     resp = await _raw_request(client, "DELETE /cloud/%62uckets/reports HTTP/1.1", AGENT)
     assert resp["status"] == 403
-    assert resp["json"]["rule"] == "no-deletes"
+    assert resp["json"]["error"]["rule"] == "no-deletes"
 
 
 async def test_hop_by_hop_headers_are_stripped_both_ways(make_proxy: Factory) -> None:
@@ -300,7 +301,7 @@ async def test_upstream_unreachable_is_502(make_proxy: Factory) -> None:
     resp = await client.get("/dead/x", headers=AGENT)
     assert resp.status == 502
     body = await resp.json()
-    assert body["error"] == "upstream_unavailable" and body["route"] == "dead"
+    assert body["error"]["code"] == "upstream_unavailable" and body["error"]["route"] == "dead"
     assert sink.named("request.refused")[0]["status"] == 502
 
 
@@ -329,7 +330,7 @@ async def test_upstream_timeout_is_504(make_proxy: Factory) -> None:
     client, _ = await make_proxy()
     resp = await client.get("/raw/slow", headers=AGENT)  # route timeout 0.5 s
     assert resp.status == 504
-    assert (await resp.json())["error"] == "upstream_timeout"
+    assert (await resp.json())["error"]["code"] == "upstream_timeout"
 
 
 async def test_strip_prefix_false_keeps_the_path(make_proxy: Factory) -> None:
@@ -347,7 +348,7 @@ async def test_internal_endpoints(make_proxy: Factory) -> None:
     metrics = await (await client.get("/_countersign/metrics")).text()
     assert 'countersign_requests_total{outcome="forwarded",status="200"} 1' in metrics
     unknown = await client.get("/_countersign/nope")
-    assert unknown.status == 404 and (await unknown.json())["error"] == "not_found"
+    assert unknown.status == 404 and (await unknown.json())["error"]["code"] == "no_route"
 
 
 async def _raw_request(

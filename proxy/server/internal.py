@@ -35,6 +35,6 @@ def internal_routes(
 
     @routes.route("*", PREFIX + "{tail:.*}")
     async def unknown(_: web.Request) -> web.Response:
-        return error_response(404, "not_found", message="unknown /_countersign/ endpoint")
+        return error_response(404, "no_route", message="unknown /_countersign/ endpoint")
 
     return routes

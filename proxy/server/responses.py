@@ -1,8 +1,19 @@
-"""JSON error answers: every refusal the proxy makes has a JSON body naming the error."""
+"""JSON error answers: every refusal the proxy makes has one JSON shape.
+
+    {"error": {"code": "approval_denied",
+               "message": "Denied by carol@example.com: not this quarter",
+               "approval_id": "apr_…", "rule": "exports", "reason": "…", "decided_by": "…",
+               "request_id": "…"}}
+
+`code` is stable and machine-readable; `message` is a sentence for humans (SDKs of the OpenAI and
+Anthropic kind show it as the exception's text) and is always present; every other field is
+context, present when known.
+"""
 
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
@@ -13,23 +24,125 @@ APPROVAL_HEADER = "Countersign-Approval"  # async mode: the client names the app
 REASON_HEADER = "Countersign-Reason"  # the agent's stated intent, shown to approvers
 
 
+# The sentence an error carries when its maker gives none (keyed by code).
+DEFAULT_MESSAGES: dict[str, str] = {
+    "unauthorized": "a valid credential is required",
+    "policy_denied": "the policy does not allow this request",
+    "approval_denied": "the request was denied by an approver",
+    "approval_expired": "the approval expired before it was decided",
+    "approval_lapsed": "the request was approved but not sent again in time",
+    "approval_used": "this approval has already been used",
+    "approval_mismatch": "this approval does not cover this exact request by this caller",
+    "self_approval": "nobody may decide their own request",
+    "approver_unidentified": "the approver could not be identified",
+    "not_an_approver": "you are not an approver of this request",
+    "ambiguous_request": "the request is ambiguous and was refused",
+    "invalid_request": "the request is not valid",
+    "reason_required": "a reason is required for this decision",
+    "no_route": "no route matches this path",
+    "approval_not_found": "no such approval",
+    "method_not_allowed": "this method is not allowed here",
+    "approval_not_pending": "the approval is no longer pending",
+    "already_approved": "you have already approved this request",
+    "payload_too_large": "the request body is too large",
+    "header_too_large": "the request head is too large",
+    "too_many_pending": "too many approvals are pending for this caller; retry later",
+    "approvals_unavailable": "the approval store cannot be reached; nothing was forwarded",
+    "identity_unavailable": "credentials cannot be verified right now; retry later",
+    "shutting_down": "the proxy is shutting down; retry shortly",
+    "upstream_unavailable": "the upstream could not be reached",
+    "upstream_timeout": "the upstream did not answer in time",
+    "audit_unavailable": "the audit trail cannot be written; nothing was forwarded",
+}
+# Retry-After (seconds) for statuses that mean "later", unless the caller names its own.
+DEFAULT_RETRY_AFTER: dict[int, str] = {429: "30", 503: "5"}
+
+
+def default_message(code: str, status: int, fields: dict[str, Any] | None = None) -> str:
+    """A sentence for `code`, using the context in `fields` where it says more."""
+    fields = fields or {}
+    decided_by, reason, rule = fields.get("decided_by"), fields.get("reason"), fields.get("rule")
+    if code == "approval_denied" and decided_by:
+        return f"Denied by {decided_by}: {reason}" if reason else f"Denied by {decided_by}"
+    if code == "approval_expired" and reason:
+        return f"the approval expired: {reason}"
+    if code == "policy_denied" and rule:
+        return f"the policy denies this request (rule {rule})"
+    if code == "no_route" and fields.get("path"):
+        return f"no route matches {fields['path']}"
+    if code in DEFAULT_MESSAGES:
+        return DEFAULT_MESSAGES[code]
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return code.replace("_", " ")
+
+
+def error_body(
+    status: int,
+    code: str,
+    *,
+    message: str | None = None,
+    request_id: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """`{"error": {"code", "message", …fields, "request_id"}}`; None fields are dropped."""
+    context = {k: v for k, v in fields.items() if v is not None}
+    detail: dict[str, Any] = {
+        "code": code,
+        "message": message or default_message(code, status, context),
+        **context,
+    }
+    if request_id is not None:
+        detail["request_id"] = request_id
+    return {"error": detail}
+
+
 def error_response(
     status: int,
     error: str,
     *,
     request_id: str | None = None,
     headers: dict[str, str] | None = None,
+    message: str | None = None,
     **fields: Any,
 ) -> web.Response:
-    body: dict[str, Any] = {"error": error, **{k: v for k, v in fields.items() if v is not None}}
-    if request_id is not None:
-        body["request_id"] = request_id
+    """A JSON error answer; `error` is the code. `X-Request-Id` is set when the id is known."""
+    body = error_body(status, error, message=message, request_id=request_id, **fields)
     out_headers = dict(headers or {})
     if request_id is not None:
         out_headers[REQUEST_ID_HEADER] = request_id
+    retry_after = DEFAULT_RETRY_AFTER.get(status)
+    if retry_after is not None and not any(k.lower() == "retry-after" for k in out_headers):
+        out_headers["Retry-After"] = retry_after
     return web.Response(
         status=status,
         body=json.dumps(body).encode(),
         content_type="application/json",
         headers=out_headers,
     )
+
+
+# The one table from the codes of domain errors (`proxy.model.state`) to HTTP statuses: the
+# model names what went wrong, the edge chooses how to say it.
+STATUS_BY_CODE: dict[str, int] = {
+    "approval_denied": 403,
+    "approval_expired": 403,
+    "approval_lapsed": 403,
+    "approval_used": 403,
+    "approval_mismatch": 403,
+    "self_approval": 403,
+    "approver_unidentified": 403,
+    "not_an_approver": 403,
+    "reason_required": 400,
+    "invalid_request": 400,
+    "approval_not_found": 404,
+    "approval_not_pending": 409,
+    "already_approved": 409,
+    "too_many_pending": 429,
+}
+
+
+def status_for(code: str) -> int:
+    """The HTTP status for a domain error's code (409 for a conflict not listed)."""
+    return STATUS_BY_CODE.get(code, 409)

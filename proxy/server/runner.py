@@ -24,6 +24,7 @@ from ..app import build_app, build_redactor
 from ..audit.chain import ChainError
 from ..config import Settings
 from ..logs import configure_logging
+from .parse_errors import use_json_parse_errors
 
 log = structlog.get_logger("countersign")
 
@@ -45,8 +46,14 @@ async def start(
         handle_signals=False,
         shutdown_timeout=10,
         handler_cancellation=True,
+        # A header line may be as long as the whole head may be (a large bearer token still
+        # gets a 401, not the parser's 400).
+        max_line_size=settings.server.max_header_bytes,
+        max_field_size=settings.server.max_header_bytes,
     )
     await runner.setup()
+    assert runner.server is not None
+    use_json_parse_errors(runner.server)
     site = web.TCPSite(
         runner,
         settings.server.host,

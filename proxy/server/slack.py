@@ -33,14 +33,22 @@ def slack_routes(actions: Callable[[], SlackActions], signing_secret: str) -> we
             request.headers.get("X-Slack-Request-Timestamp", ""),
             request.headers.get("X-Slack-Signature", ""),
         ):
-            return error_response(401, "invalid_signature")
+            return error_response(
+                401,
+                "unauthorized",
+                message="missing or invalid Slack signature, or a stale timestamp",
+            )
         try:
             form = parse_qs(body.decode(), strict_parsing=False)
             payload = json.loads(form["payload"][0])
         except (UnicodeDecodeError, KeyError, IndexError, ValueError):
-            return error_response(400, "invalid_payload", message="expected a payload form field")
+            return error_response(
+                400, "invalid_request", field="payload", message="expected a payload form field"
+            )
         if not isinstance(payload, dict):
-            return error_response(400, "invalid_payload", message="payload must be an object")
+            return error_response(
+                400, "invalid_request", field="payload", message="payload must be a JSON object"
+            )
         answer = await actions().handle(payload)
         if answer is None:
             return web.Response(status=200)

@@ -43,7 +43,7 @@ from proxy.audit.chain import GENESIS, last_head_of, seal_line, verify_files
 from proxy.audit.file_sink import ChainedFileSink
 from proxy.audit.redact import Redactor
 from proxy.audit.sinks import render
-from proxy.types import Identity
+from proxy.model import Identity
 
 ROUNDS = 7
 VERIFIED = 30_000  # lines of the file written that are verified as a chain

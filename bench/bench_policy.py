@@ -30,8 +30,8 @@ from proxy.config import (
     RuleSettings,
     WhenSettings,
 )
+from proxy.model import Action, Identity, RequestInfo
 from proxy.policy import Policy
-from proxy.types import Action, Identity, RequestInfo
 
 ROUTES = [
     "cloud",

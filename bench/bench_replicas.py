@@ -62,8 +62,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from proxy.authn.apikeys import key_digest  # noqa: E402
+from proxy.model import DecisionRecord, Verdict  # noqa: E402
 from proxy.store.redis import RedisStore  # noqa: E402
-from proxy.types import DecisionRecord, Verdict  # noqa: E402
 from tests.redis_fixture import RedisServer  # noqa: E402
 
 COUNTERSIGN = str(Path(sys.executable).parent / "countersign")
@@ -249,7 +249,13 @@ def countersign_config(
             },
             "store": {"url": redis_url, "key_prefix": prefix, "timeout_seconds": store_timeout},
             "routes": [{"name": "cloud", "prefix": "/cloud/", "upstream": upstream}],
-            "approvals": {"mode": "hold", "timeout_seconds": timeout},
+            # One agent holds all 10,000 requests: the per-identity limit is lifted for the
+            # bench (its default, 20, is what a real agent gets).
+            "approvals": {
+                "mode": "hold",
+                "timeout_seconds": timeout,
+                "max_pending_per_identity": 100_000,
+            },
             "policy": {
                 "rules": [
                     {"name": "reads", "methods": ["GET"], "action": "allow"},

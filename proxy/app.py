@@ -30,6 +30,7 @@ from .notify.webhook import WebhookNotifier
 from .policy import Policy
 from .routing import RouteTable
 from .server.api import api_routes
+from .server.errors_middleware import json_errors
 from .server.gate import ApprovalGate
 from .server.internal import internal_routes
 from .server.metrics import Metrics
@@ -130,7 +131,13 @@ async def start_slack(
     )
     if slack.channel:
         notify.add(
-            SlackNotifier(client, slack.channel, store, public_url=settings.server.public_url)
+            SlackNotifier(
+                client,
+                slack.channel,
+                store,
+                public_url=settings.server.public_url,
+                redactor=build_redactor(settings),
+            )
         )
     actions = SlackActions(client, approvals, settings.approvals.groups)
     holder["slack"] = actions
@@ -160,7 +167,7 @@ def build_app(
     metrics = Metrics()
     # client_max_size bounds only bodies the proxy itself reads (API calls); proxied bodies
     # are streamed and never read whole.
-    app = web.Application(client_max_size=settings.server.max_body_bytes)
+    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[json_errors])
     app[SETTINGS_KEY] = settings
     app[AUDIT_KEY] = audit_log
     store = build_store(settings)
@@ -168,7 +175,9 @@ def build_app(
     approvals = ApprovalService(
         store, settings.approvals, audit_log, redactor=redactor, notify=notify
     )
-    gate = ApprovalGate(approvals, settings.server.max_body_bytes)
+    gate = ApprovalGate(
+        approvals, settings.server.max_body_bytes, settings.approvals.max_held_bytes
+    )
     # Parts that need the running loop are made on startup; handlers find them here.
     holder: dict[str, Any] = {}
 

@@ -1,4 +1,4 @@
-"""`countersign approvals list|approve|deny`: the approvals API from a terminal.
+"""`countersign approvals list|show [--body]|approve|deny`: the approvals API from a terminal.
 
 It talks to a running proxy over HTTP with the approver's own bearer token (an OIDC access token
 or an API key): the CLI has no powers of its own, the proxy authorizes every call.
@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -49,6 +51,16 @@ def token(args: argparse.Namespace) -> str:
     return str(value)
 
 
+def error_text(body: Any) -> str:
+    """`code: message` of an error answer (`{"error": {"code", "message", …}}`)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return "error" if error is None else str(error)
+    detail = error.get("message") or error.get("reason") or ""
+    state = f" (approval is {error['state']})" if error.get("state") else ""
+    return f"{error.get('code', 'error')}: {detail}{state}".rstrip(": ")
+
+
 async def _call(method: str, url: str, bearer: str, payload: dict[str, Any] | None = None) -> Any:
     headers = {"Authorization": f"Bearer {bearer}"}
     timeout = aiohttp.ClientTimeout(total=30)
@@ -60,13 +72,9 @@ async def _call(method: str, url: str, bearer: str, payload: dict[str, Any] | No
             try:
                 body = await resp.json(content_type=None)
             except ValueError:
-                body = {"error": "invalid_response", "message": await resp.text()}
+                body = {"error": {"code": "invalid_response", "message": await resp.text()}}
             if resp.status >= 400:
-                detail = body.get("message") or body.get("reason") or ""
-                state = f" (approval is {body['state']})" if body.get("state") else ""
-                raise CliError(
-                    f"{resp.status} {body.get('error', 'error')}: {detail}{state}".rstrip(": ")
-                )
+                raise CliError(f"{resp.status} {error_text(body)}")
             return body
     except aiohttp.ClientError as exc:
         raise CliError(f"cannot reach {url}: {exc}") from None
@@ -82,10 +90,27 @@ def _when(iso: str | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+# Terminal controls and bidirectional overrides: text from the agent must not move the cursor,
+# erase lines or reorder what the approver reads.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _shown(value: Any) -> str:
+    """`value` as inert text: every control character visible as an escape (`\\x1b`)."""
+    return _CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))
+
+
+def _one_line(value: Any) -> str:
+    """`value` inert and on one line (a newline shown as `\\n`)."""
+    return _shown(value).replace("\n", "\\n")
+
+
 def render_table(approvals: list[dict[str, Any]]) -> str:
     if not approvals:
         return "no approvals"
-    rows = [("ID", "STATE", "RULE", "REQUEST", "REQUESTER", "REASON", "EXPIRES")]
+    rows: list[tuple[str, ...]] = [
+        ("ID", "STATE", "RULE", "REQUEST", "REQUESTER", "REASON", "EXPIRES")
+    ]
     for a in approvals:
         requester = a["requester"]
         who = requester.get("email") or requester["subject"]
@@ -103,6 +128,7 @@ def render_table(approvals: list[dict[str, Any]]) -> str:
                 _when(a["expires_at"]) if a["state"] == "pending" else "-",
             )
         )
+    rows = [tuple(_one_line(cell) for cell in row) for row in rows]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -111,34 +137,104 @@ def render_table(approvals: list[dict[str, Any]]) -> str:
 
 
 def render_one(a: dict[str, Any]) -> str:
+    """An approval as an approver needs to judge it: what will run, where, for whom, and why.
+
+    Every value is shown inert (`_one_line`): agent-controlled text can neither add lines of its
+    own nor steer the terminal. Only the body preview keeps its line breaks, each line indented.
+    """
+    v = _one_line
+    requester = a["requester"]
+    quorum = f"quorum {a['approvals']}/{a['quorum']}"
     lines = [
-        f"approval {a['approval_id']}: {a['state']}",
-        f"  request:   {a['method']} {a['path']}" + (f"?{a['query']}" if a["query"] else ""),
-        f"  route/rule: {a['route']} / {a['rule']} (quorum {a['approvals']}/{a['quorum']})",
-        f"  requester: {a['requester']['subject']}"
-        + (f" <{a['requester']['email']}>" if a["requester"].get("email") else "")
-        + (f", acting for {a['requester']['owner']}" if a["requester"].get("owner") else ""),
+        f"approval {v(a['approval_id'])}: {v(a['state'])}",
+        f"  request:    {v(a['method'])} {v(a.get('target') or a['path'])}",
+        f"  upstream:   {v(a.get('upstream_url') or '-')}",
+        f"  route/rule: {v(a['route'])} / {v(a['rule'])} ({quorum})",
+        f"  requester:  {v(requester['subject'])}"
+        + (f" <{v(requester['email'])}>" if requester.get("email") else "")
+        + (f", acting for {v(requester['owner'])}" if requester.get("owner") else ""),
     ]
+    if a.get("actions"):
+        lines.append(f"  actions:    {v(', '.join(a['actions']))}")
     if a.get("reason"):
-        lines.append(f"  reason:    {a['reason']}")
-    if a.get("body_preview"):
-        lines.append(f"  body:      {a['body_preview']}")
+        lines.append(f"  reason:     {v(a['reason'])}")
+    for header in a.get("headers", []):
+        mark = "  (secret, redacted)" if header.get("redacted") else ""
+        lines.append(f"  header:     {v(header['name'])}: {v(header['value'])}{mark}")
+    if a.get("body_bytes"):
+        lines.append(
+            f"  body:       {a['body_bytes']} bytes, {v(a.get('content_type') or 'no type')}, "
+            f"sha256 {v(a.get('body_sha256'))}"
+            + ("; the preview is cut: `--body` prints it all" if a.get("body_truncated") else "")
+        )
+        lines.extend("    | " + _shown(line) for line in (a.get("body_preview") or "").split("\n"))
+    if a.get("abandoned_at"):
+        lines.append(f"  the client went away at {v(a['abandoned_at'])} (an identical retry joins)")
     for d in a.get("decisions", []):
-        who = d["approver"].get("email") or d["approver"]["subject"]
-        reason = f": {d['reason']}" if d.get("reason") else ""
-        lines.append(f"  {d['verdict']}d by {who} via {d['channel']} at {d['at']}{reason}")
-    if a.get("upstream_status") is not None:
+        who = d["approver"].get("person") or d["approver"].get("email") or d["approver"]["subject"]
+        reason = f": {v(d['reason'])}" if d.get("reason") else ""
+        lines.append(f"  {v(d['verdict'])}d by {v(who)} via {v(d['channel'])} at {d['at']}{reason}")
+    if a.get("outcome") == "ambiguous":
+        lines.append(
+            f"  executed at {a['executed_at']}: the upstream failed after receiving it, so it "
+            "may or may not have run"
+        )
+    elif a.get("upstream_status") is not None:
         lines.append(f"  executed at {a['executed_at']}, upstream answered {a['upstream_status']}")
     return "\n".join(lines)
+
+
+async def _bytes(url: str, bearer: str) -> bytes:
+    """A raw answer (the held body), or the API's error as a `CliError`."""
+    headers = {"Authorization": f"Bearer {bearer}"}
+    timeout = aiohttp.ClientTimeout(total=60)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url, headers=headers) as resp,
+        ):
+            data = await resp.read()
+            if resp.status >= 400:
+                try:
+                    body = json.loads(data)
+                except ValueError:
+                    body = {"error": {"code": "invalid_response", "message": data.decode()}}
+                raise CliError(f"{resp.status} {error_text(body)}")
+            return data
+    except aiohttp.ClientError as exc:
+        raise CliError(f"cannot reach {url}: {exc}") from None
+
+
+async def list_approvals(url: str, bearer: str, state: str, limit: int) -> dict[str, Any]:
+    """Up to `limit` approvals, newest first, following the API's `next_cursor` page by page;
+    the answer has the shape of one page (`approvals`, and `next_cursor` to read on)."""
+    approvals: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while len(approvals) < limit:
+        query: dict[str, str] = {"limit": str(min(limit - len(approvals), 1000))}
+        if state != "all":
+            query["state"] = state
+        if cursor is not None:
+            query["cursor"] = cursor
+        body = await _call("GET", f"{url}{API}?{urlencode(query)}", bearer)
+        approvals.extend(body["approvals"])
+        cursor = body.get("next_cursor")
+        if cursor is None:
+            break
+    return {"approvals": approvals[:limit], "next_cursor": cursor}
 
 
 async def run(args: argparse.Namespace) -> int:
     url = base_url(args)
     bearer = token(args)
     if args.approvals_command == "list":
-        query = "" if args.state == "all" else f"?state={args.state}"
-        body = await _call("GET", f"{url}{API}{query}", bearer)
+        body = await list_approvals(url, bearer, args.state, args.limit)
         print(json.dumps(body, indent=2) if args.json else render_table(body["approvals"]))
+        return 0
+    if args.approvals_command == "show" and args.body:
+        # The exact bytes the agent sent, for reading or diffing; nothing added.
+        sys.stdout.buffer.write(await _bytes(f"{url}{API}/{args.id}/body", bearer))
+        sys.stdout.buffer.flush()
         return 0
     if args.approvals_command == "show":
         body = await _call("GET", f"{url}{API}/{args.id}", bearer)
@@ -172,16 +268,35 @@ def add_parser(sub: Any, with_config: Any) -> None:
     p.add_argument(
         "--state",
         default="pending",
-        choices=["pending", "approved", "denied", "expired", "executed", "all"],
+        choices=["pending", "approved", "denied", "expired", "executed", "lapsed", "all"],
+    )
+    p.add_argument(
+        "--limit",
+        type=_positive,
+        default=100,
+        help="show at most this many, newest first (default 100; pages are followed)",
     )
     p = common(actions.add_parser("show", help="one approval in full"))
     p.add_argument("id")
+    p.add_argument(
+        "--body", action="store_true", help="print the held request's exact body bytes instead"
+    )
     p = common(actions.add_parser("approve", help="approve (counts towards the quorum)"))
     p.add_argument("id")
     p.add_argument("--reason", help="why (optional for approvals)")
     p = common(actions.add_parser("deny", help="deny (final); a reason is required"))
     p.add_argument("id")
     p.add_argument("--reason", required=True, help="why (required)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
 
 
 def main(args: argparse.Namespace) -> int:

@@ -28,7 +28,8 @@ from pydantic import (
     model_validator,
 )
 
-from .types import Action
+from .model import Action
+from .model.binding import DEFAULT_VOLATILE_HEADERS
 
 # --------------------------------------------------------------------------------------------
 # Schema
@@ -63,6 +64,8 @@ class ServerSettings(_Model):
     public_url: str | None = None
     max_body_bytes: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
     trusted_proxies: tuple[str, ...] = ()
+    # The longest request header line accepted; longer: 431 header_too_large.
+    max_header_bytes: Annotated[int, Field(ge=8192, le=1024 * 1024)] = 65536
     # Processes serving the same port (SO_REUSEPORT); more than one needs a shared store.
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     # uvloop (libuv) costs less CPU per request than asyncio's own loop; "asyncio" to compare.
@@ -104,6 +107,9 @@ class IssuerSettings(_Model):
     # Where to find the discovery document; defaults to {issuer}/.well-known/openid-configuration.
     discovery_url: str | None = None
     leeway_seconds: Annotated[int, Field(ge=0, le=300)] = 30
+    # A token's email names a person (who may decide, who counts towards a quorum, who may not
+    # approve their own agent's requests) only when the token says `email_verified: true`.
+    require_email_verified: bool = True
 
     @field_validator("algorithms")
     @classmethod
@@ -179,6 +185,14 @@ class RouteSettings(_Model):
     # the upstream's path (/cloud/x → upstream/x, the default).
     strip_prefix: bool = True
     timeout_seconds: Annotated[float, Field(gt=0)] | None = None
+    # Client headers forwarded upstream but not bound into an approval's fingerprint: they change
+    # on every retry of the same call (trace ids, SDK retry counters) and carry no action.
+    volatile_headers: tuple[str, ...] = DEFAULT_VOLATILE_HEADERS
+
+    @field_validator("volatile_headers")
+    @classmethod
+    def _volatile(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(name.strip().lower() for name in v)
 
     @field_validator("prefix")
     @classmethod
@@ -290,6 +304,11 @@ class PolicySettings(_Model):
 class ApprovalsSettings(_Model):
     mode: Literal["hold", "async"] = "hold"
     timeout_seconds: Annotated[int, Field(gt=0)] = 900
+    # An approved request must run within this many seconds of its approval, or it lapses.
+    claim_seconds: Annotated[int, Field(gt=0)] = 600
+    # Beyond these, a new privileged request gets 429 too_many_pending (with Retry-After).
+    max_pending_per_identity: Annotated[int, Field(gt=0)] = 20
+    max_held_bytes: Annotated[int, Field(gt=0)] = 256 * 1024 * 1024  # per process
     groups: Mapping[str, tuple[str, ...]] = Field(default_factory=dict)
 
 

@@ -44,7 +44,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .types import Action, Decision, Identity, RequestInfo
+from .model import Action, Decision, Identity, RequestInfo
 
 if TYPE_CHECKING:
     from .config import PolicySettings, RuleSettings

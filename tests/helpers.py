@@ -49,6 +49,7 @@ routes:
 approvals:
   mode: {mode}
   timeout_seconds: {timeout}
+  claim_seconds: {claim}
   groups: {{data-owners: ["carol@example.com"]}}
 policy:
   default: deny
@@ -84,6 +85,7 @@ def settings_for(
     dead: str = "http://127.0.0.1:9",
     mode: str = "hold",
     timeout: int = 60,
+    claim: int = 600,
     max_body: int = 1_000_000,
 ) -> Settings:
     text = BASE_CONFIG.format(
@@ -93,6 +95,7 @@ def settings_for(
         dead=dead,
         mode=mode,
         timeout=timeout,
+        claim=claim,
         max_body=max_body,
         agent=key_digest(AGENT_KEY),
         ci=key_digest(CI_KEY),

@@ -78,24 +78,48 @@ DEFAULT_CLIENTS: Final[list[dict[str, Any]]] = [
         "agent-7",
         groups=["agents"],
         email="agent7@example.com",
+        email_verified=True,
         act={"sub": "alice@example.com"},
     ),
     _client("ci-bot", groups=["ci"]),
-    _client("alice", groups=["data-owners"], email="alice@example.com"),
-    _client("bob", groups=["data-owners"], email="bob@example.com"),
-    _client("carol", groups=["data-owners"], email="carol@example.com"),
+    _client("alice", groups=["data-owners"], email="alice@example.com", email_verified=True),
+    _client("bob", groups=["data-owners"], email="bob@example.com", email_verified=True),
+    _client("carol", groups=["data-owners"], email="carol@example.com", email_verified=True),
     _client("mallory"),
+    # Identity shapes of the attacks in tests/security/:
+    # alice's own credential without an email (she owns agent-7's requests);
+    _client("alice-noemail", groups=["data-owners"]),
+    # a credential that claims alice's email without the IdP having verified it;
+    _client("alice-unverified", groups=["data-owners"], email="alice@example.com"),
+    _client(
+        "alice-unverified-false",
+        groups=["data-owners"],
+        email="alice@example.com",
+        email_verified=False,
+    ),
+    # a second subject of carol (another client of hers, the same verified email);
+    _client("carol-2", groups=["data-owners"], email="Carol@Example.com", email_verified=True),
+    # an agent that names the person it acts for in each token request (token exchange style).
+    {**_client("agent-x", groups=["agents"]), "may_act_for": True},
 ]
 
 #: Human users for the authorization-code flow; ``sub`` is the login name.
 DEFAULT_USERS: Final[list[dict[str, Any]]] = [
     {
         "sub": "alice@example.com",
-        "claims": {"email": "alice@example.com", "groups": ["data-owners"]},
+        "claims": {
+            "email": "alice@example.com",
+            "email_verified": True,
+            "groups": ["data-owners"],
+        },
     },
     {
         "sub": "bob@example.com",
-        "claims": {"email": "bob@example.com", "groups": ["data-owners"]},
+        "claims": {
+            "email": "bob@example.com",
+            "email_verified": True,
+            "groups": ["data-owners"],
+        },
     },
 ]
 
@@ -172,21 +196,27 @@ class TestIdP:
 
     # ------------------------------------------------------------------ tokens
 
-    async def token(self, client_id: str, resource: str | None = None) -> str:
+    async def token(
+        self, client_id: str, resource: str | None = None, *, act_for: str | None = None
+    ) -> str:
         """Client-credentials access token (JWT) for ``client_id``.
 
         Without ``resource`` the audience is :attr:`audience`; otherwise it is
         ``resource`` (must be an absolute URI, e.g. ``https://other.example``).
         """
-        body = await self.token_response(client_id, resource=resource)
+        body = await self.token_response(client_id, resource=resource, act_for=act_for)
         return str(body["access_token"])
 
-    async def token_response(self, client_id: str, resource: str | None = None) -> dict[str, Any]:
+    async def token_response(
+        self, client_id: str, resource: str | None = None, *, act_for: str | None = None
+    ) -> dict[str, Any]:
         """Like :meth:`token` but returns the whole token endpoint JSON response."""
         secret = self.client_secret(client_id)
         form = {"grant_type": "client_credentials"}
         if resource is not None and resource != self.audience:
             form["resource"] = resource
+        if act_for is not None:  # only clients marked "may_act_for" honour it
+            form["act_for"] = act_for
         method = self._clients[client_id].get("token_endpoint_auth_method", "client_secret_basic")
         headers = {"Accept": "application/json"}
         if method == "client_secret_post":

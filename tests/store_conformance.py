@@ -26,9 +26,10 @@ from typing import Any
 
 import pytest
 
-from proxy.approvals.state import DuplicateApprover, NotClaimable, NotPending
-from proxy.store.base import Store
-from proxy.types import Approval, ApprovalState, DecisionRecord, Requester, Verdict
+from proxy.model import Approval, ApprovalState, DecisionRecord, Outcome, Requester, Verdict
+from proxy.model.state import DuplicateApprover, NotClaimable, NotPending, TooManyPending
+from proxy.store import codec
+from proxy.store.base import InvalidCursor, Store, cursor_after
 
 REQUESTER = Requester(
     subject="agent-7", issuer="https://idp", email=None, owner="alice@example.com"
@@ -65,6 +66,8 @@ def record(
     channel: str = "api",
     reason: str | None = None,
     at: float | None = None,
+    person: str | None = None,
+    approver_issuer: str = "https://idp",
 ) -> DecisionRecord:
     return DecisionRecord(
         verdict=verdict,
@@ -73,6 +76,8 @@ def record(
         channel=channel,
         reason=reason,
         at=time.time() if at is None else at,
+        approver_issuer=approver_issuer,
+        person=person or f"{approver}@example.com",
     )
 
 
@@ -82,6 +87,33 @@ def approve(approver: str = "bob", **kwargs: Any) -> DecisionRecord:
 
 def deny(approver: str = "bob", reason: str = "not today", **kwargs: Any) -> DecisionRecord:
     return record(Verdict.DENY, approver, reason=reason, **kwargs)
+
+
+async def listed(
+    store: Store, state: ApprovalState | None = None, limit: int = 100
+) -> list[Approval]:
+    """The first page of a listing."""
+    approvals, _ = await store.list(state, limit=limit)
+    return approvals
+
+
+async def every_page(
+    store: Store, state: ApprovalState | None = None, limit: int = 100
+) -> list[list[Approval]]:
+    """Every page of a listing, following the cursors to the end."""
+    pages: list[list[Approval]] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = await store.list(state, limit=limit, cursor=cursor)
+        pages.append(page)
+        if cursor is None:
+            return pages
+        assert len(pages) < 1000, "the cursors never end"
+
+
+def newest_first(approvals: list[Approval]) -> list[str]:
+    """Ids in listing order: created_at, then id, both descending."""
+    return [a.id for a in sorted(approvals, key=lambda a: (a.created_at, a.id), reverse=True)]
 
 
 class StoreConformance:
@@ -148,7 +180,7 @@ class StoreConformance:
         candidate = make_approval(fingerprint=first.fingerprint)
         await store.create_or_join(candidate)
         assert await store.get(candidate.id) is None
-        assert [a.id for a in await store.list()] == [first.id]
+        assert [a.id for a in await listed(store)] == [first.id]
 
     async def test_same_fingerprint_joins_approved_not_executed(self, store: Store) -> None:
         first = await self.approved(store)
@@ -186,7 +218,7 @@ class StoreConformance:
         second, created = await store.create_or_join(make_approval())
         assert created is True
         assert second.id != first.id
-        assert {a.id for a in await store.list()} == {first.id, second.id}
+        assert {a.id for a in await listed(store)} == {first.id, second.id}
 
     async def test_due_pending_approval_is_not_joined(self, store: Store) -> None:
         now = time.time()
@@ -356,7 +388,7 @@ class StoreConformance:
     async def test_record_outcome_after_claim(self, store: Store) -> None:
         approval = await self.approved(store)
         claimed = await store.claim(approval.id, time.time())
-        recorded = await store.record_outcome(approval.id, 201)
+        recorded = await store.record_outcome(approval.id, Outcome.COMPLETED, 201)
         assert recorded.upstream_status == 201
         assert recorded.state is ApprovalState.EXECUTED
         assert recorded.executed_at == claimed.executed_at
@@ -365,10 +397,10 @@ class StoreConformance:
     async def test_record_outcome_before_claim_is_not_claimable(self, store: Store) -> None:
         pending = await self.created(store)
         with pytest.raises(NotClaimable):
-            await store.record_outcome(pending.id, 200)
+            await store.record_outcome(pending.id, Outcome.COMPLETED, 200)
         approved = await self.approved(store)
         with pytest.raises(NotClaimable):
-            await store.record_outcome(approved.id, 200)
+            await store.record_outcome(approved.id, Outcome.COMPLETED, 200)
         assert await store.get(approved.id) == approved
 
     # -- expire -------------------------------------------------------------------------------
@@ -393,18 +425,18 @@ class StoreConformance:
         expired = await store.expire(approval.id, approval.expires_at)
         assert expired is not None and expired.state is ApprovalState.EXPIRED
 
-    async def test_an_unused_approval_expires_after_its_window(self, store: Store) -> None:
-        approval = await self.approved(store)
-        # Approval restarts the window: it may be used until then, not forever.
-        assert approval.expires_at > time.time() + 50
+    async def test_an_unused_approval_lapses_after_its_claim_window(self, store: Store) -> None:
+        approval = await self.approved(store, claim_seconds=120.0)
+        # Approval starts the claim window: it may be used until then, not forever.
+        assert time.time() + 100 < approval.expires_at <= time.time() + 120
         assert await store.expire(approval.id, approval.expires_at - 1) is None
         with pytest.raises(NotClaimable) as info:
             await store.claim(approval.id, approval.expires_at)
         assert info.value.approval is not None
-        assert info.value.approval.state is ApprovalState.EXPIRED
+        assert info.value.approval.state is ApprovalState.LAPSED
         assert approval.id in await store.due(approval.expires_at)
-        expired = await store.expire(approval.id, approval.expires_at)
-        assert expired is not None and expired.state is ApprovalState.EXPIRED
+        lapsed = await store.expire(approval.id, approval.expires_at)
+        assert lapsed is not None and lapsed.state is ApprovalState.LAPSED
 
     async def test_expire_never_touches_denied_or_executed(self, store: Store) -> None:
         denied = await self.created(store)
@@ -425,7 +457,7 @@ class StoreConformance:
         a = await self.created(store, expires_at=now + 10)
         b = await self.created(store, expires_at=now + 20)
         await self.created(store, expires_at=now + 100)  # not due yet
-        approved = await self.approved(store, expires_at=now + 10)
+        approved = await self.approved(store, expires_at=now + 10, claim_seconds=10.0)
         denied = await self.created(store, expires_at=now + 10)
         await store.decide(denied.id, deny(), now)
         expired = await self.created(store, expires_at=now + 10)
@@ -433,7 +465,7 @@ class StoreConformance:
         assert approved.state is ApprovalState.APPROVED
 
         assert sorted(await store.due(now)) == []
-        # The approved one got a fresh 10 s window to be used when it was approved.
+        # The approved one got its 10 s claim window when it was approved.
         assert sorted(await store.due(now + 30)) == sorted([a.id, b.id, approved.id])
         assert a.id in await store.due(now + 15) and b.id not in await store.due(now + 15)
 
@@ -453,24 +485,197 @@ class StoreConformance:
         newest = await self.created(store, created_at=now - 1)
         await store.decide(middle.id, deny(), now)
 
-        assert [a.id for a in await store.list()] == [newest.id, middle.id, oldest.id]
-        pending = await store.list(ApprovalState.PENDING)
+        assert [a.id for a in await listed(store)] == [newest.id, middle.id, oldest.id]
+        pending = await listed(store, ApprovalState.PENDING)
         assert [a.id for a in pending] == [newest.id, oldest.id]
         assert all(a.state is ApprovalState.PENDING for a in pending)
-        assert [a.id for a in await store.list(ApprovalState.DENIED)] == [middle.id]
-        assert await store.list(ApprovalState.APPROVED) == []
-        assert [a.id for a in await store.list(limit=2)] == [newest.id, middle.id]
-        assert [a.id for a in await store.list(ApprovalState.PENDING, limit=1)] == [newest.id]
+        assert [a.id for a in await listed(store, ApprovalState.DENIED)] == [middle.id]
+        assert await listed(store, ApprovalState.APPROVED) == []
+        assert [a.id for a in await listed(store, limit=2)] == [newest.id, middle.id]
+        assert [a.id for a in await listed(store, ApprovalState.PENDING, limit=1)] == [newest.id]
 
     async def test_list_returns_current_values(self, store: Store) -> None:
         approval = await self.approved(store)
         claimed = await store.claim(approval.id, time.time())
-        assert await store.list() == [claimed]
-        assert await store.list(ApprovalState.EXECUTED) == [claimed]
-        assert await store.list(ApprovalState.APPROVED) == []
+        assert await listed(store) == [claimed]
+        assert await listed(store, ApprovalState.EXECUTED) == [claimed]
+        assert await listed(store, ApprovalState.APPROVED) == []
 
     async def test_list_empty(self, store: Store) -> None:
-        assert await store.list() == []
+        assert await listed(store) == []
+        assert await store.list(ApprovalState.PENDING) == ([], None)
+
+    async def test_paging_yields_every_approval_once_newest_first(self, store: Store) -> None:
+        now = time.time()
+        # Groups of 7 share a creation time, so page boundaries fall inside a group.
+        results = await asyncio.gather(
+            *(
+                store.create_or_join(make_approval(created_at=now - 100 + i // 7))
+                for i in range(250)
+            )
+        )
+        approvals = [a for a, _ in results]
+        pages = await every_page(store, limit=100)
+        assert [len(p) for p in pages] == [100, 100, 50]
+        assert [a.id for p in pages for a in p] == newest_first(approvals)
+
+    async def test_paging_with_a_state_filter(self, store: Store) -> None:
+        now = time.time()
+        results = await asyncio.gather(
+            *(
+                store.create_or_join(make_approval(created_at=now - 100 + i // 3))
+                for i in range(120)
+            )
+        )
+        approvals = [a for a, _ in results]
+        denied = [
+            await store.decide(a.id, deny(), now) for i, a in enumerate(approvals) if i % 3 == 1
+        ]
+        pending = [a for i, a in enumerate(approvals) if i % 3 != 1]
+        pending_pages = await every_page(store, ApprovalState.PENDING, limit=30)
+        assert [len(p) for p in pending_pages] == [30, 30, 20]
+        assert [a.id for p in pending_pages for a in p] == newest_first(pending)
+        assert all(a.state is ApprovalState.PENDING for p in pending_pages for a in p)
+        denied_pages = await every_page(store, ApprovalState.DENIED, limit=25)
+        assert [a.id for p in denied_pages for a in p] == newest_first(denied)
+        assert all(a.state is ApprovalState.DENIED for p in denied_pages for a in p)
+        assert await every_page(store, ApprovalState.APPROVED, limit=25) == [[]]
+
+    async def test_a_cursor_outlives_its_approvals_change_of_state(self, store: Store) -> None:
+        now = time.time()
+        approvals = [await self.created(store, created_at=now - 10 + i) for i in range(4)]
+        first, cursor = await store.list(ApprovalState.PENDING, limit=2)
+        assert [a.id for a in first] == [approvals[3].id, approvals[2].id]
+        assert cursor is not None
+        await store.decide(approvals[2].id, deny(), now)  # the page's last one leaves `pending`
+        rest, end = await store.list(ApprovalState.PENDING, limit=2, cursor=cursor)
+        assert [a.id for a in rest] == [approvals[1].id, approvals[0].id]
+        assert end is None
+        # Any approval makes a cursor: the page after it, in any listing.
+        after, _ = await store.list(cursor=cursor_after(approvals[3]))
+        assert [a.id for a in after] == [approvals[2].id, approvals[1].id, approvals[0].id]
+
+    @pytest.mark.parametrize("cursor", ["", "not a cursor", "@@@", "bm9zcGFjZQ", "x" * 5000])
+    async def test_an_invalid_cursor_is_refused(self, store: Store, cursor: str) -> None:
+        await self.created(store)
+        with pytest.raises(InvalidCursor):
+            await store.list(cursor=cursor)
+
+    async def test_a_page_costs_the_same_whatever_the_history(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A page of pending approvals decodes about a page of approvals, even when hundreds
+        of finished ones, newer than all of them, fill the store."""
+        now = time.time()
+        live = [await self.created(store, created_at=now - 500 + i) for i in range(5)]
+        history = await asyncio.gather(
+            *(store.create_or_join(make_approval(created_at=now - 100 + i / 8)) for i in range(400))
+        )
+        await asyncio.gather(*(store.decide(a.id, deny(), now) for a, _ in history))
+        decoded = 0
+        real_loads = codec.loads
+
+        def counting_loads(text: str | bytes) -> Approval:
+            nonlocal decoded
+            decoded += 1
+            return real_loads(text)
+
+        monkeypatch.setattr(codec, "loads", counting_loads)
+        page, cursor = await store.list(ApprovalState.PENDING, limit=3)
+        assert [a.id for a in page] == [live[4].id, live[3].id, live[2].id]
+        assert decoded <= 3
+        decoded = 0
+        page, cursor = await store.list(ApprovalState.PENDING, limit=3, cursor=cursor)
+        assert [a.id for a in page] == [live[1].id, live[0].id]
+        assert cursor is None
+        assert decoded <= 3
+        decoded = 0
+        page, _ = await store.list(limit=3)
+        assert len(page) == 3 and decoded <= 3
+
+    # -- limits -------------------------------------------------------------------------------
+
+    async def test_at_the_limit_creating_is_too_many_pending_and_stores_nothing(
+        self, store: Store
+    ) -> None:
+        for _ in range(3):
+            _, created = await store.create_or_join(make_approval(), max_pending=3)
+            assert created
+        candidate = make_approval()
+        with pytest.raises(TooManyPending) as refused:
+            await store.create_or_join(candidate, max_pending=3)
+        assert "max_pending_per_identity is 3" in refused.value.message
+        assert await store.get(candidate.id) is None
+        assert candidate.id not in {a.id for a in await listed(store)}
+        assert len(await listed(store, ApprovalState.PENDING)) == 3
+        # The same fingerprint is free to be created by someone under the limit later.
+        other = Requester(subject="agent-8", issuer="https://idp")
+        _, created = await store.create_or_join(
+            make_approval(fingerprint=candidate.fingerprint, requester=other), max_pending=3
+        )
+        assert created
+
+    async def test_the_limit_counts_per_requester(self, store: Store) -> None:
+        await store.create_or_join(make_approval(), max_pending=1)
+        same_subject_other_issuer = Requester(subject=REQUESTER.subject, issuer="https://other")
+        _, created = await store.create_or_join(
+            make_approval(requester=same_subject_other_issuer), max_pending=1
+        )
+        assert created
+        with pytest.raises(TooManyPending):
+            await store.create_or_join(make_approval(), max_pending=1)
+
+    async def test_approvals_created_without_a_limit_count_towards_it(self, store: Store) -> None:
+        await self.created(store)
+        await self.created(store)
+        with pytest.raises(TooManyPending):
+            await store.create_or_join(make_approval(), max_pending=2)
+        _, created = await store.create_or_join(make_approval(), max_pending=3)
+        assert created
+
+    async def test_joining_is_allowed_at_the_limit(self, store: Store) -> None:
+        first, _ = await store.create_or_join(make_approval(), max_pending=2)
+        await store.create_or_join(make_approval(), max_pending=2)
+        joined, created = await store.create_or_join(
+            make_approval(fingerprint=first.fingerprint), max_pending=2
+        )
+        assert created is False
+        assert joined.id == first.id
+        approved = await store.decide(first.id, approve(), time.time())
+        joined, created = await store.create_or_join(
+            make_approval(fingerprint=first.fingerprint), max_pending=1
+        )
+        assert created is False
+        assert joined == approved
+
+    @pytest.mark.parametrize("how", ["denied", "approved", "expired"])
+    async def test_an_approval_leaving_pending_frees_a_slot(self, store: Store, how: str) -> None:
+        now = time.time()
+        first, _ = await store.create_or_join(make_approval(expires_at=now + 1), max_pending=2)
+        await store.create_or_join(make_approval(), max_pending=2)
+        with pytest.raises(TooManyPending):
+            await store.create_or_join(make_approval(), max_pending=2)
+        if how == "denied":
+            await store.decide(first.id, deny(), now)
+        elif how == "approved":
+            await store.decide(first.id, approve(), now)
+        else:
+            assert await store.expire(first.id, now + 2) is not None
+        _, created = await store.create_or_join(make_approval(), max_pending=2)
+        assert created
+        with pytest.raises(TooManyPending):
+            await store.create_or_join(make_approval(), max_pending=2)
+
+    async def test_race_concurrent_creates_respect_the_limit(self, store: Store) -> None:
+        candidates = [make_approval() for _ in range(30)]
+        results = await asyncio.gather(
+            *(store.create_or_join(c, max_pending=10) for c in candidates), return_exceptions=True
+        )
+        created = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert len(created) == 10
+        assert all(isinstance(r, TooManyPending) for r in refused), refused
+        assert len(await listed(store, ApprovalState.PENDING)) == 10
 
     # -- wait ---------------------------------------------------------------------------------
 
@@ -631,7 +836,7 @@ class StoreConformance:
         assert len(ids) == 1
         (winner_id,) = ids
         assert winner_id in {c.id for c in candidates}
-        assert [a.id for a in await store.list()] == [winner_id]
+        assert [a.id for a in await listed(store)] == [winner_id]
 
     async def test_race_concurrent_expires_exactly_one_reports(self, store: Store) -> None:
         approval = await self.created(store)
@@ -697,7 +902,7 @@ class StoreConformance:
         await store.set_note(approval.id, "slack.message", "kept")
         await store.decide(approval.id, approve(), time.time())
         await store.claim(approval.id, time.time())
-        await store.record_outcome(approval.id, 200)
+        await store.record_outcome(approval.id, Outcome.COMPLETED, 200)
         assert await store.get_note(approval.id, "slack.message") == "kept"
 
     # -- health -------------------------------------------------------------------------------

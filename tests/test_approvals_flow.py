@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from proxy.model import Outcome
 from tests.conftest import Client, Factory
 from tests.helpers import (
     AGENT_KEY,
@@ -105,10 +106,12 @@ async def test_hold_mode_deny_returns_403_with_reason(make_proxy: Factory) -> No
     assert status == 200 and body["state"] == "denied"
     status, body, _ = await asyncio.wait_for(call, 5)
     assert status == 403
-    assert body["error"] == "approval_denied"
-    assert body["approval_id"] == approval_id and body["rule"] == "exports"
-    assert body["reason"] == "not this quarter"
-    assert body["decided_by"] == "alice@example.com"
+    error = body["error"]
+    assert error["code"] == "approval_denied"
+    assert error["message"] == "Denied by alice@example.com: not this quarter"
+    assert error["approval_id"] == approval_id and error["rule"] == "exports"
+    assert error["reason"] == "not this quarter"
+    assert error["decided_by"] == "alice@example.com"
 
 
 async def test_denial_needs_a_reason(make_proxy: Factory) -> None:
@@ -117,7 +120,7 @@ async def test_denial_needs_a_reason(make_proxy: Factory) -> None:
     approval_id = await pending_id(client)
     for reason in (None, "", "   "):
         status, body = await decide(client, approval_id, ALICE, "deny", reason)
-        assert status == 400 and body["error"] == "reason_required"
+        assert status == 400 and body["error"]["code"] == "reason_required"
     await decide(client, approval_id, ALICE, "deny", "now with a reason")
     await call
 
@@ -126,11 +129,12 @@ async def test_expiry_releases_the_held_request_and_is_audited(make_proxy: Facto
     client, sink = await make_proxy(timeout=1)
     status, body, _ = await asyncio.wait_for(held(client), 5)
     assert status == 403
-    assert body["error"] == "approval_expired" and body["rule"] == "exports"
+    error = body["error"]
+    assert error["code"] == "approval_expired" and error["rule"] == "exports"
     expired = sink.named("approval.expired")
-    assert len(expired) == 1 and expired[0]["approval_id"] == body["approval_id"]
-    status, late = await decide(client, body["approval_id"], ALICE, "approve")
-    assert status == 409 and late["error"] == "approval_not_pending"
+    assert len(expired) == 1 and expired[0]["approval_id"] == error["approval_id"]
+    status, late = await decide(client, error["approval_id"], ALICE, "approve")
+    assert status == 409 and late["error"]["code"] == "approval_not_pending"
 
 
 async def test_expiry_is_audited_even_with_nobody_waiting(make_proxy: Factory) -> None:
@@ -157,7 +161,7 @@ async def test_retry_while_pending_joins_one_approval(make_proxy: Factory) -> No
     statuses = sorted(r[0] for r in results)
     assert statuses == [200, 403], "one execution; the other waiter learns it was used"
     used = next(r[1] for r in results if r[0] == 403)
-    assert used["error"] == "approval_used"
+    assert used["error"]["code"] == "approval_used"
     assert len(sink.named("request.forwarded")) == 1
 
 
@@ -201,7 +205,7 @@ async def test_self_approval_and_strangers_are_refused(
     resp = await client.post(EXPORT, json={"a": 1}, headers=AGENT)
     approval_id = (await resp.json())["approval_id"]
     status, body = await decide(client, approval_id, who, "approve")
-    assert status == 403 and body["error"] == error
+    assert status == 403 and body["error"]["code"] == error
     assert not sink.named("approval.decided")
     shown = await (await client.get(f"{API}/{approval_id}", headers=ALICE)).json()
     assert shown["state"] == "pending"
@@ -224,7 +228,7 @@ async def test_quorum_needs_distinct_approvers(make_proxy: Factory) -> None:
     status, body = await decide(client, approval_id, ALICE, "approve")
     assert status == 200 and body["state"] == "pending" and body["approvals"] == 1
     status, body = await decide(client, approval_id, ALICE, "approve")
-    assert status == 409 and body["error"] == "already_approved"
+    assert status == 409 and body["error"]["code"] == "already_approved"
     assert not call.done()
     status, body = await decide(client, approval_id, bearer(DAVE_KEY), "approve")
     assert status == 200 and body["state"] == "approved" and body["approvals"] == 2
@@ -241,7 +245,7 @@ async def test_one_denial_ends_a_quorum(make_proxy: Factory) -> None:
     status, body = await decide(client, approval_id, bearer(DAVE_KEY), "deny", "no admins")
     assert status == 200 and body["state"] == "denied"
     resp = await asyncio.wait_for(call, 5)
-    assert resp.status == 403 and (await resp.json())["error"] == "approval_denied"
+    assert resp.status == 403 and (await resp.json())["error"]["code"] == "approval_denied"
 
 
 async def test_racing_deciders_exactly_one_wins(make_proxy: Factory) -> None:
@@ -267,7 +271,7 @@ async def test_body_above_the_limit_is_413_before_any_approval(make_proxy: Facto
     resp = await client.post(EXPORT, data=b"x" * 1001, headers=AGENT)
     assert resp.status == 413
     body = await resp.json()
-    assert body["error"] == "body_too_large" and body["limit"] == 1000
+    assert body["error"]["code"] == "payload_too_large" and body["error"]["limit"] == 1000
     assert not sink.named("approval.requested")
 
 
@@ -294,7 +298,7 @@ async def test_async_mode_202_then_resend_once(make_proxy: Factory) -> None:
     second = await client.post(
         EXPORT, json={"a": 1}, headers={**AGENT, "Countersign-Approval": approval_id}
     )
-    assert second.status == 403 and (await second.json())["error"] == "approval_used"
+    assert second.status == 403 and (await second.json())["error"]["code"] == "approval_used"
     assert len(sink.named("request.forwarded")) == 1
 
 
@@ -316,7 +320,7 @@ async def test_approval_covers_only_the_exact_request(
     await decide(client, approval_id, ALICE, "approve")
     other = await client.post(path, json=body, headers={**who, "Countersign-Approval": approval_id})
     assert other.status == 403
-    assert (await other.json())["error"] in ("approval_mismatch", "policy_denied")
+    assert (await other.json())["error"]["code"] in ("approval_mismatch", "policy_denied")
     assert not sink.named("request.forwarded")
     # The real request still runs, once.
     run = await client.post(
@@ -331,21 +335,24 @@ async def test_api_validation_errors(make_proxy: Factory) -> None:
     approval_id = (await resp.json())["approval_id"]
     url = f"{API}/{approval_id}/decision"
     cases = [
-        (b"not json", "invalid_json"),
-        (b"[1, 2]", "invalid_json"),
-        (b'{"verdict": "maybe"}', "invalid_verdict"),
-        (b'{"verdict": "approve", "reason": 5}', "invalid_reason"),
-        (b'{"verdict": "approve", "extra": 1}', "invalid_field"),
+        (b"not json", None),
+        (b"[1, 2]", None),
+        (b'{"verdict": "maybe"}', "verdict"),
+        (b'{"verdict": "approve", "reason": 5}', "reason"),
+        (b'{"verdict": "approve", "extra": 1}', "extra"),
     ]
-    for payload, error in cases:
+    for payload, field in cases:
         r = await client.post(
             url, data=payload, headers={**ALICE, "Content-Type": "application/json"}
         )
-        assert r.status == 400 and (await r.json())["error"] == error, payload
+        error = (await r.json())["error"]
+        assert r.status == 400 and error["code"] == "invalid_request", payload
+        assert error.get("field") == field and error["message"], payload
     r = await client.post(f"{API}/apr_nope/decision", json={"verdict": "approve"}, headers=ALICE)
-    assert r.status == 404 and (await r.json())["error"] == "approval_not_found"
+    assert r.status == 404 and (await r.json())["error"]["code"] == "approval_not_found"
     r = await client.get(API, params={"state": "bogus"}, headers=ALICE)
-    assert r.status == 400 and (await r.json())["error"] == "invalid_state"
+    error = (await r.json())["error"]
+    assert r.status == 400 and (error["code"], error["field"]) == ("invalid_request", "state")
     r = await client.get(API)
     assert r.status == 401 and r.headers["WWW-Authenticate"].startswith(
         'Bearer error="invalid_token"'
@@ -360,8 +367,8 @@ async def test_listing_shows_only_what_the_caller_may_see(make_proxy: Factory) -
         assert len((await resp.json())["approvals"]) == count
 
 
-async def test_an_approval_not_used_in_time_expires(make_proxy: Factory) -> None:
-    client, sink = await make_proxy(mode="async", timeout=1)
+async def test_an_approval_not_used_in_time_lapses(make_proxy: Factory) -> None:
+    client, sink = await make_proxy(mode="async", claim=1)
     resp = await client.post(EXPORT, json={"a": 1}, headers=AGENT)
     approval_id = (await resp.json())["approval_id"]
     status, body = await decide(client, approval_id, ALICE, "approve")
@@ -372,10 +379,13 @@ async def test_an_approval_not_used_in_time_expires(make_proxy: Factory) -> None
     )
     assert late.status == 403
     refused = await late.json()
-    assert refused["error"] == "approval_expired"
-    assert refused["reason"] == "approved, but not used before the deadline"
-    assert [e["approval_id"] for e in sink.named("approval.expired")] == [approval_id]
+    assert refused["error"]["code"] == "approval_lapsed"
+    assert "not used within approvals.claim_seconds" in refused["error"]["message"]
+    assert [e["approval_id"] for e in sink.named("approval.lapsed")] == [approval_id]
+    assert not sink.named("approval.expired")
     assert not sink.named("request.forwarded")
+    shown = await (await client.get(f"{API}/{approval_id}", headers=ALICE)).json()
+    assert shown["state"] == "lapsed"
 
 
 async def test_an_executed_request_is_answered_even_if_recording_its_outcome_fails(
@@ -387,12 +397,14 @@ async def test_an_executed_request_is_answered_even_if_recording_its_outcome_fai
     failures = 0
     original = MemoryStore.record_outcome
 
-    async def flaky(self: MemoryStore, approval_id: str, upstream_status: int) -> Any:
+    async def flaky(
+        self: MemoryStore, approval_id: str, outcome: Outcome, upstream_status: int | None
+    ) -> Any:
         nonlocal failures
         if failures < 2:  # the store hiccups just after the upstream answered
             failures += 1
             raise StoreUnavailable("injected")
-        return await original(self, approval_id, upstream_status)
+        return await original(self, approval_id, outcome, upstream_status)
 
     monkeypatch.setattr(MemoryStore, "record_outcome", flaky)
     client, sink = await make_proxy()
@@ -409,3 +421,4 @@ async def test_an_executed_request_is_answered_even_if_recording_its_outcome_fai
             break
         await asyncio.sleep(0.1)
     assert shown["state"] == "executed" and shown["upstream_status"] == 200
+    assert shown["outcome"] == "completed"

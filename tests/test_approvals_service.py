@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from proxy.approvals.service import ApprovalService
-from proxy.approvals.state import NotPending
 from proxy.audit import AuditLog
 from proxy.config import ApprovalsSettings, ApproversSettings, RuleSettings
+from proxy.model import Action, Approval, ApprovalState, Identity, Verdict
+from proxy.model.binding import binding_of
+from proxy.model.state import NotPending
 from proxy.store.memory import MemoryStore
-from proxy.types import Action, ApprovalState, Identity, Verdict
 from tests.helpers import ListSink
 
 AGENT = Identity(subject="agent-7", issuer="https://idp", groups=frozenset({"agents"}))
@@ -18,6 +19,7 @@ ALICE = Identity(
     issuer="https://idp",
     email="alice@example.com",
     groups=frozenset({"data-owners"}),
+    email_verified=True,
 )
 RULE = RuleSettings(
     name="exports",
@@ -35,21 +37,30 @@ class Clock:
         return self.now
 
 
+async def open_export(service: ApprovalService, request_id: str) -> tuple[Approval, bool]:
+    return await service.open(
+        identity=AGENT,
+        rule=RULE,
+        binding=binding_of(
+            method="POST",
+            target=b"/api/exports/x",
+            headers=((b"content-type", b"application/json"),),
+            body=b"{}",
+            route="cloud",
+            identity=AGENT,
+        ),
+        path="/cloud/exports/x",
+        query="",
+        upstream_url="http://upstream/api/exports/x",
+        reason=None,
+        request_id=request_id,
+    )
+
+
 async def opened(clock: Clock) -> tuple[ApprovalService, ListSink, str]:
     sink = ListSink()
     service = ApprovalService(MemoryStore(), ApprovalsSettings(), AuditLog([sink]), clock=clock)
-    approval, created = await service.open(
-        identity=AGENT,
-        rule=RULE,
-        method="POST",
-        path="/cloud/exports/x",
-        query="",
-        route="cloud",
-        body=b"{}",
-        content_type="application/json",
-        reason=None,
-        request_id="r1",
-    )
+    approval, created = await open_export(service, "r1")
     assert created
     return service, sink, approval.id
 
@@ -83,16 +94,5 @@ async def test_a_retry_after_the_deadline_opens_a_new_approval() -> None:
     clock = Clock()
     service, _, first = await opened(clock)
     clock.now += 61
-    approval, created = await service.open(
-        identity=AGENT,
-        rule=RULE,
-        method="POST",
-        path="/cloud/exports/x",
-        query="",
-        route="cloud",
-        body=b"{}",
-        content_type="application/json",
-        reason=None,
-        request_id="r2",
-    )
+    approval, created = await open_export(service, "r2")
     assert created and approval.id != first

@@ -1,4 +1,4 @@
-"""Pure unit tests: the approval state machine and the request fingerprint / previews."""
+"""Pure unit tests: the approval state machine, persons and who may decide (proxy/model/state.py)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,18 @@ from typing import Any
 
 import pytest
 
-from proxy.approvals.fingerprint import (
-    PREVIEW_BYTES,
-    REASON_CHARS,
-    body_preview,
-    canonical_query,
-    clean_reason,
-    fingerprint,
+from proxy.model import (
+    Approval,
+    ApprovalState,
+    DecisionRecord,
+    Identity,
+    Outcome,
+    Requester,
+    Verdict,
 )
-from proxy.approvals.state import (
+from proxy.model.state import (
     ApprovalError,
+    ApproverUnidentified,
     DuplicateApprover,
     NotAnApprover,
     NotClaimable,
@@ -29,7 +31,6 @@ from proxy.approvals.state import (
     joinable,
     record_outcome,
 )
-from proxy.types import Approval, ApprovalState, DecisionRecord, Identity, Requester, Verdict
 from tests.store_conformance import approve, deny, make_approval
 
 NOW = 1_700_000_000.0
@@ -65,7 +66,13 @@ def person(
     email: str | None = "dave@example.com",
     groups: tuple[str, ...] = (),
 ) -> Identity:
-    return Identity(subject=subject, issuer="https://idp", email=email, groups=frozenset(groups))
+    return Identity(
+        subject=subject,
+        issuer="https://idp",
+        email=email,
+        groups=frozenset(groups),
+        email_verified=email is not None,
+    )
 
 
 OWNERS = ("data-owners",)
@@ -86,7 +93,6 @@ def test_requester_subject_cannot_approve_even_in_the_group() -> None:
     with pytest.raises(SelfApproval) as info:
         check_approver(approval, person("agent-7", None, OWNERS), NO_DIRECTORY)
     assert info.value.code == "self_approval"
-    assert info.value.status == 403
 
 
 def test_requester_email_cannot_approve_case_insensitive() -> None:
@@ -120,10 +126,34 @@ def test_owner_in_directory_is_still_self_approval() -> None:
         check_approver(approval, person("u-123", "alice@example.com"), directory)
 
 
-def test_missing_emails_never_match_each_other() -> None:
-    """None on both sides is not "the same person"."""
+def test_an_approver_without_a_person_cannot_decide() -> None:
+    """No verified email, no person: refused before anything else, even in the group."""
     approval = requested_by(email=None, owner=None)
-    check_approver(approval, person("dave", None, OWNERS), NO_DIRECTORY)
+    with pytest.raises(ApproverUnidentified) as info:
+        check_approver(approval, person("dave", None, OWNERS), NO_DIRECTORY)
+    assert info.value.code == "approver_unidentified"
+
+
+def test_an_unverified_email_is_no_person() -> None:
+    unverified = Identity(
+        subject="dave", issuer="https://idp", email="dave@example.com", groups=frozenset(OWNERS)
+    )
+    assert unverified.person is None
+    with pytest.raises(ApproverUnidentified):
+        check_approver(requested_by(), unverified, NO_DIRECTORY)
+
+
+def test_owner_that_is_not_an_email_fails_closed() -> None:
+    approval = requested_by(owner="u-12345")
+    with pytest.raises(SelfApproval) as info:
+        check_approver(approval, person("carol", "carol@example.com", OWNERS), NO_DIRECTORY)
+    assert "not an email" in info.value.message
+
+
+def test_owner_alias_address_is_still_self_approval() -> None:
+    approval = requested_by(owner="alice@example.com")
+    with pytest.raises(SelfApproval):
+        check_approver(approval, person("u-9", " Alice+ops@Example.com ", OWNERS), {})
 
 
 # -- check_approver: authorization -----------------------------------------------------------
@@ -162,12 +192,11 @@ def test_nobody_is_not_an_approver_and_the_message_names_the_rule() -> None:
     assert "data-owners" in info.value.message
     assert "carol@example.com" in info.value.message
     assert info.value.code == "not_an_approver"
-    assert info.value.status == 403
 
 
 def test_approver_without_email_is_not_matched_by_users() -> None:
     approval = pending(approver_groups=(), approver_users=("carol@example.com",))
-    with pytest.raises(NotAnApprover):
+    with pytest.raises(ApproverUnidentified):
         check_approver(approval, person("carol", None), NO_DIRECTORY)
 
 
@@ -216,7 +245,6 @@ def test_decide_when_not_pending(state: ApprovalState, verdict: Verdict) -> None
         decide(approval, rec, NOW)
     assert info.value.approval is approval
     assert info.value.code == "approval_not_pending"
-    assert info.value.status == 409
 
 
 @pytest.mark.parametrize("late", [0, 1])
@@ -309,8 +337,7 @@ def test_claim_refuses_everything_but_approved(state: ApprovalState) -> None:
     with pytest.raises(NotClaimable) as info:
         claim(approval, NOW + 2)
     assert info.value.approval is approval
-    assert info.value.code == "approval_not_approved"
-    assert info.value.status == 403
+    assert info.value.code == "approval_used"
 
 
 # -- expire / is_due -------------------------------------------------------------------------
@@ -346,7 +373,7 @@ def test_expire_leaves_finished_approvals_alone(state: ApprovalState) -> None:
 
 def test_record_outcome_on_executed() -> None:
     executed = in_state(ApprovalState.EXECUTED)
-    recorded = record_outcome(executed, 502)
+    recorded = record_outcome(executed, Outcome.COMPLETED, 502)
     assert recorded.upstream_status == 502
     assert recorded.state is ApprovalState.EXECUTED
     assert recorded.executed_at == executed.executed_at
@@ -358,7 +385,7 @@ def test_record_outcome_on_executed() -> None:
 )
 def test_record_outcome_refuses_unexecuted(state: ApprovalState) -> None:
     with pytest.raises(NotClaimable):
-        record_outcome(in_state(state), 200)
+        record_outcome(in_state(state), Outcome.COMPLETED, 200)
 
 
 # -- joinable / errors -----------------------------------------------------------------------
@@ -388,151 +415,30 @@ def test_errors_are_approval_errors(error: type[ApprovalError]) -> None:
     assert exc.approval is None
 
 
-# -- fingerprint -----------------------------------------------------------------------------
-
-BASE_REQUEST: dict[str, Any] = {
-    "method": "POST",
-    "path": "/cloud/exports/x",
-    "query": "a=1&b=2",
-    "route": "cloud",
-    "issuer": "https://idp",
-    "subject": "agent-7",
-    "body": b'{"rows": 10}',
-}
+# -- persons in a quorum ---------------------------------------------------------------------
 
 
-def test_fingerprint_is_stable_sha256_hex() -> None:
-    fp = fingerprint(**BASE_REQUEST)
-    assert fp == fingerprint(**BASE_REQUEST)
-    assert len(fp) == 64
-    int(fp, 16)
+def test_one_person_with_two_credentials_counts_once() -> None:
+    """Same email, different subjects (a token and an API key): one person, quorum 2 unmet."""
+    approval = pending(quorum=2)
+    first = approve("bob-token", at=NOW, person="bob@example.com", approver_issuer="https://idp")
+    once = decide(approval, first, NOW)
+    second = approve("bob", at=NOW + 1, person="bob@example.com", approver_issuer="api-key")
+    with pytest.raises(DuplicateApprover):
+        decide(once, second, NOW + 1)
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("method", "PUT"),
-        ("path", "/cloud/exports/y"),
-        ("query", "a=1&b=3"),
-        ("query", ""),
-        ("route", "raw"),
-        ("issuer", "https://other-idp"),
-        ("subject", "agent-8"),
-        ("body", b'{"rows": 11}'),
-        ("body", b""),
-    ],
-)
-def test_fingerprint_changes_with_each_part(field: str, value: object) -> None:
-    assert fingerprint(**BASE_REQUEST) != fingerprint(**{**BASE_REQUEST, field: value})
+def test_same_subject_counts_once_even_with_another_email() -> None:
+    approval = pending(quorum=2)
+    once = decide(approval, approve("bob", at=NOW, person="bob@example.com"), NOW)
+    with pytest.raises(DuplicateApprover):
+        decide(once, approve("bob", at=NOW + 1, person="robert@example.com"), NOW + 1)
 
 
-def test_fingerprint_ignores_query_parameter_order() -> None:
-    assert fingerprint(**{**BASE_REQUEST, "query": "a=1&b=2"}) == fingerprint(
-        **{**BASE_REQUEST, "query": "b=2&a=1"}
-    )
-    assert canonical_query("b=2&a=1") == canonical_query("a=1&b=2") == "a=1&b=2"
-    assert canonical_query("") == ""
-
-
-def test_fingerprint_parts_are_delimited() -> None:
-    """Moving bytes from one part to the next must not produce the same fingerprint."""
-    shifted = {**BASE_REQUEST, "method": "POST/cloud", "path": "/exports/x"}
-    assert fingerprint(**BASE_REQUEST) != fingerprint(**shifted)
-    shifted = {**BASE_REQUEST, "issuer": "https://idpagent", "subject": "-7"}
-    assert fingerprint(**BASE_REQUEST) != fingerprint(**shifted)
-
-
-# -- body_preview ----------------------------------------------------------------------------
-
-
-def test_body_preview_empty() -> None:
-    assert body_preview(b"", "application/json") == ""
-
-
-def test_body_preview_redacts_sensitive_json_fields() -> None:
-    body = b'{"user": "alice", "password": "hunter2", "nested": {"Token": "abc123"}, "n": 1}'
-    preview = body_preview(body, "application/json; charset=utf-8")
-    assert "hunter2" not in preview
-    assert "abc123" not in preview
-    assert '"password": "[REDACTED]"' in preview
-    assert '"Token": "[REDACTED]"' in preview
-    assert '"user": "alice"' in preview
-    assert '"n": 1' in preview
-
-
-def test_body_preview_redacts_jwt_in_json_values() -> None:
-    body = ('{"note": "use ' + JWT + ' please"}').encode()
-    preview = body_preview(body, "application/json")
-    assert JWT not in preview
-    assert "[REDACTED]" in preview
-    assert "please" in preview
-
-
-def test_body_preview_redacts_jwt_in_text() -> None:
-    preview = body_preview(f"Authorization: Bearer {JWT}\n".encode(), "text/plain")
-    assert JWT not in preview
-    assert "Bearer [REDACTED]" in preview
-
-
-def test_body_preview_invalid_json_is_still_redacted_as_text() -> None:
-    preview = body_preview(f'{{"token": "{JWT}"'.encode(), "application/json")
-    assert JWT not in preview
-
-
-def test_body_preview_truncates_long_text_with_total_bytes() -> None:
-    body = ("x" * 5000).encode()
-    preview = body_preview(body, "text/plain")
-    assert preview.startswith("x" * PREVIEW_BYTES)
-    assert preview.endswith("… (5000 bytes in all)")
-    assert preview.count("x") == PREVIEW_BYTES
-
-
-def test_body_preview_total_counts_bytes_not_characters() -> None:
-    body = ("é" * 3000).encode()  # 6000 bytes
-    preview = body_preview(body, None)
-    assert preview.endswith("… (6000 bytes in all)")
-
-
-def test_body_preview_short_text_is_whole() -> None:
-    assert body_preview(b"hello world", "text/plain") == "hello world"
-
-
-def test_body_preview_binary() -> None:
-    body = b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01"
-    assert body_preview(body, "image/png") == f"<{len(body)} bytes of binary data>"
-    assert body_preview(b"\xff", None) == "<1 bytes of binary data>"
-
-
-# -- clean_reason ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("reason", [None, "", "   \n\t"])
-def test_clean_reason_empty_is_none(reason: str | None) -> None:
-    assert clean_reason(reason) is None
-
-
-def test_clean_reason_strips() -> None:
-    assert clean_reason("  monthly export \n") == "monthly export"
-
-
-def test_clean_reason_truncates_to_500_chars() -> None:
-    cleaned = clean_reason("r" * 2000)
-    assert cleaned == "r" * REASON_CHARS
-    assert REASON_CHARS == 500
-
-
-def test_clean_reason_redacts_secrets() -> None:
-    cleaned = clean_reason(f"retry with {JWT} and AKIAABCDEFGHIJKLMNOP")
-    assert cleaned is not None
-    assert JWT not in cleaned
-    assert "AKIAABCDEFGHIJKLMNOP" not in cleaned
-    assert cleaned.startswith("retry with [REDACTED]")
-
-
-def test_clean_reason_redacts_before_truncating() -> None:
-    """A secret straddling the 500-char limit must not leak its first half."""
-    reason = "x" * (REASON_CHARS - 10) + " " + JWT
-    cleaned = clean_reason(reason)
-    assert cleaned is not None
-    assert len(cleaned) <= REASON_CHARS
-    assert "eyJhbGci" not in cleaned
+def test_lapse_after_claim_window() -> None:
+    approved = decide(pending(claim_seconds=30.0), approve(at=NOW), NOW)
+    assert approved.expires_at == NOW + 30
+    lapsed = expire(approved, NOW + 30)
+    assert lapsed.state is ApprovalState.LAPSED
+    with pytest.raises(NotClaimable):
+        claim(approved, NOW + 31)

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from proxy.config import ConfigError, Settings, load_settings_text
-from proxy.types import Action
+from proxy.model import Action
 
 
 def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from proxy.config import ApproversSettings, PolicySettings, RuleSettings, WhenSettings
+from proxy.model import Action, Decision, Identity, RequestInfo
 from proxy.policy import Explanation, Policy, PolicyError, RuleTrace, _Trie
-from proxy.types import Action, Decision, Identity, RequestInfo
 
 APPROVERS = ApproversSettings(groups=("data-owners",))
 

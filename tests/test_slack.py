@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.config import ApprovalsSettings, NotifySettings, Settings, SlackSettings
+from proxy.config import (
+    ApprovalsSettings,
+    NotifySettings,
+    RedactSettings,
+    Settings,
+    SlackSettings,
+)
 from tests.conftest import Client, Factory
 from tests.helpers import AGENT_KEY, ALICE_KEY, bearer, settings_for
 from tests.slack_fake import (
@@ -155,7 +161,12 @@ async def test_approve_click_forwards_the_held_request_and_updates_the_message(
     assert resp.headers["Countersign-Approval-Id"] == approval_id
     decided = sink.named("approval.decided")
     assert decided[0]["channel"] == "slack"
-    assert decided[0]["approver"] == {"subject": "carol@example.com", "email": "carol@example.com"}
+    assert decided[0]["approver"] == {
+        "subject": "carol@example.com",
+        "issuer": "slack",
+        "email": "carol@example.com",
+        "person": "carol@example.com",
+    }
     await wait_for(lambda: "upstream answered *200*" in message_text(slack))
     final = message_text(slack)
     assert "carol@example.com" in final and "upstream answered *200*" in final
@@ -200,8 +211,10 @@ async def test_deny_opens_a_modal_that_requires_a_reason(
     resp = await asyncio.wait_for(call, 10)
     assert resp.status == 403
     body = await resp.json()
-    assert body["error"] == "approval_denied" and body["reason"] == "not this quarter"
-    assert body["decided_by"] == "carol@example.com"
+    error = body["error"]
+    assert error["code"] == "approval_denied" and error["reason"] == "not this quarter"
+    assert error["decided_by"] == "carol@example.com"
+    assert error["message"] == "Denied by carol@example.com: not this quarter"
     await wait_for(lambda: "Denied" in message_text(slack))
     assert "not this quarter" in message_text(slack)
 
@@ -241,7 +254,7 @@ async def test_bad_signatures_get_401_and_change_nothing(
         del headers["X-Slack-Signature"]
     resp = await client.post(EVENTS, data=body, headers=headers)
     assert resp.status == 401
-    assert (await resp.json())["error"] == "invalid_signature"
+    assert (await resp.json())["error"]["code"] == "unauthorized"
     await asyncio.sleep(0.2)
     assert (await approval_state(client, approval_id))["state"] == "pending"
     assert not slack.called("users.info") and not slack.called("chat.update")
@@ -370,7 +383,7 @@ async def test_expiry_replaces_the_buttons(
     client, _ = await make_proxy(settings)
     call, _ = await hold(client, slack)
     resp = await asyncio.wait_for(call, 10)
-    assert resp.status == 403 and (await resp.json())["error"] == "approval_expired"
+    assert resp.status == 403 and (await resp.json())["error"]["code"] == "approval_expired"
     await wait_for(lambda: "Expired" in message_text(slack))
     assert "countersign_approve" not in message_text(slack)
 
@@ -385,3 +398,32 @@ def test_slack_settings_blank_values_turn_it_off_and_a_bot_token_is_required() -
     assert off.notify.slack is not None and off.notify.slack.bot_token is None
     on = load_settings_text(text, "x.yaml", env={"T": "xoxb-1", "S": "s"})
     assert on.notify.slack is not None and on.notify.slack.api_url == "https://slack.com/api/"
+
+
+async def test_secrets_in_the_request_and_in_notes_never_reach_slack(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    base = slack_settings(upstream, slack)
+    redact = RedactSettings(fields=("ssn",), patterns=(r"ACME-[0-9]{6}",))
+    settings = base.model_copy(update={"audit": base.audit.model_copy(update={"redact": redact})})
+    client, _ = await make_proxy(settings)
+    key = "sk-" + "proj-" + "Ab3dE6fG9h" * 3  # made up, built so no scanner flags it
+    call, approval_id = await hold(
+        client,
+        slack,
+        path="/cloud/exports/customers?format=csv&token=tok-0123456789&ssn=123-45-6789",
+        **{"Countersign-Reason": f"ACME-123456: my password is: hunter2, use key {key}"},
+    )
+    shown = message_text(slack)
+    for secret in ("tok-0123456789", "123-45-6789", "ACME-123456", "hunter2", key):
+        assert secret not in shown, secret
+    assert "format=csv&amp;token=[REDACTED]&amp;ssn=[REDACTED]" in shown, "names stay visible"
+    assert "my password is: [REDACTED]" in shown
+    await click(client, block_action("UCAROL", approval_id, "countersign_approve_note"))
+    note = "ok, then rotate api_key=abc123xyz and ACME-654321"
+    await click(client, view_submission("UCAROL", "countersign_approve_note", approval_id, note))
+    assert (await asyncio.wait_for(call, 10)).status == 200
+    await wait_for(lambda: "upstream answered" in message_text(slack))
+    final = message_text(slack)
+    assert "abc123xyz" not in final and "ACME-654321" not in final
+    assert "ok, then rotate api_key=[REDACTED] and [REDACTED]" in final

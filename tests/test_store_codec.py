@@ -6,8 +6,8 @@ import json
 import time
 from dataclasses import asdict
 
+from proxy.model import Approval, ApprovalState, DecisionRecord, Verdict
 from proxy.store import codec
-from proxy.types import Approval, ApprovalState, DecisionRecord, Verdict
 from tests.store_conformance import make_approval
 
 

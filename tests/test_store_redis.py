@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -10,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from proxy.approvals.state import NotClaimable
+from proxy.model import Approval, ApprovalState, Outcome
+from proxy.model.state import NotClaimable, TooManyPending
 from proxy.store import codec
 from proxy.store.base import StoreUnavailable
 from proxy.store.redis import RedisStore
-from proxy.types import Approval, ApprovalState
 from tests.redis_fixture import RedisServer
-from tests.store_conformance import StoreConformance, approve, make_approval
+from tests.store_conformance import StoreConformance, approve, deny, make_approval
 
 
 def new_store(server: RedisServer) -> RedisStore:
@@ -209,7 +210,7 @@ async def test_only_changes_to_pending_approvals_are_published(fresh_redis: Redi
         approval, _ = await store.create_or_join(make_approval())
         decided = await store.decide(approval.id, approve(), time.time())
         await store.claim(approval.id, time.time())
-        await store.record_outcome(approval.id, 200)
+        await store.record_outcome(approval.id, Outcome.COMPLETED, 200)
         other, _ = await store.create_or_join(make_approval(expires_at=time.time() - 1))
         expired = await store.expire(other.id, time.time())
         assert expired is not None
@@ -290,5 +291,164 @@ async def test_an_id_made_of_a_clients_raw_bytes_fails_nobody_else(
         found, odd = await asyncio.gather(store.get(approval.id), store.get("apr_x\udcff"))
         assert found is not None and found.id == approval.id
         assert odd is None
+    finally:
+        await store.aclose()
+
+
+async def test_concurrent_creates_by_one_requester_stop_at_the_limit(
+    fresh_redis: RedisServer,
+) -> None:
+    """50 distinct approvals by one requester, at once, through two replicas: exactly
+    `max_pending` (20) are created, the check and the creation being one atomic step."""
+    prefix = "test-" + secrets.token_hex(6)
+    a = RedisStore(fresh_redis.url, key_prefix=prefix)
+    b = RedisStore(fresh_redis.url, key_prefix=prefix)
+    try:
+        candidates = [make_approval() for _ in range(50)]
+        results = await asyncio.gather(
+            *(
+                (a if i % 2 else b).create_or_join(c, max_pending=20)
+                for i, c in enumerate(candidates)
+            ),
+            return_exceptions=True,
+        )
+        created = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert len(created) == 20
+        assert len(refused) == 30
+        assert all(isinstance(r, TooManyPending) for r in refused), refused
+        stored = [await a.get(c.id) for c in candidates]
+        assert sum(1 for s in stored if s is not None) == 20
+        pending, cursor = await b.list(ApprovalState.PENDING)
+        assert len(pending) == 20 and cursor is None
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_every_key_written_expires(fresh_redis: RedisServer) -> None:
+    import redis.asyncio as aioredis
+
+    prefix = "test-" + secrets.token_hex(6)
+    store = RedisStore(fresh_redis.url, key_prefix=prefix, retention_seconds=100)
+    observer = aioredis.Redis.from_url(fresh_redis.url, decode_responses=True)
+    try:
+        now = time.time()
+        pending, _ = await store.create_or_join(make_approval(), max_pending=5)
+        executed, _ = await store.create_or_join(make_approval(), max_pending=5)
+        await store.set_note(executed.id, "slack.message", "x")
+        await store.decide(executed.id, approve(), now)
+        await store.claim(executed.id, now)
+        await store.record_outcome(executed.id, Outcome.COMPLETED, 200)
+        denied, _ = await store.create_or_join(make_approval(), max_pending=5)
+        await store.decide(denied.id, deny(), now)
+        await store.lease("sweep", 5)
+        await store.list()
+        await store.list(ApprovalState.PENDING)
+        keys = [k async for k in observer.scan_iter(match=f"{{{prefix}}}:*")]
+        tag = f"{{{prefix}}}"
+        requester = hashlib.sha256(pending.requester_key.encode()).hexdigest()
+        assert {
+            f"{tag}:apr:{pending.id}",
+            f"{tag}:notes:{executed.id}",
+            f"{tag}:fp:{pending.fingerprint}",
+            f"{tag}:deadlines",
+            f"{tag}:created",
+            f"{tag}:state:pending",
+            f"{tag}:state:executed",
+            f"{tag}:state:denied",
+            f"{tag}:pending:{requester}",
+            f"{tag}:lease:sweep",
+        } <= set(keys)
+        ttls = {k: await observer.pttl(k) for k in keys}
+        assert all(ttl > 0 for ttl in ttls.values()), ttls
+        # A shared index outlives every approval it names.
+        longest = max(ttls[f"{tag}:apr:{i}"] for i in (pending.id, executed.id, denied.id))
+        for index in ("created", "state:pending", f"pending:{requester}", "deadlines"):
+            assert ttls[f"{tag}:{index}"] >= ttls[f"{tag}:apr:{pending.id}"] - 1000
+        assert ttls[f"{tag}:created"] >= longest - 1000
+        assert await observer.smembers(f"{tag}:pending:{requester}") == {pending.id}
+    finally:
+        await observer.aclose()
+        await store.aclose()
+
+
+async def test_pending_entries_of_approvals_gone_do_not_count(fresh_redis: RedisServer) -> None:
+    """An approval whose key expired while still pending (never swept) frees its slot."""
+    import redis.asyncio as aioredis
+
+    prefix = "test-" + secrets.token_hex(6)
+    store = RedisStore(fresh_redis.url, key_prefix=prefix)
+    observer = aioredis.Redis.from_url(fresh_redis.url, decode_responses=True)
+    try:
+        gone, _ = await store.create_or_join(make_approval(), max_pending=2)
+        await store.create_or_join(make_approval(), max_pending=2)
+        with pytest.raises(TooManyPending):
+            await store.create_or_join(make_approval(), max_pending=2)
+        await observer.delete(f"{{{prefix}}}:apr:{gone.id}")  # as if its retention ran out
+        _, created = await store.create_or_join(make_approval(), max_pending=2)
+        assert created
+        requester = hashlib.sha256(gone.requester_key.encode()).hexdigest()
+        members = await observer.smembers(f"{{{prefix}}}:pending:{requester}")
+        assert gone.id not in members and len(members) == 2
+    finally:
+        await observer.aclose()
+        await store.aclose()
+
+
+async def test_listing_forgets_entries_whose_approval_is_gone(fresh_redis: RedisServer) -> None:
+    import redis.asyncio as aioredis
+
+    prefix = "test-" + secrets.token_hex(6)
+    store = RedisStore(fresh_redis.url, key_prefix=prefix)
+    observer = aioredis.Redis.from_url(fresh_redis.url, decode_responses=True)
+    try:
+        now = time.time()
+        approvals = [
+            (await store.create_or_join(make_approval(created_at=now - 10 + i)))[0]
+            for i in range(6)
+        ]
+        for gone in approvals[1:5]:
+            await observer.delete(f"{{{prefix}}}:apr:{gone.id}")
+        page, cursor = await store.list(ApprovalState.PENDING, limit=2)
+        assert [a.id for a in page] == [approvals[5].id, approvals[0].id]
+        assert cursor is None
+        assert await observer.zcard(f"{{{prefix}}}:state:pending") == 2
+        page, cursor = await store.list(limit=1)
+        assert [a.id for a in page] == [approvals[5].id] and cursor is not None
+        page, cursor = await store.list(limit=1, cursor=cursor)
+        assert [a.id for a in page] == [approvals[0].id]
+        assert await observer.zcard(f"{{{prefix}}}:created") == 2
+    finally:
+        await observer.aclose()
+        await store.aclose()
+
+
+async def test_a_page_takes_a_fixed_number_of_commands(fresh_redis: RedisServer) -> None:
+    store = new_store(fresh_redis)
+    try:
+        now = time.time()
+        for i in range(5):
+            await store.create_or_join(make_approval(created_at=now - 500 + i))
+        history = await asyncio.gather(
+            *(store.create_or_join(make_approval(created_at=now - 100 + i / 4)) for i in range(400))
+        )
+        await asyncio.gather(*(store.decide(a.id, deny(), now) for a, _ in history))
+        await store.list(limit=1)  # loads the listing script into Redis
+        commands: list[str] = []
+        real_command = store._command
+
+        def counting_command(*args: Any) -> asyncio.Future[Any]:
+            commands.append(str(args[0]))
+            return real_command(*args)
+
+        store._command = counting_command  # type: ignore[method-assign]
+        page, cursor = await store.list(ApprovalState.PENDING, limit=3)
+        assert len(page) == 3 and cursor is not None
+        assert commands == ["EVALSHA", "MGET"]
+        commands.clear()
+        page, cursor = await store.list(ApprovalState.DENIED, limit=100, cursor=None)
+        assert len(page) == 100 and cursor is not None
+        assert commands == ["EVALSHA", "MGET"]
     finally:
         await store.aclose()

@@ -1,95 +1,52 @@
-"""What an approval is about: the request fingerprint and what approvers are shown of it.
+"""What approvers are shown of a request: the body's raw text, the bound headers, the reason.
 
-Pure code. The fingerprint binds an approval to one exact request by one identity: SHA-256 over
-method, normalized path, sorted query, route, the requester's issuer and subject, and the body
-bytes. Any difference means a different request, which needs its own approval.
+Previews show the raw text (never a re-serialized document: duplicate JSON keys and text after
+a parse error stay visible), with secrets replaced by the redactor's patterns and the cut
+marked. The exact bytes stay available to approvers (`GET …/approvals/{id}/body`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from collections.abc import Iterable
 
 from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
-from ..audit.redact import REDACTED, Redactor
+from ..audit.redact import Redactor
 
-_FORM = re.compile(r"[\w.\-\[\]%+]+=[^&]*(&[\w.\-\[\]%+]+=[^&]*)*")
-
-PREVIEW_BYTES = 2048
+PREVIEW_BYTES = 4096
 REASON_CHARS = 500
 
 
-def canonical_query(query: str) -> str:
-    """The query with its parameters sorted, so `b=2&a=1` and `a=1&b=2` are the same request."""
-    if not query:
-        return ""
-    pairs = parse_qsl(query, keep_blank_values=True)
-    # Sorted by name only (a stable sort): repeated parameters keep their order, which some
-    # upstreams give meaning to ("last one wins").
-    return urlencode(sorted(pairs, key=lambda pair: pair[0]))
-
-
-def fingerprint(
-    *,
-    method: str,
-    path: str,
-    query: str,
-    route: str,
-    issuer: str,
-    subject: str,
-    body: bytes,
-) -> str:
-    digest = hashlib.sha256()
-    for part in (method, path, canonical_query(query), route, issuer, subject):
-        encoded = part.encode("utf-8", "surrogateescape")
-        # Length-prefixed, so no two different tuples can produce the same byte stream.
-        digest.update(len(encoded).to_bytes(8, "big"))
-        digest.update(encoded)
-    digest.update(len(body).to_bytes(8, "big"))
-    digest.update(body)
-    return digest.hexdigest()
-
-
-def body_preview(
-    body: bytes, content_type: str | None, redactor: Redactor = DEFAULT_REDACTOR
-) -> str:
-    """A redacted, truncated view of the body for approvers; never the raw secret values."""
+def body_preview(body: bytes, redactor: Redactor = DEFAULT_REDACTOR) -> tuple[str, bool]:
+    """The body as approvers see it, and whether it was cut."""
     if not body:
-        return ""
-    text: str | None
+        return "", False
+    head = body[:PREVIEW_BYTES]
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    if text is None:
-        return f"<{len(body)} bytes of binary data>"
-    text = _redact_structured(text, (content_type or "").lower(), redactor)
-    if len(text) > PREVIEW_BYTES:
-        return text[:PREVIEW_BYTES] + f"… ({len(body)} bytes in all)"
-    return text
-
-
-def _redact_structured(text: str, content_type: str, redactor: Redactor) -> str:
-    """Redact secret-named fields in JSON or form bodies (whatever the declared type), then
-    secret-looking values anywhere."""
-    stripped = text.lstrip()
-    if stripped[:1] in ("{", "["):
-        try:
-            parsed: Any = json.loads(text)
-        except ValueError:
-            pass
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # Cut inside a multi-byte character, or not text at all.
+        if len(body) > PREVIEW_BYTES and exc.start >= PREVIEW_BYTES - 3:
+            text = head[: exc.start].decode("utf-8")
         else:
-            return json.dumps(redactor.value(parsed), ensure_ascii=False)
-    if "form-urlencoded" in content_type or _FORM.fullmatch(stripped.rstrip()):
-        pairs = parse_qsl(stripped, keep_blank_values=True)
-        return "&".join(
-            f"{name}={REDACTED if redactor.is_sensitive_field(name) else redactor.value(value)}"
-            for name, value in pairs
-        )
-    return str(redactor.value(text))
+            return f"<{len(body)} bytes of binary data: download the body to see it>", False
+    cut = len(body) > PREVIEW_BYTES
+    text = str(redactor.value(text))
+    if cut:
+        text += f"\n… [cut: the first {PREVIEW_BYTES} of {len(body)} bytes are shown]"
+    return text, cut
+
+
+def header_view(
+    headers: Iterable[tuple[bytes, bytes]], redactor: Redactor = DEFAULT_REDACTOR
+) -> tuple[tuple[str, str, bool], ...]:
+    """The bound headers as (name, value, redacted): secret values replaced and marked."""
+    decoded = [
+        (name.decode("latin-1"), value.decode("utf-8", "replace")) for name, value in headers
+    ]
+    return tuple(
+        (entry["name"], entry["value"], bool(entry["redacted"]))
+        for entry in redactor.headers(decoded)
+    )
 
 
 def clean_reason(reason: str | None, redactor: Redactor = DEFAULT_REDACTOR) -> str | None:

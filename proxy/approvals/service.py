@@ -8,6 +8,8 @@ its results and errors into HTTP answers.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,12 +22,23 @@ from ..audit import AuditLog
 from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
 from ..audit.redact import Redactor
 from ..config import ApprovalsSettings, RuleSettings
-from ..store.base import Store, StoreUnavailable
+from ..model import (
+    Approval,
+    ApprovalState,
+    DecisionRecord,
+    Identity,
+    Outcome,
+    Requester,
+    Verdict,
+    state,
+)
+from ..model.binding import Binding, fingerprint
+from ..model.persons import canonical_email, same_person
+from ..model.state import ApprovalNotFound, ReasonRequired
+from ..store.base import Store, StoreUnavailable, cursor_after
 from ..tasks import stop_task
-from ..types import Approval, ApprovalState, DecisionRecord, Identity, Requester, Verdict
-from . import state
-from .fingerprint import body_preview, clean_reason, fingerprint
-from .view import requester_log
+from .preview import body_preview, clean_reason, header_view
+from .view import approval_json, requester_log
 
 log = structlog.get_logger("countersign.approvals")
 
@@ -41,14 +54,9 @@ def new_approval_id() -> str:
     return ID_PREFIX + secrets.token_urlsafe(18)  # 144 random bits
 
 
-class ApprovalNotFound(state.ApprovalError):
-    code = "approval_not_found"
-    status = 404
+__all__ = ["ApprovalNotFound", "ApprovalService", "ReasonRequired"]
 
-
-class ReasonRequired(state.ApprovalError):
-    code = "reason_required"
-    status = 400
+BODY_NOTE = "body"  # the held body's exact bytes, kept with the approval for approvers
 
 
 def _about(approval: Approval) -> dict[str, Any]:
@@ -132,60 +140,48 @@ class ApprovalService:
     async def _expire(self, approval_id: str, now: float) -> Approval | None:
         expired = await self.store.expire(approval_id, now)
         if expired is not None:
+            lapsed = expired.state is ApprovalState.LAPSED
             await self._audit.emit_durable(
-                audit.APPROVAL_EXPIRED,
+                audit.APPROVAL_LAPSED if lapsed else audit.APPROVAL_EXPIRED,
                 **_about(expired),
-                outcome="expired",
+                outcome=expired.state.value,
             )
-            self._notify("approval.expired", expired)
+            self._notify("approval.lapsed" if lapsed else "approval.expired", expired)
         return expired
 
     # -- the requester's side ----------------------------------------------------------------
-
-    def fingerprint_of(
-        self, *, identity: Identity, method: str, path: str, query: str, route: str, body: bytes
-    ) -> str:
-        return fingerprint(
-            method=method,
-            path=path,
-            query=query,
-            route=route,
-            issuer=identity.issuer,
-            subject=identity.subject,
-            body=body,
-        )
 
     async def open(
         self,
         *,
         identity: Identity,
         rule: RuleSettings,
-        method: str,
+        binding: Binding,
         path: str,
         query: str,
-        route: str,
-        body: bytes,
-        content_type: str | None,
+        upstream_url: str,
         reason: str | None,
         request_id: str,
-        fingerprint: str | None = None,
+        fingerprint_hex: str | None = None,
     ) -> tuple[Approval, bool]:
-        """Create the approval for this exact request, or join the one already open for it."""
+        """Create the approval for this exact request, or join the one already open for it.
+
+        Raises `TooManyPending` when the identity already has `max_pending_per_identity`
+        pending approvals (joining one of them is always allowed)."""
         now = self._clock()
         timeout = rule.timeout_seconds or self._settings.timeout_seconds
         approvers = rule.approvers
+        content_type = binding.content_type
+        preview, cut = body_preview(binding.body, self._redactor)
         candidate = Approval(
             id=new_approval_id(),
-            fingerprint=fingerprint
-            or self.fingerprint_of(
-                identity=identity, method=method, path=path, query=query, route=route, body=body
-            ),
+            fingerprint=fingerprint_hex or fingerprint(binding),
             state=ApprovalState.PENDING,
             created_at=now,
             expires_at=now + timeout,
             rule=rule.name,
-            route=route,
-            method=method,
+            route=binding.route,
+            method=binding.method,
             path=path,
             query=query,
             requester=Requester.of(identity),
@@ -193,25 +189,71 @@ class ApprovalService:
             approver_users=approvers.users if approvers else (),
             quorum=rule.quorum,
             reason=clean_reason(reason, self._redactor),
-            body_preview=body_preview(body, content_type, self._redactor),
-            body_bytes=len(body),
-            content_type=content_type,
+            body_preview=preview,
+            body_bytes=len(binding.body),
+            content_type=content_type.decode("utf-8", "replace") if content_type else None,
             request_id=request_id,
+            target=binding.target.decode("utf-8", "surrogateescape"),
+            upstream_url=upstream_url,
+            headers=header_view(binding.headers, self._redactor),
+            body_sha256=hashlib.sha256(binding.body).hexdigest(),
+            body_truncated=cut,
+            claim_seconds=float(self._settings.claim_seconds),
         )
-        approval, created = await self.store.create_or_join(candidate)
+        approval, created = await self.store.create_or_join(
+            candidate, max_pending=self._settings.max_pending_per_identity
+        )
         if created:
+            if binding.body:
+                # Any replica can hand the exact bytes to an approver (`…/body`).
+                await self.store.set_note(
+                    approval.id, BODY_NOTE, base64.b64encode(binding.body).decode("ascii")
+                )
             # Durable before anyone can act on it.
             await self._audit.emit_durable(
                 audit.APPROVAL_REQUESTED,
                 **_about(approval),
-                method=method,
+                method=approval.method,
                 path=path,
+                target=approval.target,
+                upstream_url=upstream_url,
+                headers=[list(h) for h in approval.headers],
+                body_bytes=approval.body_bytes,
+                body_sha256=approval.body_sha256,
+                fingerprint=approval.fingerprint,
                 reason=approval.reason,
                 quorum=approval.quorum,
                 expires_at=approval.expires_at,
             )
             self._notify("approval.requested", approval)
         return approval, created
+
+    async def body(self, approval_id: str) -> bytes:
+        """The exact body bytes of an approval's request (b"" when it had none)."""
+        approval = await self.store.get(approval_id)
+        if approval is None:
+            raise ApprovalNotFound("approval not found")
+        if not approval.body_bytes:
+            return b""
+        kept = await self.store.get_note(approval_id, BODY_NOTE)
+        if kept is None:
+            raise ApprovalNotFound("the body of this approval is no longer kept")
+        return base64.b64decode(kept)
+
+    async def abandon(self, approval_id: str) -> None:
+        """A held client went away: recorded and shown to approvers; the approval stays open."""
+        now = self._clock()
+        try:
+            approval = await self.store.abandon(approval_id, now)
+        except (StoreUnavailable, KeyError):
+            return  # best effort: the client is gone either way
+        if approval is not None:
+            self._audit.emit(audit.REQUEST_ABANDONED, **_about(approval), at=now)
+            self._notify("request.abandoned", approval)
+
+    def view(self, approval: Approval) -> dict[str, Any]:
+        """The approval's JSON for approvers (API, CLI), through this proxy's redactor."""
+        return approval_json(approval, self._redactor)
 
     async def get(self, approval_id: str) -> Approval | None:
         return await self.store.get(approval_id)
@@ -252,34 +294,43 @@ class ApprovalService:
         try:
             return await self.store.claim(approval_id, now)
         except state.NotClaimable as exc:
-            if exc.approval is not None and exc.approval.state is ApprovalState.EXPIRED:
+            if exc.approval is not None and exc.approval.state is ApprovalState.LAPSED:
                 await self._expire(approval_id, now)  # approved, but not used in time
             raise
 
-    async def record_outcome(self, approval_id: str, upstream_status: int) -> Approval:
-        approval = await self.store.record_outcome(approval_id, upstream_status)
+    async def record_outcome(
+        self, approval_id: str, outcome: Outcome, upstream_status: int | None
+    ) -> Approval:
+        approval = await self.store.record_outcome(approval_id, outcome, upstream_status)
         self._notify("approval.executed", approval)
         return approval
 
-    def record_outcome_soon(self, approval_id: str, upstream_status: int) -> None:
-        """Record the upstream's status without holding up the response: retried through a
-        store outage (the approval is already `executed`; only the status is pending)."""
-        task = asyncio.create_task(self._record_outcome_retrying(approval_id, upstream_status))
+    def record_outcome_soon(
+        self, approval_id: str, outcome: Outcome, upstream_status: int | None
+    ) -> None:
+        """Record what became of the executed request without holding up the response:
+        retried through a store outage (the approval is already `executed`)."""
+        task = asyncio.create_task(
+            self._record_outcome_retrying(approval_id, outcome, upstream_status)
+        )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _record_outcome_retrying(self, approval_id: str, upstream_status: int) -> None:
+    async def _record_outcome_retrying(
+        self, approval_id: str, outcome: Outcome, upstream_status: int | None
+    ) -> None:
         delay = 0.1
         deadline = self._clock() + _OUTCOME_RETRY_SECONDS
         while True:
             try:
-                await self.record_outcome(approval_id, upstream_status)
+                await self.record_outcome(approval_id, outcome, upstream_status)
                 return
             except StoreUnavailable as exc:
                 if self._clock() > deadline:
                     log.error(
                         "approvals.outcome_not_recorded",
                         approval_id=approval_id,
+                        outcome=outcome.value,
                         upstream_status=upstream_status,
                         error=str(exc),
                     )
@@ -293,25 +344,42 @@ class ApprovalService:
     # -- the approver's side -----------------------------------------------------------------
 
     def may_see(self, approval: Approval, identity: Identity) -> bool:
-        """Requesters see their own approvals; approvers see those they could decide."""
-        if (approval.requester.issuer, approval.requester.subject) == (
-            identity.issuer,
-            identity.subject,
-        ):
+        """Requesters see their own approvals, the owner an agent acts for sees its requests
+        (never deciding them), approvers see those of their rules."""
+        requester = approval.requester
+        if (requester.issuer, requester.subject) == (identity.issuer, identity.subject):
             return True
-        try:
-            state.check_approver(approval, identity, self._directory)
-        except state.SelfApproval:
-            return True  # the owner of the agent may look, never decide
-        except state.NotAnApprover:
-            return False
-        return True
+        if same_person(identity.person, canonical_email(requester.owner)):
+            return True
+        return state.is_listed_approver(approval, identity, self._directory)
 
     async def list_for(
-        self, identity: Identity, approval_state: ApprovalState | None, limit: int = 100
-    ) -> list[Approval]:
-        approvals = await self.store.list(approval_state, limit=max(limit * 4, 200))
-        return [a for a in approvals if self.may_see(a, identity)][:limit]
+        self,
+        identity: Identity,
+        approval_state: ApprovalState | None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[Approval], str | None]:
+        """Up to `limit` approvals `identity` may see, newest first, and the cursor to read on
+        from (None at the end). Reads at most a few store pages, so a page costs the same
+        whatever the store holds: it may come back short (even empty) with a cursor when the
+        identity may see few of the approvals read. `InvalidCursor` for a bad cursor."""
+        found: list[Approval] = []
+        for _ in range(5):
+            page, next_cursor = await self.store.list(
+                approval_state, limit=max(limit, 100), cursor=cursor
+            )
+            for at, approval in enumerate(page):
+                if not self.may_see(approval, identity):
+                    continue
+                found.append(approval)
+                if len(found) == limit:
+                    rest = at + 1 < len(page)
+                    return found, cursor_after(approval) if rest else next_cursor
+            if next_cursor is None:
+                return found, None
+            cursor = next_cursor
+        return found, cursor
 
     async def decide(
         self,
@@ -327,7 +395,7 @@ class ApprovalService:
         approval = await self.store.get(approval_id)
         if approval is None:
             raise ApprovalNotFound("approval not found")
-        state.check_approver(approval, approver, self._directory)
+        person = state.check_approver(approval, approver, self._directory)
         record = DecisionRecord(
             verdict=verdict,
             approver_subject=approver.subject,
@@ -335,6 +403,8 @@ class ApprovalService:
             channel=channel,
             reason=reason,
             at=self._clock(),
+            approver_issuer=approver.issuer,
+            person=person,
         )
         try:
             decided = await self.store.decide(approval_id, record, record.at)
@@ -349,7 +419,12 @@ class ApprovalService:
         await self._audit.emit_durable(
             audit.APPROVAL_DECIDED,
             **_about(decided),
-            approver={"subject": approver.subject, "email": approver.email},
+            approver={
+                "subject": approver.subject,
+                "issuer": approver.issuer,
+                "email": approver.email,
+                "person": person,
+            },
             channel=channel,
             verdict=verdict.value,
             reason=reason,

@@ -1,11 +1,22 @@
-"""An approval as the outside world sees it: the API's JSON, webhook payloads, CLI output."""
+"""An approval as the outside world sees it: the API's JSON, webhook payloads, CLI output.
+
+Everything an approver needs to judge what will run: method, the full target and the upstream
+URL, every bound header (secret values already replaced and marked `redacted`), the identity
+with its owner, the agent's reason, the rule and actions, quorum progress, expiry, and what
+became of it. Passed through the redactor once more on the way out (a channel never relies on
+what was stored being clean).
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from ..types import Approval, Requester
+from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
+from ..audit.redact import Redactor
+from ..model import Approval, Requester
+
+BODY_PATH = "/_countersign/api/approvals/{id}/body"
 
 
 def requester_log(requester: Requester) -> dict[str, Any]:
@@ -14,6 +25,7 @@ def requester_log(requester: Requester) -> dict[str, Any]:
         "issuer": requester.issuer,
         "client_id": requester.client_id,
         "email": requester.email,
+        "person": requester.person,
         "owner": requester.owner,
     }
 
@@ -22,9 +34,9 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
 
 
-def approval_json(approval: Approval) -> dict[str, Any]:
+def approval_json(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) -> dict[str, Any]:
     final = approval.final_decision
-    return {
+    data: dict[str, Any] = {
         "approval_id": approval.id,
         "state": approval.state.value,
         "rule": approval.rule,
@@ -32,10 +44,21 @@ def approval_json(approval: Approval) -> dict[str, Any]:
         "method": approval.method,
         "path": approval.path,
         "query": approval.query,
+        "target": approval.target,
+        "upstream_url": approval.upstream_url,
+        "headers": [
+            {"name": name, "value": value, "redacted": redacted}
+            for name, value, redacted in approval.headers
+        ],
+        "actions": list(approval.actions),
         "requester": requester_log(approval.requester),
+        "owner": approval.requester.owner,
         "reason": approval.reason,
         "body_preview": approval.body_preview,
+        "body_truncated": approval.body_truncated,
         "body_bytes": approval.body_bytes,
+        "body_sha256": approval.body_sha256 or None,
+        "body_url": BODY_PATH.format(id=approval.id) if approval.body_bytes else None,
         "content_type": approval.content_type,
         "quorum": approval.quorum,
         "approvals": approval.approvals_count,
@@ -46,17 +69,26 @@ def approval_json(approval: Approval) -> dict[str, Any]:
         "decisions": [
             {
                 "verdict": d.verdict.value,
-                "approver": {"subject": d.approver_subject, "email": d.approver_email},
+                "approver": {
+                    "subject": d.approver_subject,
+                    "issuer": d.approver_issuer or None,
+                    "email": d.approver_email,
+                    "person": d.person,
+                },
                 "channel": d.channel,
                 "reason": d.reason,
                 "at": _iso(d.at),
             }
             for d in approval.decisions
         ],
-        "decided_by": (final.approver_email or final.approver_subject) if final else None,
+        "decided_by": final.who if final else None,
         "created_at": _iso(approval.created_at),
         "expires_at": _iso(approval.expires_at),
         "executed_at": _iso(approval.executed_at),
+        "outcome": approval.outcome.value if approval.outcome else None,
         "upstream_status": approval.upstream_status,
+        "abandoned_at": _iso(approval.abandoned_at),
         "request_id": approval.request_id,
     }
+    scrubbed: dict[str, Any] = redactor.value(data)
+    return scrubbed

@@ -24,6 +24,8 @@ POLICY_DECIDED: Final = "policy.decided"
 APPROVAL_REQUESTED: Final = "approval.requested"
 APPROVAL_DECIDED: Final = "approval.decided"
 APPROVAL_EXPIRED: Final = "approval.expired"
+APPROVAL_LAPSED: Final = "approval.lapsed"
+REQUEST_ABANDONED: Final = "request.abandoned"
 REQUEST_FORWARDED: Final = "request.forwarded"
 REQUEST_REFUSED: Final = "request.refused"
 
@@ -77,8 +79,10 @@ class AuditLog:
 __all__ = [
     "APPROVAL_DECIDED",
     "APPROVAL_EXPIRED",
+    "APPROVAL_LAPSED",
     "APPROVAL_REQUESTED",
     "POLICY_DECIDED",
+    "REQUEST_ABANDONED",
     "REQUEST_FORWARDED",
     "REQUEST_RECEIVED",
     "REQUEST_REFUSED",

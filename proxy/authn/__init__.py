@@ -12,7 +12,7 @@ from .oidc import OIDCVerifier
 
 __all__ = ["AuthError", "Authenticator", "IdentityUnavailable"]
 
-from ..types import Identity
+from ..model import Identity
 
 
 class Authenticator:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -24,7 +23,7 @@ import jwt
 import structlog
 
 from ..config import FORBIDDEN_ALGORITHMS, ClaimsSettings, IssuerSettings
-from ..types import Identity
+from ..model import Identity
 from .errors import AuthError, IdentityUnavailable
 
 log = structlog.get_logger("countersign.authn")
@@ -44,7 +43,16 @@ def claim_at(claims: Mapping[str, Any], path: str) -> Any:
     return value
 
 
-def identity_from_claims(issuer: str, claims: Mapping[str, Any], paths: ClaimsSettings) -> Identity:
+def identity_from_claims(
+    issuer: str,
+    claims: Mapping[str, Any],
+    paths: ClaimsSettings,
+    *,
+    require_email_verified: bool = True,
+) -> Identity:
+    """The identity a verified token's claims describe. Its email names a person only when the
+    token says `email_verified: true` (the JSON boolean), unless the issuer is configured with
+    `require_email_verified: false`."""
     groups_value = claim_at(claims, paths.groups)
     if isinstance(groups_value, str):
         groups = frozenset(groups_value.split())
@@ -55,6 +63,7 @@ def identity_from_claims(issuer: str, claims: Mapping[str, Any], paths: ClaimsSe
     email = claim_at(claims, paths.email)
     owner = claim_at(claims, paths.owner)
     client_id = claims.get("client_id") or claims.get("azp")
+    verified = claims.get("email_verified") is True or not require_email_verified
     return Identity(
         subject=str(claims["sub"]),
         issuer=issuer,
@@ -63,6 +72,7 @@ def identity_from_claims(issuer: str, claims: Mapping[str, Any], paths: ClaimsSe
         groups=groups,
         owner=owner if isinstance(owner, str) else None,
         claims=claims,
+        email_verified=isinstance(email, str) and verified,
     )
 
 
@@ -195,8 +205,18 @@ class OIDCVerifier:
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
-        except (jwt.DecodeError, json.JSONDecodeError, UnicodeDecodeError):
+        except jwt.DecodeError:
             raise AuthError("malformed token") from None
+        except jwt.PyJWTError as exc:
+            # A well-formed token with a header pyjwt refuses: a non-string `kid`, a `crit` it
+            # does not understand or that is not a list of names, ...
+            raise AuthError(f"invalid token header: {exc}") from None
+        except (ValueError, TypeError, AttributeError):
+            # Anything else odd in the header or payload (json.JSONDecodeError and
+            # UnicodeDecodeError are ValueErrors): refused, never a 500.
+            raise AuthError("malformed token") from None
+        if not isinstance(header, dict) or not isinstance(unverified, dict):
+            raise AuthError("malformed token")
         alg = header.get("alg")
         if not isinstance(alg, str) or FORBIDDEN_ALGORITHMS.match(alg):
             raise AuthError(f"algorithm {alg!r} is not accepted")
@@ -224,7 +244,15 @@ class OIDCVerifier:
             raise AuthError("token not yet valid") from None
         except jwt.InvalidAudienceError:
             raise AuthError("token audience is not accepted") from None
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token: {exc}") from None
-        identity = identity_from_claims(issuer.settings.issuer, claims, self._claims)
+        except (ValueError, TypeError):
+            # A key that cannot check this token's signature (e.g. of another type than `alg`).
+            raise AuthError("invalid token: the signature cannot be verified") from None
+        identity = identity_from_claims(
+            issuer.settings.issuer,
+            claims,
+            self._claims,
+            require_email_verified=issuer.settings.require_email_verified,
+        )
         return identity, float(claims["exp"])

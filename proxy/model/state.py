@@ -1,14 +1,12 @@
-"""The approval state machine: pure functions from one `Approval` to the next.
+"""The approval state machine and who may decide: pure functions from one `Approval` to the next.
 
-    pending ──approve (quorum reached)──▶ approved ──claim──▶ executed
+    pending ──approve (quorum reached)──▶ approved ──claim──▶ executed (completed | ambiguous)
        │ └──deny──▶ denied                     │
-       └──deadline passed──▶ expired ◀──────────┘ not used within the window
-
-An approval has one window (`expires_at - created_at`) to be decided and, once approved, the
-same window again to be used: an unused approval does not stay valid forever.
+       └──deadline passed──▶ expired            └──not used within claim_seconds──▶ lapsed
 
 Every store applies exactly these functions inside its own atomic step (a Python critical
-section for `MemoryStore`, a Lua script for Redis), so the rules live in one place. No I/O here.
+section for `MemoryStore`, compare-and-set for Redis), so the rules live in one place. No I/O,
+and no HTTP: errors carry a `code` (DESIGN §2's error codes) that the edge maps to a status.
 """
 
 from __future__ import annotations
@@ -16,14 +14,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from ..types import Approval, ApprovalState, DecisionRecord, Identity, Verdict
+from .approval import Approval, ApprovalState, DecisionRecord, Outcome, Verdict
+from .identity import Identity
+from .persons import canonical_email, same_person
 
 
 class ApprovalError(Exception):
-    """A transition or authorization was refused; `code` is the API's `error` value."""
+    """A transition or authorization was refused; `code` names it for the outside world."""
 
     code = "approval_error"
-    status = 409
 
     def __init__(self, message: str, approval: Approval | None = None) -> None:
         super().__init__(message)
@@ -35,62 +34,124 @@ class NotPending(ApprovalError):
     """The approval was already decided, expired or executed."""
 
     code = "approval_not_pending"
-    status = 409
 
 
 class DuplicateApprover(ApprovalError):
-    """This approver already approved; the same person counts once towards the quorum."""
+    """This person already approved; the same person counts once towards the quorum."""
 
     code = "already_approved"
-    status = 409
 
 
 class NotClaimable(ApprovalError):
     """The approval cannot be executed (not approved, or already executed)."""
 
-    code = "approval_not_approved"
-    status = 403
+    code = "approval_used"
 
 
 class SelfApproval(ApprovalError):
     code = "self_approval"
-    status = 403
 
 
 class NotAnApprover(ApprovalError):
     code = "not_an_approver"
-    status = 403
 
 
-def _same(a: str | None, b: str | None) -> bool:
-    return a is not None and b is not None and a.casefold() == b.casefold()
+class ApproverUnidentified(ApprovalError):
+    """The credential names no person (no verified email), so it cannot decide."""
+
+    code = "approver_unidentified"
+
+
+class ApprovalNotFound(ApprovalError):
+    code = "approval_not_found"
+
+
+class ReasonRequired(ApprovalError):
+    code = "reason_required"
+
+
+class TooManyPending(ApprovalError):
+    """The identity has too many pending approvals, or the process holds too many bytes."""
+
+    code = "too_many_pending"
+
+    def __init__(self, message: str, retry_after: int = 30) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def check_person(approver: Identity) -> str:
+    """The approver's person, or `ApproverUnidentified`."""
+    person = approver.person
+    if person is None:
+        raise ApproverUnidentified(
+            "this credential names no person (no verified email), so it cannot decide approvals"
+        )
+    return person
+
+
+def check_not_self(approval: Approval, approver: Identity) -> None:
+    """Zero self-approval, no exemption: the requester, and the human the requesting agent acts
+    for, never decide their request. An owner that cannot be compared with a person (it is not
+    an email) fails closed: nobody can be shown not to be them."""
+    requester = approval.requester
+    if (approver.issuer, approver.subject) == (requester.issuer, requester.subject):
+        raise SelfApproval("you cannot decide a request you made")
+    person = approver.person
+    # The requester's email counts even unverified: erring towards "the same person" only
+    # ever refuses a decision.
+    if same_person(person, requester.person) or same_person(
+        person, canonical_email(requester.email)
+    ):
+        raise SelfApproval("you cannot decide a request you made")
+    if requester.owner is not None:
+        owner = canonical_email(requester.owner)
+        if owner is None:
+            raise SelfApproval(
+                f"the agent acts for {requester.owner!r}, which is not an email address, so "
+                "no approver can be told apart from them; map identity.claims.owner to an "
+                "email claim"
+            )
+        if same_person(person, owner):
+            raise SelfApproval("you cannot decide a request made on your behalf")
+
+
+def is_listed_approver(
+    approval: Approval, approver: Identity, directory: Mapping[str, Sequence[str]]
+) -> bool:
+    """Whether the approver's person is one of the rule's users (by canonical email) or in one
+    of its groups, through the token's groups claim or the `approvals.groups` directory."""
+    person = approver.person
+    if person is None:
+        return False
+    if any(canonical_email(u) == person for u in approval.approver_users):
+        return True
+    if approver.groups.intersection(approval.approver_groups):
+        return True
+    return any(
+        canonical_email(member) == person
+        for group in approval.approver_groups
+        for member in directory.get(group, ())
+    )
 
 
 def check_approver(
     approval: Approval,
     approver: Identity,
     directory: Mapping[str, Sequence[str]],
-) -> None:
-    """Raise unless `approver` may decide `approval`.
+) -> str:
+    """Raise unless `approver` may decide `approval`; return their person.
 
-    Zero self-approval comes first and has no exemption: the requester, and the human the
-    requesting agent acts for, can never decide their own request, whatever groups they hold.
-    Then the approver must be one of the rule's users (by email) or in one of its groups, either
-    through the token's groups claim or through the `approvals.groups` directory (by email).
+    Order: the requester's own credential (`self_approval`), a person (`approver_unidentified`),
+    zero self-approval by person or owner, then the rule's approvers (`not_an_approver`).
     """
     requester = approval.requester
-    mine = (approver.subject, approver.email)
-    theirs = (requester.subject, requester.email, requester.owner)
-    if any(_same(m, t) for m in mine for t in theirs):
-        raise SelfApproval("you cannot decide an approval you requested or that acts for you")
-    if approver.email and any(_same(approver.email, u) for u in approval.approver_users):
-        return
-    if approver.groups.intersection(approval.approver_groups):
-        return
-    for group in approval.approver_groups:
-        members = directory.get(group, ())
-        if any(_same(approver.email, m) or _same(approver.subject, m) for m in members):
-            return
+    if (approver.issuer, approver.subject) == (requester.issuer, requester.subject):
+        raise SelfApproval("you cannot decide a request you made")
+    person = check_person(approver)
+    check_not_self(approval, approver)
+    if is_listed_approver(approval, approver, directory):
+        return person
     raise NotAnApprover(
         f"you are not an approver of rule {approval.rule!r} "
         f"(groups: {', '.join(approval.approver_groups) or '-'}; "
@@ -102,7 +163,7 @@ _EXPIRABLE = (ApprovalState.PENDING, ApprovalState.APPROVED)
 
 
 def is_due(approval: Approval, now: float) -> bool:
-    """Pending and undecided, or approved and unused, past the deadline."""
+    """Pending and undecided, or approved and unused, past its deadline."""
     return approval.state in _EXPIRABLE and now >= approval.expires_at
 
 
@@ -111,7 +172,7 @@ def decide(approval: Approval, record: DecisionRecord, now: float) -> Approval:
 
     Raises `NotPending` when the approval is no longer pending (including past its deadline:
     the caller should then `expire` it) and `DuplicateApprover` for a second approval by the
-    same person.
+    same person (same credential, or the same mailbox).
     """
     if approval.state is not ApprovalState.PENDING:
         raise NotPending(f"approval is {approval.state.value}", approval)
@@ -121,12 +182,14 @@ def decide(approval: Approval, record: DecisionRecord, now: float) -> Approval:
         return replace(
             approval, state=ApprovalState.DENIED, decisions=(*approval.decisions, record)
         )
-    if any(d.person == record.person and d.verdict is Verdict.APPROVE for d in approval.decisions):
+    if any(d.verdict is Verdict.APPROVE and d.same_person(record) for d in approval.decisions):
         raise DuplicateApprover("you already approved this request", approval)
     updated = replace(approval, decisions=(*approval.decisions, record))
     if updated.approvals_count >= approval.quorum:
-        window = approval.expires_at - approval.created_at
-        updated = replace(updated, state=ApprovalState.APPROVED, expires_at=now + window)
+        # From now on the deadline is the claim window: use it, or it lapses.
+        updated = replace(
+            updated, state=ApprovalState.APPROVED, expires_at=now + approval.claim_seconds
+        )
     return updated
 
 
@@ -136,22 +199,32 @@ def claim(approval: Approval, now: float) -> Approval:
         raise NotClaimable(f"approval is {approval.state.value}", approval)
     if is_due(approval, now):
         # Not saved here: `expire` makes that transition, so exactly one caller audits it.
-        raise NotClaimable("approval expired before it was used", expire(approval, now))
+        raise NotClaimable("approval lapsed before it was used", expire(approval, now))
     return replace(approval, state=ApprovalState.EXECUTED, executed_at=now)
 
 
 def expire(approval: Approval, now: float) -> Approval:
-    """pending or approved → expired once the deadline has passed; else returned unchanged."""
-    if is_due(approval, now):
-        return replace(approval, state=ApprovalState.EXPIRED)
-    return approval
+    """Past the deadline: pending → expired, approved → lapsed; else returned unchanged."""
+    if not is_due(approval, now):
+        return approval
+    if approval.state is ApprovalState.APPROVED:
+        return replace(approval, state=ApprovalState.LAPSED)
+    return replace(approval, state=ApprovalState.EXPIRED)
 
 
-def record_outcome(approval: Approval, upstream_status: int) -> Approval:
-    """Note what the upstream answered to the executed request."""
+def abandon(approval: Approval, now: float) -> Approval:
+    """Note that a held client went away (shown to approvers); the approval stays open, and an
+    identical request joins it. Unchanged when it is not pending or already noted."""
+    if approval.state is not ApprovalState.PENDING or approval.abandoned_at is not None:
+        return approval
+    return replace(approval, abandoned_at=now)
+
+
+def record_outcome(approval: Approval, outcome: Outcome, upstream_status: int | None) -> Approval:
+    """Note what became of the executed request."""
     if approval.state is not ApprovalState.EXECUTED:
         raise NotClaimable(f"approval is {approval.state.value}", approval)
-    return replace(approval, upstream_status=upstream_status)
+    return replace(approval, outcome=outcome, upstream_status=upstream_status)
 
 
 def joinable(approval: Approval) -> bool:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import structlog
 
-from ..types import Approval
+from ..model import Approval
 
 log = structlog.get_logger("countersign.notify")
 

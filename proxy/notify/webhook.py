@@ -20,7 +20,7 @@ import structlog
 
 from ..approvals.view import approval_json
 from ..audit.redact import Redactor
-from ..types import Approval
+from ..model import Approval
 from .retry import GaveUp, with_retries
 
 log = structlog.get_logger("countersign.notify")

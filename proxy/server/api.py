@@ -12,14 +12,12 @@ from typing import Any
 
 from aiohttp import web
 
-from ..approvals import state
 from ..approvals.service import ApprovalService
-from ..approvals.view import approval_json
 from ..audit import AuditUnavailable
 from ..authn import Authenticator, AuthError, IdentityUnavailable
-from ..store.base import StoreUnavailable
-from ..types import ApprovalState, Identity, Verdict
-from .responses import error_response
+from ..model import ApprovalState, Identity, Verdict, state
+from ..store.base import InvalidCursor, StoreUnavailable, parse_cursor
+from .responses import error_response, status_for
 
 PREFIX = "/_countersign/api/"
 
@@ -57,15 +55,36 @@ def api_routes(
         except ValueError:
             raise _Refusal(
                 400,
-                "invalid_state",
+                "invalid_request",
+                field="state",
                 message=f"state must be one of {', '.join(s.value for s in ApprovalState)}",
             ) from None
         try:
-            limit = max(1, min(int(request.query.get("limit", "100")), 1000))
+            limit = int(request.query.get("limit", "100"))
         except ValueError:
-            raise _Refusal(400, "invalid_limit", message="limit must be a number") from None
-        approvals = await service.list_for(identity, approval_state, limit)
-        return web.json_response({"approvals": [approval_json(a) for a in approvals]})
+            limit = 0
+        if not 1 <= limit <= 1000:
+            raise _Refusal(
+                400,
+                "invalid_request",
+                field="limit",
+                message="limit must be a whole number from 1 to 1000",
+            )
+        cursor = request.query.get("cursor") or None
+        try:
+            if cursor is not None:
+                parse_cursor(cursor)
+            approvals, next_cursor = await service.list_for(identity, approval_state, limit, cursor)
+        except InvalidCursor:
+            raise _Refusal(
+                400,
+                "invalid_request",
+                field="cursor",
+                message="cursor must be a next_cursor this API returned",
+            ) from None
+        return web.json_response(
+            {"approvals": [service.view(a) for a in approvals], "next_cursor": next_cursor}
+        )
 
     @routes.get(PREFIX + "approvals/{approval_id}")
     @_json_errors
@@ -74,7 +93,31 @@ def api_routes(
         approval = await service.get(request.match_info["approval_id"])
         if approval is None or not service.may_see(approval, identity):
             raise _Refusal(404, "approval_not_found", message="no such approval")
-        return web.json_response(approval_json(approval))
+        return web.json_response(service.view(approval))
+
+    @routes.get(PREFIX + "approvals/{approval_id}/body")
+    @_json_errors
+    async def approval_body(request: web.Request) -> web.Response:
+        """The exact bytes of the held request's body, for those who may see the approval."""
+        identity = await who(request)
+        approval = await service.get(request.match_info["approval_id"])
+        if approval is None or not service.may_see(approval, identity):
+            raise _Refusal(404, "approval_not_found", message="no such approval")
+        try:
+            body = await service.body(approval.id)
+        except state.ApprovalNotFound as exc:
+            raise _Refusal(404, "approval_not_found", message=exc.message) from None
+        return web.Response(
+            body=body,
+            headers={
+                # Never rendered by a browser as the agent's page: it is evidence, not content.
+                "Content-Type": "application/octet-stream",
+                "Content-Disposition": f'attachment; filename="{approval.id}.body"',
+                "X-Content-Type-Options": "nosniff",
+                "Countersign-Body-Content-Type": approval.content_type or "",
+                "Countersign-Body-Sha256": approval.body_sha256,
+            },
+        )
 
     @routes.post(PREFIX + "approvals/{approval_id}/decision")
     @_json_errors
@@ -83,21 +126,33 @@ def api_routes(
         try:
             payload = await request.json()
         except (ValueError, UnicodeDecodeError):
-            raise _Refusal(400, "invalid_json", message="the body must be a JSON object") from None
+            raise _Refusal(
+                400, "invalid_request", message="the body is not valid JSON: send a JSON object"
+            ) from None
         if not isinstance(payload, dict):
-            raise _Refusal(400, "invalid_json", message="the body must be a JSON object")
+            raise _Refusal(400, "invalid_request", message="the body must be a JSON object")
         unknown = set(payload) - {"verdict", "reason"}
         if unknown:
-            raise _Refusal(400, "invalid_field", message=f"unknown field(s): {sorted(unknown)}")
+            raise _Refusal(
+                400,
+                "invalid_request",
+                field=sorted(unknown)[0],
+                message=f"unknown field(s): {', '.join(sorted(unknown))}",
+            )
         try:
             verdict = Verdict(str(payload.get("verdict")))
         except ValueError:
             raise _Refusal(
-                400, "invalid_verdict", message='verdict must be "approve" or "deny"'
+                400,
+                "invalid_request",
+                field="verdict",
+                message='verdict must be "approve" or "deny"',
             ) from None
         reason = payload.get("reason")
         if reason is not None and not isinstance(reason, str):
-            raise _Refusal(400, "invalid_reason", message="reason must be a string")
+            raise _Refusal(
+                400, "invalid_request", field="reason", message="reason must be a string"
+            )
         approval_id = request.match_info["approval_id"]
         existing = await service.get(approval_id)
         if existing is None:
@@ -107,9 +162,9 @@ def api_routes(
         except state.ApprovalError as exc:
             current = exc.approval or existing
             raise _Refusal(
-                exc.status, exc.code, message=exc.message, state=current.state.value
+                status_for(exc.code), exc.code, message=exc.message, state=current.state.value
             ) from None
-        return web.json_response(approval_json(decided))
+        return web.json_response(service.view(decided))
 
     return routes
 

@@ -19,19 +19,31 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..approvals import state
 from ..approvals.service import ApprovalService
 from ..audit import AuditUnavailable
 from ..config import RuleSettings
 from ..forward import UpstreamError, UpstreamResponse
+from ..model import Approval, ApprovalState, Outcome, state
+from ..model.binding import binding_of, bound_headers, fingerprint
 from ..store.base import StoreUnavailable
-from ..types import Approval, ApprovalState
-from .responses import APPROVAL_HEADER, APPROVAL_ID_HEADER, REASON_HEADER, error_response
+from .responses import APPROVAL_HEADER, APPROVAL_ID_HEADER, REASON_HEADER, REQUEST_ID_HEADER
 
 if TYPE_CHECKING:
     from .proxy_handler import Exchange, ProxyHandler
 
 API_PATH = "/_countersign/api/approvals/"
+_RETRY_AFTER_SECONDS = 30
+# Abandonment notes outlive the cancelled request that schedules them.
+_BACKGROUND: set[asyncio.Future[None]] = set()
+
+
+def _prefers_async(request: web.Request) -> bool:
+    """`Prefer: respond-async` (RFC 7240), among other preferences or not."""
+    return any(
+        token.strip().split("=", 1)[0].strip().lower() == "respond-async"
+        for value in request.headers.getall("Prefer", ())
+        for token in value.split(",")
+    )
 
 
 class BodyTooLarge(Exception):
@@ -56,47 +68,88 @@ def decision_fields(approval: Approval) -> dict[str, Any]:
         "approval_id": approval.id,
         "rule": approval.rule,
         "reason": final.reason if final else None,
-        "decided_by": (final.approver_email or final.approver_subject) if final else None,
+        "decided_by": final.who if final else None,
     }
 
 
 class ApprovalGate:
-    def __init__(self, service: ApprovalService, max_body_bytes: int) -> None:
+    def __init__(self, service: ApprovalService, max_body_bytes: int, max_held_bytes: int) -> None:
         self._service = service
         self._max_body = max_body_bytes
+        self._max_held = max_held_bytes
+        self._held = 0  # bytes of bodies this process holds for approvals right now
+
+    def _too_many(
+        self, proxy: ProxyHandler, exchange: Exchange, rule: str, message: str
+    ) -> web.Response:
+        return proxy.refuse(
+            exchange,
+            429,
+            "too_many_pending",
+            rule=rule,
+            message=message,
+            headers={"Retry-After": str(_RETRY_AFTER_SECONDS)},
+        )
 
     async def handle(
         self, proxy: ProxyHandler, exchange: Exchange, rule: RuleSettings
     ) -> web.StreamResponse:
         request = exchange.request
-        identity = exchange.identity
         route = exchange.route
-        assert identity is not None and route is not None
+        assert exchange.identity is not None and route is not None
+        announced = request.content_length or 0
+        if self._held + announced > self._max_held:
+            return self._too_many(
+                proxy, exchange, rule.name, "this proxy holds too many request bodies right now"
+            )
         try:
             body = await read_bounded(request, self._max_body)
         except BodyTooLarge:
             return proxy.refuse(
                 exchange,
                 413,
-                "body_too_large",
+                "payload_too_large",
                 rule=rule.name,
                 limit=self._max_body,
                 message=f"a request that needs approval may carry at most {self._max_body} bytes",
             )
+        if self._held + len(body) > self._max_held:
+            return self._too_many(
+                proxy, exchange, rule.name, "this proxy holds too many request bodies right now"
+            )
+        self._held += len(body)
+        try:
+            return await self._gate(proxy, exchange, rule, body)
+        finally:
+            self._held -= len(body)
+
+    async def _gate(
+        self, proxy: ProxyHandler, exchange: Exchange, rule: RuleSettings, body: bytes
+    ) -> web.StreamResponse:
+        request = exchange.request
+        identity = exchange.identity
+        route = exchange.route
+        assert identity is not None and route is not None
         service = self._service
-        fingerprint = service.fingerprint_of(
-            identity=identity,
+        target = proxy.upstream_target(exchange)
+        binding = binding_of(
             method=request.method,
-            path=exchange.path,
-            query=exchange.query,
-            route=route.settings.name,
+            target=target.encode("utf-8", "surrogateescape"),
+            headers=bound_headers(
+                request.raw_headers,
+                volatile=route.settings.volatile_headers,
+                injected=route.inject_names,
+            ),
             body=body,
+            route=route.settings.name,
+            identity=identity,
         )
+        fingerprint_hex = fingerprint(binding)
         try:
             named = request.headers.get(APPROVAL_HEADER)
             if named:
                 approval = await service.get(named.strip())
-                if approval is None or approval.fingerprint != fingerprint:
+                if approval is None or approval.fingerprint != fingerprint_hex:
                     # Same answer for an unknown id and a mismatch: ids are not an oracle.
                     return proxy.refuse(
                         exchange,
@@ -109,21 +162,22 @@ class ApprovalGate:
                 approval, _ = await service.open(
                     identity=identity,
                     rule=rule,
-                    method=request.method,
+                    binding=binding,
                     path=exchange.path,
                     query=exchange.query,
-                    route=route.settings.name,
-                    body=body,
-                    content_type=request.headers.get("Content-Type"),
+                    upstream_url=route.origin + target,
                     reason=request.headers.get(REASON_HEADER),
                     request_id=exchange.request_id,
-                    fingerprint=fingerprint,
+                    fingerprint_hex=fingerprint_hex,
                 )
             if approval.state is ApprovalState.PENDING:
-                if service.mode == "async":
-                    return self._accepted(exchange, approval)
-                approval = await service.wait_for_decision(approval.id)
+                asked_async = _prefers_async(request)
+                if asked_async or service.mode == "async":
+                    return self._accepted(exchange, approval, asked_async)
+                approval = await self._wait(approval)
             return await self._conclude(proxy, exchange, approval, body)
+        except state.TooManyPending as exc:
+            return self._too_many(proxy, exchange, rule.name, exc.message)
         except AuditUnavailable:
             return proxy.refuse(
                 exchange,
@@ -141,19 +195,38 @@ class ApprovalGate:
                 message="the approval store cannot be reached; nothing was forwarded",
             )
 
-    def _accepted(self, exchange: Exchange, approval: Approval) -> web.Response:
+    async def _wait(self, approval: Approval) -> Approval:
+        """Hold until the decision; a client that leaves meanwhile is recorded as abandoned."""
+        try:
+            return await self._service.wait_for_decision(approval.id)
+        except asyncio.CancelledError:
+            task = asyncio.ensure_future(self._service.abandon(approval.id))
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+            raise
+
+    def _accepted(self, exchange: Exchange, approval: Approval, asked: bool) -> web.Response:
+        """The async answer: not an error, a receipt for a pending approval."""
         location = API_PATH + approval.id
-        return error_response(
-            202,
-            "approval_pending",
-            request_id=exchange.request_id,
-            headers={"Location": location, APPROVAL_ID_HEADER: approval.id},
-            approval_id=approval.id,
-            state=approval.state.value,
-            rule=approval.rule,
-            expires_at=approval.expires_at,
-            message=f"re-send this exact request with '{APPROVAL_HEADER}: {approval.id}' "
-            "once it is approved",
+        headers = {
+            "Location": location,
+            APPROVAL_ID_HEADER: approval.id,
+            REQUEST_ID_HEADER: exchange.request_id,
+        }
+        if asked:
+            headers["Preference-Applied"] = "respond-async"
+        return web.json_response(
+            {
+                "approval_id": approval.id,
+                "state": approval.state.value,
+                "expires_at": approval.expires_at,
+                "rule": approval.rule,
+                "request_id": exchange.request_id,
+                "message": f"waiting for approval; re-send this exact request with "
+                f"'{APPROVAL_HEADER}: {approval.id}' once it is approved (see {location})",
+            },
+            status=202,
+            headers=headers,
         )
 
     async def _conclude(
@@ -163,6 +236,8 @@ class ApprovalGate:
             return proxy.refuse(exchange, 403, "approval_denied", **decision_fields(approval))
         if approval.state is ApprovalState.EXPIRED:
             return self._expired(proxy, exchange, approval)
+        if approval.state is ApprovalState.LAPSED:
+            return self._lapsed(proxy, exchange, approval)
         if approval.state is ApprovalState.EXECUTED:
             return self._used(proxy, exchange, approval)
         started = time.monotonic()
@@ -171,8 +246,8 @@ class ApprovalGate:
             upstream = await asyncio.shield(execution)
         except state.NotClaimable as exc:
             current = exc.approval or approval
-            if current.state is ApprovalState.EXPIRED:
-                return self._expired(proxy, exchange, current)
+            if current.state is ApprovalState.LAPSED:
+                return self._lapsed(proxy, exchange, current)
             return self._used(proxy, exchange, current)
         except UpstreamError as exc:
             return proxy.upstream_failed(exchange, exc, approval_id=approval.id)
@@ -184,16 +259,23 @@ class ApprovalGate:
         return await proxy.relay(exchange, upstream, started, approval_id=approval.id)
 
     def _expired(self, proxy: ProxyHandler, exchange: Exchange, approval: Approval) -> web.Response:
-        was_approved = approval.approvals_count >= approval.quorum
         return proxy.refuse(
             exchange,
             403,
             "approval_expired",
             approval_id=approval.id,
             rule=approval.rule,
-            reason="approved, but not used before the deadline"
-            if was_approved
-            else "no decision before the deadline",
+            message="no decision was made before the deadline",
+        )
+
+    def _lapsed(self, proxy: ProxyHandler, exchange: Exchange, approval: Approval) -> web.Response:
+        return proxy.refuse(
+            exchange,
+            403,
+            "approval_lapsed",
+            approval_id=approval.id,
+            rule=approval.rule,
+            message="approved, but not used within approvals.claim_seconds; ask again",
         )
 
     def _used(self, proxy: ProxyHandler, exchange: Exchange, approval: Approval) -> web.Response:
@@ -215,10 +297,11 @@ class ApprovalGate:
         # client gets the upstream's answer, and the outcome is recorded in the background.
         try:
             upstream = await proxy.open_upstream(exchange, body)
-        except UpstreamError as exc:
-            self._service.record_outcome_soon(approval.id, exc.status)
+        except UpstreamError:
+            # It may have run: whoever retries needs a new approval, which shows this attempt.
+            self._service.record_outcome_soon(approval.id, Outcome.AMBIGUOUS, None)
             raise
-        self._service.record_outcome_soon(approval.id, upstream.status)
+        self._service.record_outcome_soon(approval.id, Outcome.COMPLETED, upstream.status)
         return upstream
 
 

@@ -24,6 +24,7 @@ from ..audit import AuditLog, AuditUnavailable
 from ..authn import Authenticator, AuthError, IdentityUnavailable
 from ..config import RouteSettings, ServerSettings
 from ..forward import HOP_BY_HOP, Forwarder, UpstreamError, UpstreamResponse, connection_named
+from ..model import Action, Identity, RequestInfo
 from ..paths import (
     AmbiguousRequest,
     check_method,
@@ -33,7 +34,6 @@ from ..paths import (
 )
 from ..policy import Policy
 from ..routing import RouteTable, upstream_path
-from ..types import Action, Identity, RequestInfo
 from .metrics import Metrics
 from .responses import APPROVAL_ID_HEADER, REQUEST_ID_HEADER, error_response
 
@@ -116,6 +116,7 @@ class ProxyHandler:
         self._metrics = metrics
         self._gate = gate
         self._trusted = tuple(ipaddress.ip_network(n, strict=False) for n in server.trusted_proxies)
+        self._public_host = urlsplit(server.public_url).netloc if server.public_url else None
         self._read_timeout = server.upstream_timeout_seconds
         # Request ids: unique, not secret. A random per-process prefix and a counter cost a
         # fraction of uuid4's read of the OS's randomness on every request.
@@ -149,8 +150,16 @@ class ProxyHandler:
         finally:
             self._metrics.observe(outcome, status, time.monotonic() - started)
 
-    def refuse(self, exchange: Exchange, status: int, error: str, **fields: Any) -> web.Response:
-        """A JSON refusal, audited as `request.refused`."""
+    def refuse(
+        self,
+        exchange: Exchange,
+        status: int,
+        error: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **fields: Any,
+    ) -> web.Response:
+        """A JSON refusal, audited as `request.refused`; `headers` go on the answer only."""
         self._audit.emit(
             audit.REQUEST_REFUSED,
             request_id=exchange.request_id,
@@ -159,13 +168,12 @@ class ProxyHandler:
             identity=exchange.identity_log(),
             **fields,
         )
-        headers = None
+        headers = dict(headers or {})
         if status == 401:
             description = str(fields.get("message", "")).replace('"', "'")
-            headers = {
-                "WWW-Authenticate": f'Bearer error="invalid_token", '
-                f'error_description="{description}"'
-            }
+            headers["WWW-Authenticate"] = (
+                f'Bearer error="invalid_token", error_description="{description}"'
+            )
         return error_response(
             status, error, request_id=exchange.request_id, headers=headers, **fields
         )
@@ -231,8 +239,11 @@ class ProxyHandler:
         return await self.relay(exchange, upstream, time.monotonic())
 
     def _upstream_headers(
-        self, request: web.Request, route: _Route, request_id: str
+        self, request: web.Request, route: _Route, request_id: str, *, held: bool
     ) -> list[tuple[str, str]]:
+        """The headers sent upstream. For a `held` (approved) request, nothing may come from
+        the client that its approval did not bind: `X-Forwarded-Host` is then the proxy's own
+        public host (`server.public_url`), or absent, never the client's `Host`."""
         headers = request.headers
         named = connection_named(headers) if "Connection" in headers else ()
         trusted = self._is_trusted(request.remote)
@@ -241,19 +252,24 @@ class ProxyHandler:
             lower = key.lower()
             if lower in _NOT_FORWARDED or lower in named or lower in route.inject_names:
                 continue
+            if lower.startswith("countersign-"):  # ours, never the upstream's (nor bound)
+                continue
             if lower == "forwarded" and not trusted:
                 continue
             out.append((key, value))
         peer = request.remote or ""
         prior_for = headers.get("X-Forwarded-For") if trusted else None
         scheme = request.scheme
+        if held:
+            forwarded_host = self._public_host
+        else:
+            forwarded_host = (
+                headers.get("X-Forwarded-Host", request.host) if trusted else request.host
+            )
         ours = [
             ("X-Forwarded-For", f"{prior_for}, {peer}" if prior_for else peer),
             ("X-Forwarded-Proto", headers.get("X-Forwarded-Proto", scheme) if trusted else scheme),
-            (
-                "X-Forwarded-Host",
-                headers.get("X-Forwarded-Host", request.host) if trusted else request.host,
-            ),
+            *((("X-Forwarded-Host", forwarded_host),) if forwarded_host else ()),
             (REQUEST_ID_HEADER, request_id),
         ]
         # A route's injected header replaces ours of the same name, as it does the client's.
@@ -272,6 +288,15 @@ class ProxyHandler:
             return False
         return any(address in network for network in self._trusted)
 
+    @staticmethod
+    def upstream_target(exchange: Exchange) -> str:
+        """The path and query the upstream is asked for: what the policy judged, and what an
+        approval binds."""
+        route = exchange.route
+        assert route is not None
+        target = encode_path(upstream_path(route.settings, exchange.path))
+        return f"{target}?{exchange.query}" if exchange.query else target
+
     async def open_upstream(
         self, exchange: Exchange, body: AsyncIterable[bytes] | bytes | None
     ) -> UpstreamResponse:
@@ -279,12 +304,12 @@ class ProxyHandler:
         return the response with its body unread. Raises `UpstreamError`."""
         route = exchange.route
         assert route is not None
-        target = route.origin + encode_path(upstream_path(route.settings, exchange.path))
-        if exchange.query:
-            target += "?" + exchange.query
+        target = route.origin + self.upstream_target(exchange)
         # An approved request's Content-Length is set by the forwarder from the very bytes that
         # were approved.
-        headers = self._upstream_headers(exchange.request, route, exchange.request_id)
+        headers = self._upstream_headers(
+            exchange.request, route, exchange.request_id, held=isinstance(body, bytes)
+        )
         return await self._forwarder.send(
             exchange.request.method,
             target,

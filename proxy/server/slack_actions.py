@@ -23,9 +23,9 @@ import structlog
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from ..approvals import state
 from ..approvals.service import ApprovalService
 from ..audit import AuditUnavailable
+from ..model import ApprovalState, Identity, Verdict, state
 from ..notify.retry import GaveUp
 from ..notify.slack import with_retries
 from ..notify.slack_format import (
@@ -37,7 +37,6 @@ from ..notify.slack_format import (
     reason_modal,
 )
 from ..store.base import StoreUnavailable
-from ..types import ApprovalState, Identity, Verdict
 
 log = structlog.get_logger("countersign.slack")
 
@@ -182,7 +181,11 @@ class SlackActions:
         if not email:
             raise Refused("your Slack profile has no email, so Countersign cannot tell who you are")
         email = str(email)
-        return Identity(subject=email, issuer="slack", email=email, groups=frozenset())
+        # The workspace's own record of the clicker's email: the same person as their API, CLI
+        # and inbox credentials with that email.
+        return Identity(
+            subject=email, issuer="slack", email=email, groups=frozenset(), email_verified=True
+        )
 
     async def _workspace(self) -> str | None:
         if self._team_id is None:

@@ -1,25 +1,65 @@
 """The `Store` protocol: every approval store (memory, Redis) offers exactly these operations,
 each atomic, and passes the shared conformance suite in `tests/store_conformance.py`.
 
-Transitions apply the pure functions of `proxy.approvals.state`; a store only makes them atomic
+Transitions apply the pure functions of `proxy.model.state`; a store only makes them atomic
 and durable and wakes whoever waits on an approval.
 """
 
 from __future__ import annotations
 
+import base64
+import math
 from typing import Protocol
 
-from ..types import Approval, ApprovalState, DecisionRecord
+from ..model import Approval, ApprovalState, DecisionRecord, Outcome
 
 
 class StoreUnavailable(Exception):
     """The store cannot be reached: privileged requests fail closed with 503."""
 
 
+class InvalidCursor(ValueError):
+    """A listing cursor that no store handed out."""
+
+
+def cursor_after(approval: Approval) -> str:
+    """The listing cursor of the page that follows `approval` (newer ones excluded): opaque to
+    clients, the same for every store. It is a position, (created_at, id), so it stays valid
+    when that approval changes state or is gone."""
+    return encode_cursor(approval.created_at, approval.id)
+
+
+def encode_cursor(created_at: float, approval_id: str) -> str:
+    """The cursor of the position (created_at, id): what `cursor_after` makes."""
+    position = f"{created_at!r} {approval_id}".encode("utf-8", "surrogateescape")
+    return base64.urlsafe_b64encode(position).decode("ascii").rstrip("=")
+
+
+def parse_cursor(cursor: str) -> tuple[float, str]:
+    """(created_at, id) of a cursor from `cursor_after`; `InvalidCursor` for anything else."""
+    if len(cursor) > 1024:
+        raise InvalidCursor("not a listing cursor")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, _, approval_id = raw.decode("utf-8", "surrogateescape").partition(" ")
+        created_at = float(created)
+    except (ValueError, UnicodeError) as exc:
+        raise InvalidCursor("not a listing cursor") from exc
+    if not approval_id or not math.isfinite(created_at):
+        raise InvalidCursor("not a listing cursor")
+    return created_at, approval_id
+
+
 class Store(Protocol):
-    async def create_or_join(self, approval: Approval) -> tuple[Approval, bool]:
+    async def create_or_join(
+        self, approval: Approval, max_pending: int | None = None
+    ) -> tuple[Approval, bool]:
         """Store `approval`, or return the joinable one (pending or approved, not yet executed)
-        that has the same fingerprint. The bool is True when `approval` was created."""
+        that has the same fingerprint. The bool is True when `approval` was created.
+
+        With `max_pending`, creating raises `TooManyPending` (and stores nothing) when the
+        requester (`approval.requester_key`) already has that many pending approvals; joining
+        is always allowed. The check and the creation are one atomic step."""
         ...
 
     async def get(self, approval_id: str) -> Approval | None: ...
@@ -33,10 +73,17 @@ class Store(Protocol):
         """approved → executed atomically; exactly one caller ever succeeds per approval."""
         ...
 
-    async def record_outcome(self, approval_id: str, upstream_status: int) -> Approval: ...
+    async def record_outcome(
+        self, approval_id: str, outcome: Outcome, upstream_status: int | None
+    ) -> Approval: ...
+
+    async def abandon(self, approval_id: str, now: float) -> Approval | None:
+        """Apply `state.abandon` atomically. Returns the approval only when this call noted the
+        abandonment (so it is audited once); KeyError for an unknown id."""
+        ...
 
     async def expire(self, approval_id: str, now: float) -> Approval | None:
-        """pending or approved (unused) → expired if its deadline has passed. Returns the
+        """pending → expired, approved (unused) → lapsed, if its deadline has passed. Returns the
         approval only when this call made the transition (so exactly one caller audits it)."""
         ...
 
@@ -44,8 +91,18 @@ class Store(Protocol):
         """Ids of pending or approved (unused) approvals whose deadline has passed."""
         ...
 
-    async def list(self, state: ApprovalState | None = None, limit: int = 100) -> list[Approval]:
-        """Newest first."""
+    async def list(
+        self, state: ApprovalState | None = None, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[Approval], str | None]:
+        """One page of at most `limit` approvals (all, or those in `state`), newest first
+        (`created_at`, then id, both descending), and the cursor of the next page: None when
+        there is nothing more. Pass that cursor back to read on from where the page ended;
+        `cursor_after(approval)` makes the same cursor from any approval. A page may hold fewer
+        than `limit` approvals and still have a cursor (e.g. entries whose retention ran out
+        were skipped); an invalid cursor raises `InvalidCursor`.
+
+        Each state has its own index, so a page costs the same however much history the store
+        holds (and however many approvals are in other states)."""
         ...
 
     async def wait(self, approval_id: str, seconds: float) -> Approval | None:

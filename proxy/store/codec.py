@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from ..types import Approval, ApprovalState, DecisionRecord, Requester, Verdict
+from ..model import Approval, ApprovalState, DecisionRecord, Outcome, Requester, Verdict
 
 
 def dumps(approval: Approval) -> bytes:
@@ -35,6 +35,10 @@ def loads(text: str | bytes) -> Approval:
     data["requester"] = Requester(**requester)
     data["approver_groups"] = tuple(data["approver_groups"])
     data["approver_users"] = tuple(data["approver_users"])
+    data["headers"] = tuple(tuple(h) for h in data.get("headers", ()))
+    data["actions"] = tuple(data.get("actions", ()))
+    if data.get("outcome") is not None:
+        data["outcome"] = Outcome(data["outcome"])
     data["decisions"] = tuple(
         DecisionRecord(**{**d, "verdict": Verdict(d["verdict"])}) for d in data["decisions"]
     )

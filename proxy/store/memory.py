@@ -3,18 +3,29 @@
 Each operation runs without an `await` between reading and writing an approval, so on one event
 loop it is atomic. Waiters park on an `asyncio.Event` per approval, set on every transition.
 Finished approvals are kept for `retention_seconds` for lookups, then dropped.
+
+Indexes, kept by `_save` and pruned with the approvals: fingerprint → open approval, requester →
+ids of its pending approvals (so the `max_pending` check counts in O(1)), and per state (and one
+for all) a sorted list of (created_at, id) that pages in O(log n + page) from a cursor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import time
 
-from ..approvals import state as transitions
-from ..types import Approval, ApprovalState, DecisionRecord
+from ..model import Approval, ApprovalState, DecisionRecord, Outcome
+from ..model import state as transitions
+from .base import cursor_after, parse_cursor
 
-_FINISHED = (ApprovalState.DENIED, ApprovalState.EXPIRED, ApprovalState.EXECUTED)
+_FINISHED = (
+    ApprovalState.DENIED,
+    ApprovalState.EXPIRED,
+    ApprovalState.EXECUTED,
+    ApprovalState.LAPSED,
+)
 
 
 class MemoryStore:
@@ -26,9 +37,29 @@ class MemoryStore:
         self._max_finished = max_finished
         self._finished: dict[str, float] = {}  # id -> when it finished (insertion ordered)
         self._notes: dict[str, dict[str, str]] = {}
+        # requester_key -> ids of its pending approvals
+        self._pending: dict[str, set[str]] = {}
+        # (created_at, id) ascending: every approval, and those in each state
+        self._created: list[tuple[float, str]] = []
+        self._by_state: dict[ApprovalState, list[tuple[float, str]]] = {
+            s: [] for s in ApprovalState
+        }
 
     def _save(self, approval: Approval) -> Approval:
+        previous = self._approvals.get(approval.id)
         self._approvals[approval.id] = approval
+        position = (approval.created_at, approval.id)
+        if previous is None:
+            bisect.insort(self._created, position)
+            bisect.insort(self._by_state[approval.state], position)
+        elif previous.state is not approval.state:
+            _discard(self._by_state[previous.state], (previous.created_at, previous.id))
+            bisect.insort(self._by_state[approval.state], position)
+        key = approval.requester_key
+        if approval.state is ApprovalState.PENDING:
+            self._pending.setdefault(key, set()).add(approval.id)
+        elif previous is not None and previous.state is ApprovalState.PENDING:
+            self._unpend(key, approval.id)
         if transitions.joinable(approval):
             self._by_fingerprint[approval.fingerprint] = approval.id
         elif self._by_fingerprint.get(approval.fingerprint) == approval.id:
@@ -48,8 +79,20 @@ class MemoryStore:
             if finished_at > cutoff and len(self._finished) <= self._max_finished:
                 break
             del self._finished[oldest_id]
-            self._approvals.pop(oldest_id, None)
             self._notes.pop(oldest_id, None)
+            gone = self._approvals.pop(oldest_id, None)
+            if gone is not None:
+                position = (gone.created_at, gone.id)
+                _discard(self._created, position)
+                _discard(self._by_state[gone.state], position)
+                self._unpend(gone.requester_key, gone.id)
+
+    def _unpend(self, requester_key: str, approval_id: str) -> None:
+        ids = self._pending.get(requester_key)
+        if ids is not None:
+            ids.discard(approval_id)
+            if not ids:
+                del self._pending[requester_key]
 
     def _require(self, approval_id: str) -> Approval:
         approval = self._approvals.get(approval_id)
@@ -57,13 +100,22 @@ class MemoryStore:
             raise KeyError(approval_id)
         return approval
 
-    async def create_or_join(self, approval: Approval) -> tuple[Approval, bool]:
+    async def create_or_join(
+        self, approval: Approval, max_pending: int | None = None
+    ) -> tuple[Approval, bool]:
         existing_id = self._by_fingerprint.get(approval.fingerprint)
         if existing_id is not None:
             existing = self._approvals[existing_id]
             now = approval.created_at
             if transitions.joinable(existing) and not transitions.is_due(existing, now):
                 return existing, False
+        if max_pending is not None:
+            pending = len(self._pending.get(approval.requester_key, ()))
+            if pending >= max_pending:
+                raise transitions.TooManyPending(
+                    f"this identity already has {pending} pending approvals "
+                    f"(approvals.max_pending_per_identity is {max_pending})"
+                )
         return self._save(approval), True
 
     async def get(self, approval_id: str) -> Approval | None:
@@ -76,8 +128,17 @@ class MemoryStore:
     async def claim(self, approval_id: str, now: float) -> Approval:
         return self._save(transitions.claim(self._require(approval_id), now))
 
-    async def record_outcome(self, approval_id: str, upstream_status: int) -> Approval:
-        return self._save(transitions.record_outcome(self._require(approval_id), upstream_status))
+    async def record_outcome(
+        self, approval_id: str, outcome: Outcome, upstream_status: int | None
+    ) -> Approval:
+        return self._save(
+            transitions.record_outcome(self._require(approval_id), outcome, upstream_status)
+        )
+
+    async def abandon(self, approval_id: str, now: float) -> Approval | None:
+        approval = self._require(approval_id)
+        abandoned = transitions.abandon(approval, now)
+        return None if abandoned is approval else self._save(abandoned)
 
     async def expire(self, approval_id: str, now: float) -> Approval | None:
         approval = self._approvals.get(approval_id)
@@ -89,10 +150,14 @@ class MemoryStore:
         ids = [a.id for a in self._approvals.values() if transitions.is_due(a, now)]
         return ids[:limit]
 
-    async def list(self, state: ApprovalState | None = None, limit: int = 100) -> list[Approval]:
-        found = [a for a in self._approvals.values() if state is None or a.state is state]
-        found.sort(key=lambda a: a.created_at, reverse=True)
-        return found[:limit]
+    async def list(
+        self, state: ApprovalState | None = None, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[Approval], str | None]:
+        index = self._created if state is None else self._by_state[state]
+        end = len(index) if cursor is None else bisect.bisect_left(index, parse_cursor(cursor))
+        start = max(end - max(limit, 1), 0)
+        page = [self._approvals[approval_id] for _, approval_id in reversed(index[start:end])]
+        return page, (cursor_after(page[-1]) if start > 0 else None)
 
     async def wait(self, approval_id: str, seconds: float) -> Approval | None:
         approval = self._approvals.get(approval_id)
@@ -120,3 +185,10 @@ class MemoryStore:
         for event in self._changed.values():
             event.set()
         self._changed.clear()
+
+
+def _discard(index: list[tuple[float, str]], position: tuple[float, str]) -> None:
+    """Remove `position` from a sorted index, if it is there."""
+    at = bisect.bisect_left(index, position)
+    if at < len(index) and index[at] == position:
+        del index[at]

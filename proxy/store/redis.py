@@ -1,10 +1,26 @@
 """`RedisStore`: approvals shared by every replica through one Redis (`store.url: redis://...`).
 
-Transitions stay in Python (`proxy.approvals.state`, the single source of the rules) and are made
+Transitions stay in Python (`proxy.model.state`, the single source of the rules) and are made
 atomic with compare-and-set: read the approval, compute the next one, and let a Lua script swap
 it in only if the stored JSON is still exactly what was read (else re-read and retry). The same
-script keeps the indexes (fingerprint → open approval, deadline sorted set) and publishes the
-change, in one atomic step.
+script keeps the indexes and publishes the change, in one atomic step.
+
+Keys (`{p}` is the hash tag `{key_prefix}`), every one with a TTL:
+
+    {p}:apr:<id>           the approval's JSON; TTL: what is left of its window + retention
+    {p}:notes:<id>         hash of its notes (`set_note`); the approval's TTL
+    {p}:fp:<fingerprint>   id of the open (joinable) approval with that fingerprint
+    {p}:deadlines          zset id → expires_at of pending and approved (unused) approvals
+    {p}:created            zset id → created_at of every approval: the listing of all states
+    {p}:state:<state>      zset id → created_at of the approvals in that state: its listing
+    {p}:pending:<sha256>   set of the ids of one requester's pending approvals (sha256 of
+                           `requester_key`), for `max_pending`
+    {p}:lease:<name>       holder of a lease;  {p}:changes is the pub/sub channel (not a key)
+
+A shared index gets at least the TTL of each approval written into it, so it outlives all it
+names; the listing zsets are also trimmed by age on every write, and of entries whose approval
+is gone as listings meet them; a requester's set loses an id when its approval leaves `pending`,
+and the ids of approvals gone (never swept) before it refuses a creation.
 
 Wake-ups: one pub/sub subscription per process, dispatching change notices to local waiters
 (10,000 held requests need no more Redis connections than one). A notice is published only when
@@ -29,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import secrets
 import time
@@ -41,41 +58,80 @@ import redis.exceptions
 import structlog
 from redis.commands.core import AsyncScript
 
-from ..approvals import state as transitions
+from ..model import Approval, ApprovalState, DecisionRecord, Outcome
+from ..model import state as transitions
 from ..tasks import stop_task
-from ..types import Approval, ApprovalState, DecisionRecord
 from . import codec
-from .base import StoreUnavailable
+from .base import StoreUnavailable, encode_cursor, parse_cursor
 
 log = structlog.get_logger("countersign.store")
 
-_FINISHED = (ApprovalState.DENIED, ApprovalState.EXPIRED, ApprovalState.EXECUTED)
+_FINISHED = (
+    ApprovalState.DENIED,
+    ApprovalState.EXPIRED,
+    ApprovalState.EXECUTED,
+    ApprovalState.LAPSED,
+)
 _EXPIRABLE = (ApprovalState.PENDING, ApprovalState.APPROVED)
 _CAS_ATTEMPTS = 200
 _RECENT_MAX = 20_000  # approvals whose last known JSON this process keeps
 _PIPELINE_MAX = 1000  # commands in one pipeline
+_LIST_ROUNDS = 8  # reads of a listing set per page (more only when entries have expired)
 
-# KEYS: fingerprint index, approval, deadlines, created
+# Every key expires. An index shared by many approvals (deadlines, the listing sets, a
+# requester's pending set) is given at least the TTL of the approval just written into it
+# (`keep`), so it outlives every approval it names; the listing sets are also trimmed by age.
+_KEEP = """
+local function keep(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+"""
+
+# KEYS: fingerprint index, approval, deadlines, created, the `pending` state's set,
+#       the requester's pending set
 # ARGV: expected current index value ('' for none), approval json, id, expires_at, created_at,
-#       ttl ms, oldest creation time worth listing
-_CREATE = """
+#       ttl ms, oldest creation time worth listing, max pending ('' for no limit)
+# Returns 1 (created), 0 (the fingerprint index changed: look again) or -1 - n (the requester
+# already has n >= max pending approvals: nothing stored; see `_FORGET_GONE`).
+_CREATE = (
+    _KEEP
+    + """
 local current = redis.call('GET', KEYS[1])
 if current == false then current = '' end
 if current ~= ARGV[1] then return 0 end
+if ARGV[8] ~= '' then
+  local count = redis.call('SCARD', KEYS[6])
+  if count >= tonumber(ARGV[8]) then return -1 - count end
+end
+local ttl = tonumber(ARGV[6])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[6])
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
-redis.call('ZADD', KEYS[4], ARGV[5], ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[7])
+keep(KEYS[3], ttl)
+for i = 4, 5 do
+  redis.call('ZADD', KEYS[i], ARGV[5], ARGV[3])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. ARGV[7])
+  keep(KEYS[i], ttl)
+end
+redis.call('SADD', KEYS[6], ARGV[3])
+keep(KEYS[6], ttl)
 return 1
 """
+)
 
-# KEYS: approval, fingerprint index, deadlines, notes
+# KEYS: approval, fingerprint index, deadlines, notes, created, the old state's set, the new
+#       state's set, the requester's pending set
 # ARGV: expected json, new json, id, joinable 1/0, expirable 1/0, expires_at, ttl ms, channel,
-#       publish 1/0
+#       publish 1/0, created_at, still pending 1/0, oldest creation time worth listing
 # The notice is "<id> <new json>": a waiter takes the new value from it without reading Redis.
-_SWAP = """
+# The approval moves from its old state's listing set to the new one's (ZADD even when the
+# state is unchanged: idempotent, and it indexes an approval written before these sets
+# existed), and leaves its requester's pending set once it is no longer pending.
+_SWAP = (
+    _KEEP
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local ttl = tonumber(ARGV[7])
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[7])
 redis.call('PEXPIRE', KEYS[4], ARGV[7])
 if ARGV[4] == '1' then
@@ -85,13 +141,51 @@ elseif redis.call('GET', KEYS[2]) == ARGV[3] then
 end
 if ARGV[5] == '1' then
   redis.call('ZADD', KEYS[3], ARGV[6], ARGV[3])
+  keep(KEYS[3], ttl)
 else
   redis.call('ZREM', KEYS[3], ARGV[3])
+end
+keep(KEYS[5], ttl)
+if KEYS[6] ~= KEYS[7] then redis.call('ZREM', KEYS[6], ARGV[3]) end
+redis.call('ZADD', KEYS[7], ARGV[10], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. ARGV[12])
+keep(KEYS[7], ttl)
+if ARGV[11] == '1' then
+  redis.call('SADD', KEYS[8], ARGV[3])
+  keep(KEYS[8], ttl)
+else
+  redis.call('SREM', KEYS[8], ARGV[3])
 end
 if ARGV[9] == '1' then
   redis.call('PUBLISH', ARGV[8], ARGV[3] .. ' ' .. ARGV[2])
 end
 return 1
+"""
+)
+
+# Before a creation is refused for the requester's pending set being full: drop the ids whose
+# approval is gone (its key expired or was evicted while it was pending), so they do not count
+# forever. Every key it reads is declared (Redis Cluster), hence a script of its own.
+# KEYS: the requester's pending set, then the approval key of each id; ARGV: the ids
+_FORGET_GONE = """
+local removed = 0
+for i, id in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    removed = removed + redis.call('SREM', KEYS[1], id)
+  end
+end
+return removed
+"""
+
+# One page of a listing set, newest first: (id, score) pairs at or below the highest score,
+# `count` of them plus as many as share the cursor's own score (the caller drops those at or
+# before the cursor's id: equal scores page correctly).
+# KEYS: the listing set; ARGV: highest score ('+inf' or the cursor's), count, cursor 1/0
+_PAGE = """
+local extra = 0
+if ARGV[3] == '1' then extra = redis.call('ZCOUNT', KEYS[1], ARGV[1], ARGV[1]) end
+return redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[1], '-inf', 'WITHSCORES', 'LIMIT', 0,
+  tonumber(ARGV[2]) + extra)
 """
 
 # Notes live in one hash per approval and share its TTL (refreshed by _SWAP on every change).
@@ -199,6 +293,8 @@ class RedisStore:
         self._fingerprint_key = f"{tag}:fp:"
         self._deadlines = f"{tag}:deadlines"
         self._created = f"{tag}:created"
+        self._state_key = f"{tag}:state:"
+        self._requester_key = f"{tag}:pending:"
         self._lease_key = f"{tag}:lease:"
         self._notes_key = f"{tag}:notes:"
         self._channel = f"{tag}:changes"
@@ -207,6 +303,8 @@ class RedisStore:
         self._swap = self._redis.register_script(_SWAP)
         self._lease = self._redis.register_script(_LEASE)
         self._set_note = self._redis.register_script(_SET_NOTE)
+        self._page = self._redis.register_script(_PAGE)
+        self._forget_gone = self._redis.register_script(_FORGET_GONE)
         self._waiters: dict[str, set[_Waiter]] = {}
         self._recent: OrderedDict[str, tuple[str | bytes, Approval]] = OrderedDict()
         self._subscribed = asyncio.Event()
@@ -320,6 +418,24 @@ class RedisStore:
             await self._guard(self._redis.script_load(script.script))
             return await self._command(*command)
 
+    def _pending_set(self, approval: Approval) -> str:
+        """The set of the ids of the requester's pending approvals."""
+        requester = approval.requester_key.encode("utf-8", "surrogatepass")
+        return self._requester_key + hashlib.sha256(requester).hexdigest()
+
+    async def _forget_gone_pending(self, approval: Approval) -> int:
+        """Drop from the requester's pending set the ids whose approval is gone; how many."""
+        key = self._pending_set(approval)
+        ids: list[str] = await self._command("SMEMBERS", key)
+        if not ids:
+            return 0
+        keys = [key, *(self._approval_key + approval_id for approval_id in ids)]
+        return int(await self._script(self._forget_gone, keys, ids))
+
+    def _oldest_listed(self, approval: Approval) -> str:
+        """Listing sets drop entries created before this: their approvals are gone."""
+        return repr(approval.created_at - self._max_age_seconds)
+
     def _ttl_ms(self, approval: Approval) -> int:
         if approval.state in _FINISHED:
             return self._retention_ms
@@ -379,6 +495,10 @@ class RedisStore:
                     self._fingerprint_key + updated.fingerprint,
                     self._deadlines,
                     self._notes_key + approval_id,
+                    self._created,
+                    self._state_key + current.state.value,
+                    self._state_key + updated.state.value,
+                    self._pending_set(updated),
                 ],
                 [
                     raw,
@@ -392,6 +512,9 @@ class RedisStore:
                     # Waiters wait for an approval to leave `pending`: nothing to tell them
                     # about a claim or an outcome.
                     "1" if current.state is ApprovalState.PENDING else "0",
+                    repr(updated.created_at),
+                    "1" if updated.state is ApprovalState.PENDING else "0",
+                    self._oldest_listed(updated),
                 ],
             )
             if swapped:
@@ -403,8 +526,11 @@ class RedisStore:
 
     # -- the Store protocol --------------------------------------------------------------------
 
-    async def create_or_join(self, approval: Approval) -> tuple[Approval, bool]:
+    async def create_or_join(
+        self, approval: Approval, max_pending: int | None = None
+    ) -> tuple[Approval, bool]:
         index = self._fingerprint_key + approval.fingerprint
+        pruned = False
         for _ in range(_CAS_ATTEMPTS):
             expected: str = await self._command("GET", index) or ""
             if expected:
@@ -417,7 +543,14 @@ class RedisStore:
                     return existing, False
             created = await self._script(
                 self._create,
-                [index, self._approval_key + approval.id, self._deadlines, self._created],
+                [
+                    index,
+                    self._approval_key + approval.id,
+                    self._deadlines,
+                    self._created,
+                    self._state_key + approval.state.value,
+                    self._pending_set(approval),
+                ],
                 [
                     expected,
                     codec.dumps(approval),
@@ -425,10 +558,21 @@ class RedisStore:
                     repr(approval.expires_at),
                     repr(approval.created_at),
                     self._ttl_ms(approval),
-                    # Older entries of the listing index point at expired keys: trim them.
-                    repr(approval.created_at - self._max_age_seconds),
+                    # Older entries of the listing sets point at expired keys: trim them.
+                    self._oldest_listed(approval),
+                    "" if max_pending is None else max_pending,
                 ],
             )
+            if created < 0:
+                if not pruned:
+                    pruned = True
+                    if await self._forget_gone_pending(approval):
+                        continue  # slots were held by approvals now gone: try again
+                pending = -1 - created
+                raise transitions.TooManyPending(
+                    f"this identity already has {pending} pending approvals "
+                    f"(approvals.max_pending_per_identity is {max_pending})"
+                )
             if created:
                 return approval, True
         raise StoreUnavailable("could not create the approval (too much contention)")
@@ -446,12 +590,21 @@ class RedisStore:
         assert result is not None
         return result
 
-    async def record_outcome(self, approval_id: str, upstream_status: int) -> Approval:
+    async def record_outcome(
+        self, approval_id: str, outcome: Outcome, upstream_status: int | None
+    ) -> Approval:
         result = await self._transition(
-            approval_id, lambda a: transitions.record_outcome(a, upstream_status)
+            approval_id, lambda a: transitions.record_outcome(a, outcome, upstream_status)
         )
         assert result is not None
         return result
+
+    async def abandon(self, approval_id: str, now: float) -> Approval | None:
+        def step(approval: Approval) -> Approval | None:
+            abandoned = transitions.abandon(approval, now)
+            return None if abandoned is approval else abandoned
+
+        return await self._transition(approval_id, step)
 
     async def expire(self, approval_id: str, now: float) -> Approval | None:
         def step(approval: Approval) -> Approval | None:
@@ -470,28 +623,52 @@ class RedisStore:
         )
         return ids
 
-    async def list(self, state: ApprovalState | None = None, limit: int = 100) -> list[Approval]:
+    async def list(
+        self, state: ApprovalState | None = None, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[Approval], str | None]:
+        """Pages through one listing set (`created`, or the state's own), newest first: a page
+        reads about `limit` entries whatever else the store holds. Entries whose approval is
+        gone are dropped from the set as they are met; a page that met many of them may come
+        back short, with a cursor to go on."""
+        index = self._created if state is None else self._state_key + state.value
+        after = None if cursor is None else parse_cursor(cursor)
+        limit = max(limit, 1)
         found: list[Approval] = []
-        start, page = 0, max(limit, 100)
-        while len(found) < limit and start < 10 * page:
-            ids: list[str] = await self._guard(
-                self._redis.zrevrange(self._created, start, start + page - 1)
+        for _ in range(_LIST_ROUNDS):
+            want = limit - len(found)
+            reply: list[str] = await self._script(
+                self._page,
+                [index],
+                ["+inf", want + 1, "0"] if after is None else [repr(after[0]), want + 1, "1"],
             )
-            if not ids:
-                break
-            keys = [self._approval_key + i for i in ids]
-            values: list[str | None] = await self._guard(self._redis.mget(keys))
-            gone = [i for i, v in zip(ids, values, strict=True) if v is None]
-            if gone:  # retention ran out: forget them in the listing index too
-                await self._guard(self._redis.zrem(self._created, *gone))
-                start -= len(gone)
+            batch: list[tuple[float, str]] = []
+            for member, score in zip(reply[::2], reply[1::2], strict=True):
+                position = (float(score), member)
+                if after is None or position < after:
+                    batch.append(position)
+            more = len(batch) > want
+            del batch[want:]
+            if not batch:
+                return found, None
+            values: list[str | None] = await self._command(
+                "MGET", *(self._approval_key + approval_id for _, approval_id in batch)
+            )
+            gone = [i for (_, i), v in zip(batch, values, strict=True) if v is None]
+            if gone:  # retention ran out: forget them in the listing set too
+                await self._command("ZREM", index, *gone)
             for value in values:
                 if value is not None:
                     approval = codec.loads(value)
+                    # It may have changed state since the set was read: it is in the other now.
                     if state is None or approval.state is state:
                         found.append(approval)
-            start += page
-        return found[:limit]
+            after = batch[-1]
+            if not more:
+                return found, None
+            if len(found) >= limit:
+                break
+        assert after is not None  # every round read a batch
+        return found, encode_cursor(*after)
 
     async def wait(self, approval_id: str, seconds: float) -> Approval | None:
         self._ensure_listener()

@@ -158,7 +158,12 @@ async def test_held_export_approved_by_a_person_runs_once_and_is_audited(
     decided = [e for e in events if e["event"] == "approval.decided"]
     forwarded = [e for e in events if e["event"] == "request.forwarded"]
     assert [e["approval_id"] for e in requested] == [approval_id]
-    assert decided[0]["approver"] == {"subject": "bob@example.com", "email": "bob@example.com"}
+    assert decided[0]["approver"] == {
+        "subject": "bob@example.com",
+        "issuer": decided[0]["approver"]["issuer"],
+        "email": "bob@example.com",
+        "person": "bob@example.com",
+    }
     assert (decided[0]["channel"], decided[0]["reason"]) == ("api", "fine for the board")
     assert [e["approval_id"] for e in forwarded] == [approval_id]
     assert forwarded[0]["status"] == 200
@@ -176,22 +181,25 @@ async def test_self_approval_and_non_approvers_are_refused(
         for who, error in (
             (await tokens.client("alice"), "self_approval"),
             (await tokens.agent(), "self_approval"),
-            (await tokens.client("mallory"), "not_an_approver"),
+            # mallory's credential names no person (no verified email): refused before anything.
+            (await tokens.client("mallory"), "approver_unidentified"),
         ):
             status, body = await decide(session, base, approval_id, who, "approve")
-            assert (status, body["error"]) == (403, error)
+            assert (status, body["error"]["code"]) == (403, error)
         status, body = await decide(session, base, approval_id, await tokens.bob(), "deny")
-        assert (status, body["error"]) == (400, "reason_required")
+        assert (status, body["error"]["code"]) == (400, "reason_required")
         status, body = await decide(
             session, base, approval_id, await tokens.bob(), "deny", "exports are frozen"
         )
         assert status == 200
         status, body, _ = await asyncio.wait_for(call, 10)
         assert status == 403
-        assert body["error"] == "approval_denied"
-        assert body["reason"] == "exports are frozen"
-        assert body["decided_by"] == "bob@example.com"
-        assert body["approval_id"] == approval_id and body["rule"] == "exports"
+        error = body["error"]
+        assert error["code"] == "approval_denied"
+        assert error["message"] == "Denied by bob@example.com: exports are frozen"
+        assert error["reason"] == "exports are frozen"
+        assert error["decided_by"] == "bob@example.com"
+        assert error["approval_id"] == approval_id and error["rule"] == "exports"
 
 
 async def test_quorum_of_two_distinct_people(hold_proxy: Process, idp: TestIdP) -> None:
@@ -206,7 +214,7 @@ async def test_quorum_of_two_distinct_people(hold_proxy: Process, idp: TestIdP) 
         status, body = await decide(
             session, base, approval_id, await tokens.client("bob"), "approve"
         )
-        assert (status, body["error"]) == (409, "already_approved")
+        assert (status, body["error"]["code"]) == (409, "already_approved")
         status, body = await decide(
             session, base, approval_id, await tokens.client("carol"), "approve"
         )
@@ -221,10 +229,11 @@ async def test_expiry_releases_with_403_and_is_audited(hold_proxy: Process, idp:
         status, body, _ = await asyncio.wait_for(
             post(session, f"{hold_proxy.url}/cloud/flash/now", await tokens.agent(), {}), 10
         )
-    assert status == 403 and body["error"] == "approval_expired" and body["rule"] == "flash"
+    error = body["error"]
+    assert status == 403 and error["code"] == "approval_expired" and error["rule"] == "flash"
     await asyncio.sleep(0.2)  # the audit batch reaches stdout
     expired = [e for e in audit_events(hold_proxy) if e["event"] == "approval.expired"]
-    assert [e["approval_id"] for e in expired] == [body["approval_id"]]
+    assert [e["approval_id"] for e in expired] == [error["approval_id"]]
 
 
 async def test_large_body_is_413_before_an_approval(hold_proxy: Process, idp: TestIdP) -> None:
@@ -234,7 +243,7 @@ async def test_large_body_is_413_before_an_approval(hold_proxy: Process, idp: Te
             f"{hold_proxy.url}/cloud/exports/big", data=b"x" * 5000, headers=await tokens.agent()
         ) as resp:
             assert resp.status == 413
-            assert (await resp.json())["error"] == "body_too_large"
+            assert (await resp.json())["error"]["code"] == "payload_too_large"
         async with session.get(f"{hold_proxy.url}{API}", headers=await tokens.bob()) as resp:
             assert (await resp.json())["approvals"] == []
 
@@ -261,7 +270,7 @@ async def test_racing_deciders_and_joined_retries(hold_proxy: Process, idp: Test
         if winner["state"] == "approved":
             assert sorted(s for s, _, _ in outcomes) == [200, 403]  # one execution
         else:
-            assert [b["error"] for _, b, _ in outcomes] == ["approval_denied"] * 2
+            assert [b["error"]["code"] for _, b, _ in outcomes] == ["approval_denied"] * 2
     hold_proxy.stop()
     events = audit_events(hold_proxy)
     assert len([e for e in events if e["event"] == "approval.requested"]) == 1
@@ -308,7 +317,8 @@ async def test_async_mode_202_poll_and_resend_once(
         await decide(session, base, approval_id, await tokens.bob(), "approve")
         use = {**agent, "Countersign-Approval": approval_id}
         async with session.post(f"{base}/cloud/exports/a", json={"n": 2}, headers=use) as resp:
-            assert resp.status == 403 and (await resp.json())["error"] == "approval_mismatch"
+            error = (await resp.json())["error"]
+            assert resp.status == 403 and error["code"] == "approval_mismatch"
         carol = {**(await tokens.client("carol")), "Countersign-Approval": approval_id}
         async with session.post(f"{base}/cloud/exports/a", json={"n": 1}, headers=carol) as resp:
             assert resp.status == 403  # another caller: not covered
@@ -316,7 +326,7 @@ async def test_async_mode_202_poll_and_resend_once(
             assert resp.status == 200
             assert resp.headers["Countersign-Approval-Id"] == approval_id
         async with session.post(f"{base}/cloud/exports/a", json={"n": 1}, headers=use) as resp:
-            assert resp.status == 403 and (await resp.json())["error"] == "approval_used"
+            assert resp.status == 403 and (await resp.json())["error"]["code"] == "approval_used"
         async with session.get(f"{base}{location}", headers=agent) as resp:
             final = await resp.json()
         assert final["state"] == "executed" and final["upstream_status"] == 200

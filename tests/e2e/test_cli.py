@@ -133,7 +133,8 @@ def test_explain_names_route_rule_and_why(tmp_path: Path) -> None:
     assert "reads:" in out  # the rules before it are listed with why they did not match
     result = cli("explain", "-c", str(config), "DELETE", "/cloud/buckets/b", "--subject", "a")
     assert "decision: deny by rule no-deletes" in result.stdout
-    assert '403 {"error": "policy_denied", "rule": "no-deletes"}' in result.stdout
+    assert '403 {"error": {"code": "policy_denied", "message": ' in result.stdout
+    assert '"rule": "no-deletes", "route": "cloud"}}' in result.stdout
     result = cli("explain", "-c", str(config), "GET", "/cloud/a/..%2fb", "--subject", "a")
     assert "400 ambiguous_request (encoded_slash)" in result.stdout
 
@@ -165,10 +166,13 @@ async def test_run_serves_a_real_idp_token(
         async with session.delete(f"{proc.url}/cloud/buckets/b", headers=auth) as resp:
             assert resp.status == 403
             assert await resp.json() == {
-                "error": "policy_denied",
-                "rule": "no-deletes",
-                "route": "cloud",
-                "request_id": resp.headers["X-Request-Id"],
+                "error": {
+                    "code": "policy_denied",
+                    "message": "the policy denies this request (rule no-deletes)",
+                    "rule": "no-deletes",
+                    "route": "cloud",
+                    "request_id": resp.headers["X-Request-Id"],
+                }
             }
         async with session.get(f"{proc.url}/cloud/buckets") as resp:
             assert resp.status == 401
@@ -251,7 +255,7 @@ async def test_demo_serves_the_printed_commands() -> None:
                 assert (await resp.json())["buckets"] == ["customers", "reports"]
             async with session.delete(f"{base}/cloud/buckets/reports", headers=auth) as resp:
                 assert resp.status == 403
-                assert (await resp.json())["rule"] == "no-deletes"
+                assert (await resp.json())["error"]["rule"] == "no-deletes"
             async with session.get(f"{base}/cloud/buckets") as resp:
                 assert resp.status == 401
             # The held export, approved with the printed `countersign approvals` commands.

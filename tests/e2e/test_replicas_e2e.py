@@ -170,10 +170,10 @@ async def test_races_across_two_processes_have_one_winner(
     forwarded = events(a, b, name="request.forwarded")
     if state == "approved":
         assert sorted(s for s, _ in claims).count(200) == 1, "executed exactly once"
-        assert {b["error"] for s, b in claims if s != 200} == {"approval_used"}
+        assert {b["error"]["code"] for s, b in claims if s != 200} == {"approval_used"}
         assert len(forwarded) == 1
     else:
-        assert {b["error"] for _, b in claims} == {"approval_denied"}
+        assert {b["error"]["code"] for _, b in claims} == {"approval_denied"}
         assert forwarded == []
     assert len(events(a, b, name="approval.decided")) == 1
 
@@ -194,7 +194,7 @@ async def test_redis_outage_fails_closed_and_recovers_by_itself(
             status, body = await asyncio.wait_for(
                 post(session, f"{b.url}/cloud/exports/other", {"n": 2}), 10
             )
-            assert (status, body["error"]) == (503, "approvals_unavailable")
+            assert (status, body["error"]["code"]) == (503, "approvals_unavailable")
             async with session.get(f"{a.url}/_countersign/readyz") as resp:
                 assert resp.status == 503
                 assert (await resp.json())["checks"]["store"] is False

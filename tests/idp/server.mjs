@@ -161,8 +161,17 @@ function buildProvider() {
     },
     // Merged into the JWT access token payload (before jti/sub/iat/exp/
     // client_id/iss/aud, so those registered claims always win).
-    extraTokenClaims: async (_ctx, token) => {
+    // A machine client marked "may_act_for" may name the person it acts for in the token
+    // request (`act_for=alice@example.com`), as a token exchange would: the token then says
+    // act: {sub: ...}. Tests use it for one agent acting for different owners.
+    extraParams: ['act_for'],
+    extraTokenClaims: async (ctx, token) => {
       const claims = claimsFor(token);
+      const actFor = ctx?.oidc?.params?.act_for ?? ctx?.oidc?.body?.act_for;
+      const client = machineClients.get(token.clientId);
+      if (actFor && client?.may_act_for && !token.accountId) {
+        return { ...(claims || {}), act: { sub: actFor } };
+      }
       return claims ? { ...claims } : undefined;
     },
     findAccount: async (_ctx, sub) => {

@@ -1,0 +1,163 @@
+"""An approval and its parts: plain, immutable data that stores keep and views render.
+
+Every transition (`proxy.model.state`) returns a new value, which a store swaps in atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .identity import Identity
+from .persons import mailbox
+
+
+class ApprovalState(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"  # not decided in time
+    EXECUTED = "executed"
+    LAPSED = "lapsed"  # approved, but not used within `approvals.claim_seconds`
+
+
+class Verdict(StrEnum):
+    APPROVE = "approve"
+    DENY = "deny"
+
+
+class Outcome(StrEnum):
+    """What happened to an executed approval's request."""
+
+    COMPLETED = "completed"  # the upstream answered (with `upstream_status`)
+    AMBIGUOUS = "ambiguous"  # sent, then the upstream failed: it may or may not have run
+
+
+@dataclass(frozen=True, slots=True)
+class Requester:
+    """Who asked for an approval: the parts of an `Identity` an approval keeps."""
+
+    subject: str
+    issuer: str
+    client_id: str | None = None
+    email: str | None = None
+    owner: str | None = None
+    groups: tuple[str, ...] = ()
+    person: str | None = None  # the verified, canonical email (see `Identity.person`)
+
+    @classmethod
+    def of(cls, identity: Identity) -> Requester:
+        return cls(
+            subject=identity.subject,
+            issuer=identity.issuer,
+            client_id=identity.client_id,
+            email=identity.email,
+            owner=identity.owner,
+            groups=tuple(sorted(identity.groups)),
+            person=identity.person,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """One approver's verdict on an approval."""
+
+    verdict: Verdict
+    approver_subject: str
+    approver_email: str | None
+    channel: str  # "api", "slack", "web"
+    reason: str | None
+    at: float  # unix time
+    approver_issuer: str = ""
+    person: str | None = None  # the approver's canonical email: who decided
+
+    @property
+    def who(self) -> str:
+        """The decider as people read it."""
+        return self.person or self.approver_email or self.approver_subject
+
+    def same_person(self, other: DecisionRecord) -> bool:
+        """One human: the same credential (issuer and subject), or the same mailbox."""
+        if (self.approver_issuer, self.approver_subject) == (
+            other.approver_issuer,
+            other.approver_subject,
+        ):
+            return True
+        return (
+            self.person is not None
+            and other.person is not None
+            and mailbox(self.person) == mailbox(other.person)
+        )
+
+
+def distinct_persons(records: tuple[DecisionRecord, ...]) -> int:
+    """How many different people made `records` (same subject or same email counts once)."""
+    counted: list[DecisionRecord] = []
+    for record in records:
+        if not any(record.same_person(seen) for seen in counted):
+            counted.append(record)
+    return len(counted)
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """Permission for one execution of one exact request by one identity.
+
+    `fingerprint` binds it (`proxy.model.binding`); the rest is what approvers are shown:
+    `headers` are the bound headers as (name, value, redacted) with secret values already
+    replaced, `body_preview` the raw text of the body (redacted by pattern, cut where marked).
+    """
+
+    id: str
+    fingerprint: str
+    state: ApprovalState
+    created_at: float
+    expires_at: float
+    rule: str
+    route: str
+    method: str
+    path: str
+    query: str
+    requester: Requester
+    approver_groups: tuple[str, ...]
+    approver_users: tuple[str, ...]
+    quorum: int
+    reason: str | None = None  # the agent's stated intent (Countersign-Reason)
+    body_preview: str = ""
+    body_bytes: int = 0
+    content_type: str | None = None
+    request_id: str | None = None
+    decisions: tuple[DecisionRecord, ...] = ()
+    executed_at: float | None = None
+    upstream_status: int | None = None
+    target: str = ""  # path and query exactly as forwarded upstream
+    upstream_url: str = ""
+    headers: tuple[tuple[str, str, bool], ...] = ()
+    actions: tuple[str, ...] = ()
+    body_sha256: str = ""
+    body_truncated: bool = False
+    claim_seconds: float = 600.0
+    outcome: Outcome | None = None
+    abandoned_at: float | None = None
+
+    @property
+    def approvals_count(self) -> int:
+        """Distinct people who approved (one person counts once, whatever token they used)."""
+        return distinct_persons(tuple(d for d in self.decisions if d.verdict is Verdict.APPROVE))
+
+    @property
+    def requester_key(self) -> str:
+        """The identity limits count against: issuer and subject."""
+        return f"{self.requester.issuer} {self.requester.subject}"
+
+    @property
+    def final_decision(self) -> DecisionRecord | None:
+        """The decision that ended the approval (the denial, or the approval reaching quorum)."""
+        if self.state in (
+            ApprovalState.DENIED,
+            ApprovalState.APPROVED,
+            ApprovalState.EXECUTED,
+            ApprovalState.LAPSED,
+        ):
+            return self.decisions[-1] if self.decisions else None
+        return None

@@ -136,7 +136,7 @@ async def start_slack(
                 slack.channel,
                 store,
                 public_url=settings.server.public_url,
-                redactor=build_redactor(settings),
+                redactor=approvals.redactor,
             )
         )
     actions = SlackActions(client, approvals, settings.approvals.groups)

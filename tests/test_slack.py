@@ -427,3 +427,23 @@ async def test_secrets_in_the_request_and_in_notes_never_reach_slack(
     final = message_text(slack)
     assert "abc123xyz" not in final and "ACME-654321" not in final
     assert "ok, then rotate api_key=[REDACTED] and [REDACTED]" in final
+
+
+async def test_message_shows_what_will_run_target_upstream_and_bound_headers(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    client, _ = await make_proxy(slack_settings(upstream, slack))
+    call, _ = await hold(
+        client,
+        slack,
+        "/cloud/exports/customers?region=eu&limit=10",
+        **{"X-Env": "prod", "X-Api-Key": "sk-live-very-secret-value-123"},
+    )
+    text = message_text(slack)
+    # The target as forwarded and where to (`&` as Slack's mrkdwn escapes it).
+    assert "/api/exports/customers?region=eu&amp;limit=10" in text
+    assert str(upstream.make_url("/api/exports/customers")) + "?region=eu&amp;limit=10" in text
+    assert "x-env: prod" in text
+    assert "x-api-key: [REDACTED] (secret)" in text
+    assert "very-secret" not in text
+    call.cancel()

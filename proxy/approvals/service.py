@@ -95,6 +95,12 @@ class ApprovalService:
         self._background: set[asyncio.Task[None]] = set()
 
     @property
+    def redactor(self) -> Redactor:
+        """This proxy's redactor (configured fields and patterns, known secrets): what every
+        channel that shows approvals uses."""
+        return self._redactor
+
+    @property
     def mode(self) -> str:
         return self._settings.mode
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
 from ..audit.redact import Redactor
-from ..model import Approval, ApprovalState, DecisionRecord, Verdict
+from ..model import Approval, ApprovalState, DecisionRecord, Outcome, Verdict
 
 APPROVE = "countersign_approve"
 APPROVE_WITH_NOTE = "countersign_approve_note"
@@ -63,7 +63,7 @@ def _mrkdwn(text: str) -> dict[str, Any]:
 
 
 def _who(d: DecisionRecord, redactor: Redactor) -> str:
-    return escape(d.approver_email or d.approver_subject, redactor=redactor)
+    return escape(d.who, redactor=redactor)
 
 
 def _decision_line(d: DecisionRecord, redactor: Redactor) -> str:
@@ -86,7 +86,14 @@ def outcome_text(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) -> s
         reason = f": {escape(final.reason, redactor=redactor)}" if final and final.reason else ""
         return f":no_entry: *Denied*{by}{reason}"
     if approval.state is ApprovalState.EXPIRED:
-        return ":hourglass: *Expired*: not decided (or not used) in time"
+        return ":hourglass: *Expired*: not decided in time"
+    if approval.state is ApprovalState.LAPSED:
+        return f":hourglass: *Lapsed*: approved{by}, but not used in time"
+    if approval.state is ApprovalState.EXECUTED and approval.outcome is Outcome.AMBIGUOUS:
+        return (
+            f":warning: *Sent*{by}, but the upstream failed before answering: it may or may not "
+            "have run"
+        )
     if approval.state is ApprovalState.EXECUTED:
         status = approval.upstream_status
         answered = f", upstream answered *{status}*" if status is not None else ""
@@ -113,8 +120,9 @@ def approval_blocks(
     fields = [
         f"*Requester*\n{requester}",
         f"*On behalf of*\n{shown(r.owner)}",
-        f"*Request*\n`{shown(approval.method)}` {shown(approval.path)}"
-        + (f"?{shown(approval.query)}" if approval.query else ""),
+        f"*Request*\n`{shown(approval.method)}` {shown(approval.target or approval.path)}"
+        + ("" if approval.target or not approval.query else f"?{shown(approval.query)}"),
+        f"*Upstream*\n{shown(approval.upstream_url or None)}",
         f"*Route / rule*\n{shown(approval.route)} / {shown(approval.rule)}",
         f"*Approvals*\n{approval.approvals_count} of {approval.quorum}",
         f"*Expires*\n{_when(approval.expires_at)}",
@@ -127,6 +135,21 @@ def approval_blocks(
         {"type": "section", "fields": [_mrkdwn(f) for f in fields]},
         {"type": "section", "text": _mrkdwn(f"*Agent's reason*\n{shown(approval.reason)}")},
     ]
+    if approval.actions:
+        actions = shown(", ".join(approval.actions))
+        blocks.append({"type": "section", "text": _mrkdwn(f"*Actions*\n{actions}")})
+    if approval.headers:
+        # Every header the approval binds: what runs carries exactly these.
+        listed = "\n".join(
+            f"{name}: {'[REDACTED] (secret)' if redacted else value}"
+            for name, value, redacted in approval.headers
+        )
+        blocks.append(
+            {
+                "type": "section",
+                "text": _mrkdwn(f"*Headers*\n{escape(listed, _PREVIEW_CHARS, redactor=redactor)}"),
+            }
+        )
     if approval.body_preview:
         size = f"{approval.body_bytes} bytes" + (
             f", {shown(approval.content_type)}" if approval.content_type else ""
@@ -144,6 +167,18 @@ def approval_blocks(
         link = f"{public_url.rstrip('/')}/_countersign/api/approvals/{approval.id}"
         context.append(f"<{link}|Open in Countersign>")
     blocks.append({"type": "context", "elements": [_mrkdwn(" · ".join(context))]})
+    if approval.abandoned_at is not None and approval.state is ApprovalState.PENDING:
+        blocks.append(
+            {
+                "type": "context",
+                "elements": [
+                    _mrkdwn(
+                        f"The agent stopped waiting at {_when(approval.abandoned_at)}; "
+                        "approving lets its identical retry run."
+                    )
+                ],
+            }
+        )
     if approval.decisions:
         lines = "\n".join(_decision_line(d, redactor) for d in approval.decisions)
         blocks.append({"type": "section", "text": _mrkdwn(lines)})

@@ -15,7 +15,7 @@ from aiohttp import web
 from ..approvals.service import ApprovalService
 from ..audit import AuditUnavailable
 from ..authn import Authenticator, AuthError, IdentityUnavailable
-from ..model import ApprovalState, Identity, Verdict, state
+from ..model import Approval, ApprovalState, Identity, Verdict, state
 from ..store.base import InvalidCursor, StoreUnavailable, parse_cursor
 from .responses import error_response, status_for
 
@@ -86,23 +86,24 @@ def api_routes(
             {"approvals": [service.view(a) for a in approvals], "next_cursor": next_cursor}
         )
 
-    @routes.get(PREFIX + "approvals/{approval_id}")
-    @_json_errors
-    async def show_approval(request: web.Request) -> web.Response:
+    async def visible(request: web.Request) -> Approval:
+        """The approval the path names, if the caller may see it; else 404 (no oracle)."""
         identity = await who(request)
         approval = await service.get(request.match_info["approval_id"])
         if approval is None or not service.may_see(approval, identity):
             raise _Refusal(404, "approval_not_found", message="no such approval")
-        return web.json_response(service.view(approval))
+        return approval
+
+    @routes.get(PREFIX + "approvals/{approval_id}")
+    @_json_errors
+    async def show_approval(request: web.Request) -> web.Response:
+        return web.json_response(service.view(await visible(request)))
 
     @routes.get(PREFIX + "approvals/{approval_id}/body")
     @_json_errors
     async def approval_body(request: web.Request) -> web.Response:
         """The exact bytes of the held request's body, for those who may see the approval."""
-        identity = await who(request)
-        approval = await service.get(request.match_info["approval_id"])
-        if approval is None or not service.may_see(approval, identity):
-            raise _Refusal(404, "approval_not_found", message="no such approval")
+        approval = await visible(request)
         try:
             body = await service.body(approval.id)
         except state.ApprovalNotFound as exc:

@@ -1,13 +1,17 @@
 """The approval gate: what happens to a request that matched an `approve` rule.
 
-1. Buffer the body, bounded by `server.max_body_bytes` (413 before any approval exists).
-2. Fingerprint the exact request; create its approval or join the open one
-   (`Countersign-Approval: ID` names one explicitly and must match the request and caller).
-3. hold mode: keep the connection open until a decision; async mode: answer 202 + Location.
+1. Buffer the body, bounded by `server.max_body_bytes` (413 before any approval exists) and by
+   `approvals.max_held_bytes` for the whole process (429).
+2. Bind the exact request (`proxy.model.binding`: target, bound headers, body, route, identity
+   with owner); create its approval or join the open one (`Countersign-Approval: ID` names one
+   explicitly and must match the binding). An identity past `max_pending_per_identity`: 429.
+3. hold mode: keep the connection open until a decision (a client that leaves is recorded as
+   abandoned); async mode, or `Prefer: respond-async`: answer 202 + Location.
 4. Approved: claim it (at most once, ever), forward exactly the buffered bytes, record the
-   upstream's status, relay the answer with `Countersign-Approval-Id`. Denied or expired: 403.
+   outcome (completed with the upstream's status, or ambiguous), relay the answer with
+   `Countersign-Approval-Id`. Denied, expired, lapsed or used: 403.
 
-Claim, send and status recording run shielded from the client's disconnect: once an approval is
+Claim, send and outcome recording run shielded from the client's disconnect: once an approval is
 used, the approved request does reach the upstream and its outcome is recorded.
 """
 
@@ -33,6 +37,11 @@ if TYPE_CHECKING:
 
 API_PATH = "/_countersign/api/approvals/"
 _RETRY_AFTER_SECONDS = 30
+_REFUSALS = {
+    "approval_expired": "no decision was made before the deadline",
+    "approval_lapsed": "approved, but not used within approvals.claim_seconds; ask again",
+    "approval_used": "this approval has already been used; it covers one execution",
+}
 # Abandonment notes outlive the cancelled request that schedules them.
 _BACKGROUND: set[asyncio.Future[None]] = set()
 
@@ -235,11 +244,11 @@ class ApprovalGate:
         if approval.state is ApprovalState.DENIED:
             return proxy.refuse(exchange, 403, "approval_denied", **decision_fields(approval))
         if approval.state is ApprovalState.EXPIRED:
-            return self._expired(proxy, exchange, approval)
+            return self._refused(proxy, exchange, approval, "approval_expired")
         if approval.state is ApprovalState.LAPSED:
-            return self._lapsed(proxy, exchange, approval)
+            return self._refused(proxy, exchange, approval, "approval_lapsed")
         if approval.state is ApprovalState.EXECUTED:
-            return self._used(proxy, exchange, approval)
+            return self._refused(proxy, exchange, approval, "approval_used")
         started = time.monotonic()
         execution = asyncio.ensure_future(self._execute(proxy, exchange, approval, body))
         try:
@@ -247,8 +256,8 @@ class ApprovalGate:
         except state.NotClaimable as exc:
             current = exc.approval or approval
             if current.state is ApprovalState.LAPSED:
-                return self._lapsed(proxy, exchange, current)
-            return self._used(proxy, exchange, current)
+                return self._refused(proxy, exchange, current, "approval_lapsed")
+            return self._refused(proxy, exchange, current, "approval_used")
         except UpstreamError as exc:
             return proxy.upstream_failed(exchange, exc, approval_id=approval.id)
         except asyncio.CancelledError:
@@ -258,34 +267,18 @@ class ApprovalGate:
             raise
         return await proxy.relay(exchange, upstream, started, approval_id=approval.id)
 
-    def _expired(self, proxy: ProxyHandler, exchange: Exchange, approval: Approval) -> web.Response:
+    @staticmethod
+    def _refused(
+        proxy: ProxyHandler, exchange: Exchange, approval: Approval, code: str
+    ) -> web.Response:
+        """A 403 for an approval that cannot (or can no longer) run this request."""
         return proxy.refuse(
             exchange,
             403,
-            "approval_expired",
+            code,
             approval_id=approval.id,
             rule=approval.rule,
-            message="no decision was made before the deadline",
-        )
-
-    def _lapsed(self, proxy: ProxyHandler, exchange: Exchange, approval: Approval) -> web.Response:
-        return proxy.refuse(
-            exchange,
-            403,
-            "approval_lapsed",
-            approval_id=approval.id,
-            rule=approval.rule,
-            message="approved, but not used within approvals.claim_seconds; ask again",
-        )
-
-    def _used(self, proxy: ProxyHandler, exchange: Exchange, approval: Approval) -> web.Response:
-        return proxy.refuse(
-            exchange,
-            403,
-            "approval_used",
-            approval_id=approval.id,
-            rule=approval.rule,
-            message="this approval has already been used; it covers one execution",
+            message=_REFUSALS[code],
         )
 
     async def _execute(

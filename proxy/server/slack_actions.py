@@ -98,7 +98,9 @@ class SlackActions:
                 raise Refused(f"this approval is already {approval.state.value}")
             state.check_approver(approval, identity, self._directory)
             metadata = json.dumps({"approval_id": approval_id, "channel": channel})
-            view = reason_modal(str(action["action_id"]), approval, metadata)
+            view = reason_modal(
+                str(action["action_id"]), approval, metadata, self._service.redactor
+            )
             await self._client.views_open(trigger_id=str(payload.get("trigger_id")), view=view)
         except (Refused, state.ApprovalError) as exc:
             self._tell(channel, user_id, _explain(exc))

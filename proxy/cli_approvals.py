@@ -151,7 +151,12 @@ def render_one(a: dict[str, Any]) -> str:
         f"  upstream:   {v(a.get('upstream_url') or '-')}",
         f"  route/rule: {v(a['route'])} / {v(a['rule'])} ({quorum})",
         f"  requester:  {v(requester['subject'])}"
-        + (f" <{v(requester['email'])}>" if requester.get("email") else "")
+        + (f" <{v(requester['person'])}>" if requester.get("person") else "")
+        + (
+            f" <{v(requester['email'])}, unverified>"
+            if requester.get("email") and not requester.get("person")
+            else ""
+        )
         + (f", acting for {v(requester['owner'])}" if requester.get("owner") else ""),
     ]
     if a.get("actions"):

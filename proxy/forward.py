@@ -21,6 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .h1.connection import UpstreamConnection
 from .h1.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .h1.pool import ConnectionPool, Origin
+from .model.binding import connection_tokens
 
 __all__ = [
     "HOP_BY_HOP",
@@ -54,9 +55,10 @@ _COALESCE_BELOW = 64 * 1024  # a body smaller than this leaves in the same write
 
 
 def _connection_tokens(values: Iterable[str]) -> set[str]:
+    # The binding's own reading (proxy.model.binding): what it binds is exactly what is kept.
     named: set[str] = set()
     for value in values:
-        named.update(token.strip().lower() for token in value.split(","))
+        named.update(connection_tokens(value))
     return named
 
 

@@ -422,3 +422,42 @@ async def test_an_executed_request_is_answered_even_if_recording_its_outcome_fai
         await asyncio.sleep(0.1)
     assert shown["state"] == "executed" and shown["upstream_status"] == 200
     assert shown["outcome"] == "completed"
+
+
+async def test_held_bytes_are_counted_while_bodies_arrive(
+    make_proxy: Factory, upstream: Any
+) -> None:
+    """`approvals.max_held_bytes` covers uploads still arriving: a second upload is refused
+    while the first one's bytes are in memory, before either is complete."""
+    from tests.helpers import settings_for
+
+    base = settings_for(str(upstream.make_url("/")))
+    settings = base.model_copy(
+        update={"approvals": base.approvals.model_copy(update={"max_held_bytes": 3000})}
+    )
+    client, _ = await make_proxy(settings)
+    more = asyncio.Event()
+
+    async def slow_upload() -> Any:
+        yield b"a" * 2000
+        await more.wait()
+        yield b"b"
+
+    first = asyncio.create_task(
+        client.post(EXPORT, data=slow_upload(), headers={**AGENT, "X-Part": "1"})
+    )
+    await asyncio.sleep(0.3)  # its first 2000 bytes are held, the rest has not come
+    second = await client.post(EXPORT, data=b"c" * 1500, headers=AGENT)
+    assert second.status == 429
+    body = await second.json()
+    assert body["error"]["code"] == "too_many_pending"
+    assert second.headers["Retry-After"]
+    more.set()
+    pending = await (await client.get(f"{API}?state=pending", headers=ALICE)).json()
+    for _ in range(50):
+        if pending["approvals"]:
+            break
+        await asyncio.sleep(0.05)
+        pending = await (await client.get(f"{API}?state=pending", headers=ALICE)).json()
+    assert [a["body_bytes"] for a in pending["approvals"]] == [2001]
+    first.cancel()

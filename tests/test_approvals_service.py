@@ -47,6 +47,7 @@ async def open_export(service: ApprovalService, request_id: str) -> tuple[Approv
             headers=((b"content-type", b"application/json"),),
             body=b"{}",
             route="cloud",
+            rule="exports",
             identity=AGENT,
         ),
         path="/cloud/exports/x",

@@ -442,3 +442,37 @@ def test_lapse_after_claim_window() -> None:
     assert lapsed.state is ApprovalState.LAPSED
     with pytest.raises(NotClaimable):
         claim(approved, NOW + 31)
+
+
+@pytest.mark.parametrize("owner", [4242, ["alice@example.com"], {"sub": "alice@example.com"}])
+def test_an_owner_claim_that_is_no_string_fails_closed(owner: object) -> None:
+    """`act: {sub: 4242}`: an owner is there, but names nobody comparable: nobody decides."""
+    from proxy.authn.oidc import identity_from_claims
+    from proxy.config import ClaimsSettings
+
+    agent = identity_from_claims(
+        "https://idp", {"sub": "agent-x", "act": {"sub": owner}}, ClaimsSettings()
+    )
+    assert agent.owner is not None
+    approval = pending(requester=Requester.of(agent))
+    with pytest.raises(SelfApproval):
+        check_approver(approval, person("carol", "carol@example.com", OWNERS), NO_DIRECTORY)
+
+
+@pytest.mark.parametrize(
+    ("raw", "canonical"),
+    [
+        (" Alice@Example.COM ", "alice@example.com"),
+        ("bob.o'neil+ops@mail.example.co.uk", "bob.o'neil+ops@mail.example.co.uk"),
+        ("alice@example.com.", None),
+        ('["alice@example.com"]', None),
+        ('"alice"@example.com', None),
+        ("alice@localhost", None),
+        ("alice", None),
+        (4242, None),
+    ],
+)
+def test_canonical_email(raw: object, canonical: str | None) -> None:
+    from proxy.model.persons import canonical_email
+
+    assert canonical_email(raw) == canonical

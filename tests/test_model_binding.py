@@ -12,6 +12,7 @@ from proxy.model.binding import (
     Binding,
     binding_of,
     bound_headers,
+    connection_tokens,
     fingerprint,
     multipart_boundary,
 )
@@ -31,6 +32,7 @@ def make(
         headers=bound_headers(raw),
         body=body,
         route="cloud",
+        rule="exports",
         identity=AGENT,
     )
     return replace(binding, **over) if over else binding
@@ -49,6 +51,7 @@ def test_stable_sha256_hex() -> None:
         {"target": b"/api/exports?a=%31&b=2"},  # no re-encoding either
         {"body": b"{ }"},
         {"route": "other"},
+        {"rule": "stricter"},
         {"issuer": "https://other"},
         {"subject": "agent-8"},
         {"client_id": "other-client"},
@@ -180,3 +183,38 @@ def test_boundary_text_inside_a_part_is_content() -> None:
         body=b"--bbbb \r\n" + PURPOSE[0] + b"\r\n\r\nx\r\n--bbbb--",
     )
     assert fingerprint(padded) != fingerprint(other)  # unusual padding: bound as it is
+
+
+def test_boundary_text_where_lenient_parsers_split_binds_the_raw_body() -> None:
+    """A bare-LF `--X` inside a part of a `boundary=Y` upload is content to a strict parser and a
+    delimiter to a lenient one: such a body is bound raw, boundary and all, so it cannot share a
+    fingerprint with the same bytes under `boundary=X`."""
+    inner = b'PNG...\n--X\nContent-Disposition: form-data; name="role"\r\n\r\nadmin'
+
+    def upload(boundary: bytes) -> Binding:
+        body = (
+            b"--"
+            + boundary
+            + b'\r\nContent-Disposition: form-data; name="avatar"\r\n\r\n'
+            + inner
+            + b"\r\n--"
+            + boundary
+            + b"--\r\n"
+        )
+        return make([(b"Content-Type", b"multipart/form-data; boundary=" + boundary)], body=body)
+
+    as_y = upload(b"Y")
+    as_x = make([(b"Content-Type", b"multipart/form-data; boundary=X")], body=as_y.body)
+    assert fingerprint(as_y) != fingerprint(as_x)
+
+
+def test_malformed_boundaries_are_not_canonicalized() -> None:
+    assert multipart_boundary(b'multipart/form-data; boundary="abc') is None
+    assert multipart_boundary(b"multipart/form-data; boundary=" + b"a" * 71) is None
+    assert multipart_boundary(b"multipart/form-data; boundary=a\x00b") is None
+
+
+def test_connection_tokens_trim_and_fold_ascii_only() -> None:
+    assert connection_tokens("keep-alive, X-Hop\t") == {"keep-alive", "x-hop"}
+    assert connection_tokens("dry-run\u00a0") == {"dry-run\u00a0"}  # no Unicode trimming
+    assert connection_tokens("x-\u212aeep") == {"x-\u212aeep"}  # no Unicode case folding

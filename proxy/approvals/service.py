@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import secrets
 import time
@@ -33,7 +34,7 @@ from ..model import (
     state,
 )
 from ..model.binding import Binding, fingerprint
-from ..model.persons import canonical_email, same_person
+from ..model.persons import canonical_email
 from ..model.state import ApprovalNotFound, ReasonRequired
 from ..store.base import Store, StoreUnavailable, cursor_after
 from ..tasks import stop_task
@@ -210,29 +211,43 @@ class ApprovalService:
             candidate, max_pending=self._settings.max_pending_per_identity
         )
         if created:
-            if binding.body:
-                # Any replica can hand the exact bytes to an approver (`…/body`).
-                await self.store.set_note(
-                    approval.id, BODY_NOTE, base64.b64encode(binding.body).decode("ascii")
-                )
-            # Durable before anyone can act on it.
-            await self._audit.emit_durable(
-                audit.APPROVAL_REQUESTED,
-                **_about(approval),
-                method=approval.method,
-                path=path,
-                target=approval.target,
-                upstream_url=upstream_url,
-                headers=[list(h) for h in approval.headers],
-                body_bytes=approval.body_bytes,
-                body_sha256=approval.body_sha256,
-                fingerprint=approval.fingerprint,
-                reason=approval.reason,
-                quorum=approval.quorum,
-                expires_at=approval.expires_at,
-            )
-            self._notify("approval.requested", approval)
+            try:
+                await self._announce(approval, binding, path, upstream_url)
+            except Exception:
+                # Not recorded, so nobody may act on it: end it at once (best effort; the
+                # caller answers 503 and a retry opens a fresh one). A cancelled client is no
+                # failure: what it started still completes in the sinks.
+                with contextlib.suppress(Exception):
+                    await self.store.expire(approval.id, approval.expires_at)
+                raise
         return approval, created
+
+    async def _announce(
+        self, approval: Approval, binding: Binding, path: str, upstream_url: str
+    ) -> None:
+        """Keep the body, audit the request durably and tell the channels: a new approval."""
+        if binding.body:
+            # Any replica can hand the exact bytes to an approver (`…/body`).
+            await self.store.set_note(
+                approval.id, BODY_NOTE, base64.b64encode(binding.body).decode("ascii")
+            )
+        # Durable before anyone can act on it.
+        await self._audit.emit_durable(
+            audit.APPROVAL_REQUESTED,
+            **_about(approval),
+            method=approval.method,
+            path=path,
+            target=approval.target,
+            upstream_url=upstream_url,
+            headers=[list(h) for h in approval.headers],
+            body_bytes=approval.body_bytes,
+            body_sha256=approval.body_sha256,
+            fingerprint=approval.fingerprint,
+            reason=approval.reason,
+            quorum=approval.quorum,
+            expires_at=approval.expires_at,
+        )
+        self._notify("approval.requested", approval)
 
     async def body(self, approval_id: str) -> bytes:
         """The exact body bytes of an approval's request (b"" when it had none)."""
@@ -355,7 +370,7 @@ class ApprovalService:
         requester = approval.requester
         if (requester.issuer, requester.subject) == (identity.issuer, identity.subject):
             return True
-        if same_person(identity.person, canonical_email(requester.owner)):
+        if identity.person is not None and identity.person == canonical_email(requester.owner):
             return True
         return state.is_listed_approver(approval, identity, self._directory)
 

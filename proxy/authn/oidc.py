@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -70,10 +71,16 @@ def identity_from_claims(
         client_id=str(client_id) if client_id is not None else None,
         email=email if isinstance(email, str) else None,
         groups=groups,
-        owner=owner if isinstance(owner, str) else None,
+        # A present owner that is not a string is kept as its JSON text: it then names nobody,
+        # and self-approval fails closed instead of the owner being taken as absent.
+        owner=owner if isinstance(owner, str) or owner is None else _as_text(owner),
         claims=claims,
         email_verified=isinstance(email, str) and verified,
     )
+
+
+def _as_text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 class _IssuerKeys:

@@ -64,6 +64,8 @@ UNBOUND = frozenset(
 _OURS_PREFIX = b"countersign-"
 _VERSION = b"countersign-binding-2"
 
+# A boundary as RFC 2046 allows it (bchars, at most 70, no trailing space).
+_BCHARS = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 # The boundary parameter of a Content-Type, quoted or not.
 _BOUNDARY = re.compile(rb';[ \t]*boundary[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^;]*)', re.IGNORECASE)
 
@@ -77,6 +79,7 @@ class Binding:
     headers: tuple[tuple[bytes, bytes], ...]  # bound headers: lower-cased name, raw value
     body: bytes
     route: str
+    rule: str  # the rule that asked for approval: an approval under one rule is not another's
     issuer: str
     subject: str
     client_id: str | None
@@ -110,7 +113,7 @@ def bound_headers(
     skip.update(n.lower() for n in credential)
     for name, value in pairs:
         if name == b"connection":  # headers it names are hop-by-hop for this connection
-            skip.update(t.strip().decode("latin-1") for t in value.lower().split(b","))
+            skip.update(connection_tokens(value.decode("latin-1")))
     kept = [
         (name, value)
         for name, value in pairs
@@ -118,6 +121,16 @@ def bound_headers(
     ]
     kept.sort(key=lambda pair: pair[0])  # stable: repeated headers keep their order
     return tuple(kept)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def connection_tokens(value: str) -> set[str]:
+    """The header names a `Connection` value declares hop-by-hop, exactly as both the binding and
+    the forwarder read them: split at commas, only spaces and tabs trimmed, only ASCII lowered
+    (so no Unicode space or case folding makes one side drop what the other kept)."""
+    return {token.strip(" \t").translate(_ASCII_LOWER) for token in value.split(",")}
 
 
 def multipart_boundary(content_type: bytes | None) -> bytes | None:
@@ -132,8 +145,13 @@ def multipart_boundary(content_type: bytes | None) -> bytes | None:
         return None  # none, or two: which one the upstream uses is not ours to guess
     boundary: bytes = found[0].strip()
     if boundary.startswith(b'"'):
-        boundary = re.sub(rb"\\(.)", rb"\1", boundary[1:-1])
-    return boundary or None
+        if len(boundary) < 2 or not boundary.endswith(b'"'):
+            return None
+        boundary = boundary[1:-1]
+    # RFC 2046: 1 to 70 of these characters, not ending in a space. Anything else is bound raw.
+    if not _BCHARS.fullmatch(boundary):
+        return None
+    return boundary
 
 
 def _without_boundary(content_type: bytes) -> bytes:
@@ -152,12 +170,30 @@ def _text(value: str | None) -> bytes:
     return b"\x01" + value.encode("utf-8", "surrogateescape")
 
 
+def multipart_pieces(body: bytes, boundary: bytes) -> list[bytes] | None:
+    """The body split at its delimiters, or None when it cannot be split the same way by every
+    parser.
+
+    Only the exact delimiters of RFC 2046 count (CRLF "--" boundary, then CRLF or the closing
+    "--"; at the very start without the CRLF), and only when the boundary text stands nowhere
+    else (a bare LF before it, padding after it, inside a part): lenient parsers may split
+    there too. Bodies with equal pieces are then equal but for their boundary, and carry the
+    same parts with the same bytes. The pieces alternate with the captured delimiter kinds.
+    """
+    delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(\r\n|--)")
+    pieces = delimiter.split(body)
+    if body.count(b"--" + boundary) != len(pieces) // 2:
+        return None
+    return pieces
+
+
 def fingerprint(binding: Binding) -> str:
     """SHA-256 (hex) of everything `binding` holds; equal only for the same exact request."""
     digest = hashlib.sha256(_VERSION)
     for text in (
         binding.method,
         binding.route,
+        binding.rule,
         binding.issuer,
         binding.subject,
         binding.client_id,
@@ -166,21 +202,16 @@ def fingerprint(binding: Binding) -> str:
         _update(digest, _text(text))
     _update(digest, binding.target)
     boundary = multipart_boundary(binding.content_type)
+    pieces = multipart_pieces(binding.body, boundary) if boundary else None
     digest.update(len(binding.headers).to_bytes(8, "big"))
     for name, value in binding.headers:
         _update(digest, name)
-        _update(digest, _without_boundary(value) if boundary and name == b"content-type" else value)
-    if boundary is None:
+        # A multipart body bound by its parts binds its Content-Type without the boundary.
+        _update(digest, _without_boundary(value) if pieces and name == b"content-type" else value)
+    if pieces is None:
         digest.update(b"body")
         _update(digest, binding.body)
     else:
-        # The body split at its delimiters, and only at the exact ones every parser agrees on
-        # (RFC 2046: CRLF "--" boundary, then CRLF or the closing "--"; at the very start
-        # without the CRLF). The boundary text anywhere else stays in the pieces as it is, so
-        # bodies with equal pieces are equal but for their delimiters, and carry the same
-        # parts with the same bytes.
-        delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(\r\n|--)")
-        pieces = delimiter.split(binding.body)
         digest.update(b"multipart")
         digest.update(len(pieces).to_bytes(8, "big"))
         for piece in pieces:
@@ -195,6 +226,7 @@ def binding_of(
     headers: tuple[tuple[bytes, bytes], ...],
     body: bytes,
     route: str,
+    rule: str,
     identity: Identity,
 ) -> Binding:
     return Binding(
@@ -203,6 +235,7 @@ def binding_of(
         headers=headers,
         body=body,
         route=route,
+        rule=rule,
         issuer=identity.issuer,
         subject=identity.subject,
         client_id=identity.client_id,

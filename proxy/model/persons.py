@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import re
 
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+# An address as IdPs verify them: an ASCII local part of RFC 5322 atom characters and dots, and a
+# DNS domain of at least two labels (IDNs in their punycode form). Anything else (a quoted local
+# part, a trailing dot, a JSON list) names no person: it can neither decide nor be told apart.
+_EMAIL = re.compile(
+    r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)+"
+)
 
 
 def canonical_email(value: object) -> str | None:

@@ -116,7 +116,13 @@ def approval_blocks(
         return escape(text, redactor=redactor)
 
     r = approval.requester
-    requester = shown(r.subject) + (f" ({shown(r.email)})" if r.email else "")
+    # An email the IdP did not verify is the agent's claim, and says so.
+    if r.person:
+        requester = f"{shown(r.subject)} ({shown(r.person)})"
+    elif r.email:
+        requester = f"{shown(r.subject)} ({shown(r.email)}, unverified)"
+    else:
+        requester = shown(r.subject)
     fields = [
         f"*Requester*\n{requester}",
         f"*On behalf of*\n{shown(r.owner)}",

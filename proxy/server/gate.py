@@ -1,7 +1,7 @@
 """The approval gate: what happens to a request that matched an `approve` rule.
 
 1. Buffer the body, bounded by `server.max_body_bytes` (413 before any approval exists) and by
-   `approvals.max_held_bytes` for the whole process (429).
+   `approvals.max_held_bytes` for the whole process, counted as bytes arrive (429).
 2. Bind the exact request (`proxy.model.binding`: target, bound headers, body, route, identity
    with owner); create its approval or join the open one (`Countersign-Approval: ID` names one
    explicitly and must match the binding). An identity past `max_pending_per_identity`: 429.
@@ -59,16 +59,8 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def read_bounded(request: web.Request, limit: int) -> bytes:
-    """The whole body, refusing (before reading it all) anything above `limit` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge
-    return bytes(body)
+class HeldTooMuch(Exception):
+    pass
 
 
 def decision_fields(approval: Approval) -> dict[str, Any]:
@@ -107,30 +99,38 @@ class ApprovalGate:
         route = exchange.route
         assert exchange.identity is not None and route is not None
         announced = request.content_length or 0
+        held_message = "this proxy holds too many request bodies right now"
         if self._held + announced > self._max_held:
-            return self._too_many(
-                proxy, exchange, rule.name, "this proxy holds too many request bodies right now"
-            )
+            return self._too_many(proxy, exchange, rule.name, held_message)
+        reserved = 0  # counted as read, so concurrent uploads share the limit while they arrive
         try:
-            body = await read_bounded(request, self._max_body)
-        except BodyTooLarge:
-            return proxy.refuse(
-                exchange,
-                413,
-                "payload_too_large",
-                rule=rule.name,
-                limit=self._max_body,
-                message=f"a request that needs approval may carry at most {self._max_body} bytes",
-            )
-        if self._held + len(body) > self._max_held:
-            return self._too_many(
-                proxy, exchange, rule.name, "this proxy holds too many request bodies right now"
-            )
-        self._held += len(body)
-        try:
-            return await self._gate(proxy, exchange, rule, body)
+            try:
+                if announced > self._max_body:
+                    raise BodyTooLarge
+                body = bytearray()
+                async for chunk in request.content.iter_any():
+                    body += chunk
+                    if len(body) > self._max_body:
+                        raise BodyTooLarge
+                    if self._held + len(chunk) > self._max_held:
+                        raise HeldTooMuch
+                    self._held += len(chunk)
+                    reserved += len(chunk)
+            except BodyTooLarge:
+                return proxy.refuse(
+                    exchange,
+                    413,
+                    "payload_too_large",
+                    rule=rule.name,
+                    limit=self._max_body,
+                    message=f"a request that needs approval may carry at most {self._max_body} "
+                    "bytes",
+                )
+            except HeldTooMuch:
+                return self._too_many(proxy, exchange, rule.name, held_message)
+            return await self._gate(proxy, exchange, rule, bytes(body))
         finally:
-            self._held -= len(body)
+            self._held -= reserved
 
     async def _gate(
         self, proxy: ProxyHandler, exchange: Exchange, rule: RuleSettings, body: bytes
@@ -151,6 +151,7 @@ class ApprovalGate:
             ),
             body=body,
             route=route.settings.name,
+            rule=rule.name,
             identity=identity,
         )
         fingerprint_hex = fingerprint(binding)

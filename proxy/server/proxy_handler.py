@@ -242,11 +242,14 @@ class ProxyHandler:
         self, request: web.Request, route: _Route, request_id: str, *, held: bool
     ) -> list[tuple[str, str]]:
         """The headers sent upstream. For a `held` (approved) request, nothing may come from
-        the client that its approval did not bind: `X-Forwarded-Host` is then the proxy's own
-        public host (`server.public_url`), or absent, never the client's `Host`."""
+        the client that its approval did not bind: `X-Forwarded-*` are the proxy's own (the
+        peer, this listener's scheme, the host of `server.public_url` or none), never the
+        client's `Host` or a trusted proxy's `Forwarded` / `X-Forwarded-*`."""
         headers = request.headers
         named = connection_named(headers) if "Connection" in headers else ()
-        trusted = self._is_trusted(request.remote)
+        # A held request takes nothing from a trusted proxy's headers either: they are not
+        # bound, so a re-send could change them (`Forwarded`, prior `X-Forwarded-*`).
+        trusted = not held and self._is_trusted(request.remote)
         out: list[tuple[str, str]] = []
         for key, value in headers.items():
             lower = key.lower()

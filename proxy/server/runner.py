@@ -50,6 +50,9 @@ async def start(
         # gets a 401, not the parser's 400).
         max_line_size=settings.server.max_header_bytes,
         max_field_size=settings.server.max_header_bytes,
+        # A compressed request body passes as the client sent it, with its Content-Encoding:
+        # what an approval binds (and approvers download) is what the upstream receives.
+        auto_decompress=False,
     )
     await runner.setup()
     assert runner.server is not None

@@ -73,6 +73,10 @@ class Recorder:
         app.router.add_route("*", "/{tail:.*}", self._record)
         self.server = TestServer(app, host="127.0.0.1")
 
+    async def start(self) -> None:
+        # The bytes as sent: a compressed body is recorded compressed.
+        await self.server.start_server(auto_decompress=False)
+
     async def _record(self, request: web.Request) -> web.Response:
         body = await request.read()
         headers = tuple(
@@ -101,7 +105,7 @@ class Recorder:
 async def recorder() -> AsyncIterator[Recorder]:
     """The upstream of route `cloud`: records what reached it."""
     rec = Recorder()
-    await rec.server.start_server()
+    await rec.start()
     yield rec
     await rec.server.close()
 
@@ -110,7 +114,7 @@ async def recorder() -> AsyncIterator[Recorder]:
 async def webhook_receiver() -> AsyncIterator[Recorder]:
     """A second recording server, for `notify.webhooks`."""
     rec = Recorder()
-    await rec.server.start_server()
+    await rec.start()
     yield rec
     await rec.server.close()
 
@@ -184,6 +188,7 @@ def config(
     max_body_bytes: int = 64 * 1024,
     api_keys: Iterable[ApiKey] = (),
     webhooks: Iterable[Mapping[str, str]] = (),
+    trusted_proxies: Iterable[str] = (),
 ) -> str:
     """The one config of these tests: route `cloud` (`/cloud/` → `upstream`), reads allowed,
     `exports` (POST /cloud/exports/** by group agents) and `iam` (POST /cloud/iam/**, quorum 2)
@@ -196,7 +201,11 @@ def config(
     if max_held_bytes is not None:
         approvals["max_held_bytes"] = max_held_bytes
     doc: dict[str, Any] = {
-        "server": {"listen": f"127.0.0.1:{port}", "max_body_bytes": max_body_bytes},
+        "server": {
+            "listen": f"127.0.0.1:{port}",
+            "max_body_bytes": max_body_bytes,
+            "trusted_proxies": list(trusted_proxies),
+        },
         "identity": {
             "issuers": [{"issuer": issuer, "audiences": ["countersign"]}],
             "api_keys": [key.entry() for key in api_keys],

@@ -10,6 +10,7 @@ approvers see).
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from tests.e2e.conftest import COUNTERSIGN
 from tests.security.conftest import (
     API,
     ASYNC,
+    WAIT,
     Recorder,
     StartProxy,
     Tokens,
@@ -189,3 +191,28 @@ async def test_cli_show_does_not_let_the_body_rewrite_the_terminal(
     assert b"\x1b" not in result.stdout, result.stdout
     assert b"\r" not in result.stdout, result.stdout
     assert recorder.requests == []
+
+
+async def test_a_compressed_body_runs_exactly_as_approved(
+    start_proxy: StartProxy, recorder: Recorder, tokens: Tokens, session: aiohttp.ClientSession
+) -> None:
+    """The approval binds the bytes as sent (gzip), approvers can download those very bytes, and
+    the upstream gets them with their Content-Encoding: nothing is decompressed on the way."""
+    compressed = gzip.compress(b'{"format": "csv", "rows": "all"}')
+    proc = start_proxy()
+    agent = await tokens("agent-7")
+    headers = {**agent, "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    call = start(session, "POST", f"{proc.url}/cloud/exports/gz", headers=headers, data=compressed)
+    bob = await tokens("bob")
+    [pending] = await wait_pending(session, proc.url, bob)
+    shown = await get_approval(session, proc.url, bob, pending["approval_id"])
+    assert shown["body_sha256"] == hashlib.sha256(compressed).hexdigest()
+    assert header_entry(shown, "content-encoding")["value"] == "gzip"
+    assert not recorder.requests
+    reply = await decide(session, proc.url, pending["approval_id"], bob, "approve")
+    assert reply.status == 200, str(reply)
+    done = await asyncio.wait_for(call, WAIT)
+    assert done.status == 200, str(done)
+    [seen] = await recorder.wait_for(1)
+    assert seen.body == compressed
+    assert seen.header("Content-Encoding") == "gzip"

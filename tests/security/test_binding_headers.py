@@ -387,14 +387,20 @@ async def test_multipart_boundary_text_inside_a_part_is_content_not_a_delimiter(
 BODY_UNBOUND = b'{"format": "csv"}'
 
 
+@pytest.mark.parametrize("trusted", [[], ["127.0.0.1/32"]], ids=["direct", "behind-trusted-lb"])
 async def test_unbound_client_headers_do_not_change_what_the_upstream_gets(
-    start_proxy: StartProxy, recorder: Recorder, tokens: Tokens, session: aiohttp.ClientSession
+    start_proxy: StartProxy,
+    recorder: Recorder,
+    tokens: Tokens,
+    session: aiohttp.ClientSession,
+    trusted: list[str],
 ) -> None:
     """Headers left out of the binding (`Host`, `Countersign-*`, `X-Forwarded-*`) are unbound
     because Countersign sets or drops them (DESIGN §2: "the same for every replica and every
     retry"). So a re-send that changes them may use the approval, but none of the changed
-    values may reach the upstream: the upstream gets what was approved."""
-    proc = start_proxy(mode="async")
+    values may reach the upstream: the upstream gets what was approved — also when the client
+    is a trusted proxy, whose `Forwarded` / `X-Forwarded-*` are honoured for allowed calls."""
+    proc = start_proxy(mode="async", trusted_proxies=trusted)
     url = f"{proc.url}/cloud/exports/unbound"
     agent = {**(await tokens("agent-7")), **JSON}
     held = await send(session, "POST", url, headers=agent, data=BODY_UNBOUND)

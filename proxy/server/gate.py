@@ -128,7 +128,8 @@ class ApprovalGate:
                 )
             except HeldTooMuch:
                 return self._too_many(proxy, exchange, rule.name, held_message)
-            return await self._gate(proxy, exchange, rule, bytes(body))
+            held, body = bytes(body), bytearray()  # one copy in memory while it waits
+            return await self._gate(proxy, exchange, rule, held)
         finally:
             self._held -= reserved
 

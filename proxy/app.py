@@ -33,6 +33,7 @@ from .server.api import api_routes
 from .server.errors_middleware import json_errors
 from .server.gate import ApprovalGate
 from .server.internal import internal_routes
+from .server.keys import AUTHENTICATOR, PROXY, SLACK_ACTIONS
 from .server.metrics import Metrics
 from .server.proxy_handler import ProxyHandler
 from .store.base import Store
@@ -112,7 +113,7 @@ async def start_slack(
     store: Store,
     notify: NotifyHub,
     session: aiohttp.ClientSession,
-    holder: dict[str, Any],
+    app: web.Application,
 ) -> list[Any]:
     """The Slack notifier and interaction handlers, when `notify.slack` has a bot token.
 
@@ -140,7 +141,7 @@ async def start_slack(
             )
         )
     actions = SlackActions(client, approvals, settings.approvals.groups)
-    holder["slack"] = actions
+    app[SLACK_ACTIONS] = actions
     parts: list[Any] = [actions]
     if slack.app_token:
         from .server.slack_socket import SlackSocket
@@ -178,8 +179,6 @@ def build_app(
     gate = ApprovalGate(
         approvals, settings.server.max_body_bytes, settings.approvals.max_held_bytes
     )
-    # Parts that need the running loop are made on startup; handlers find them here.
-    holder: dict[str, Any] = {}
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         forwarder = Forwarder(
@@ -197,8 +196,8 @@ def build_app(
             refresh_cooldown=settings.identity.jwks_refresh_cooldown_seconds,
         )
         authenticator = Authenticator(ApiKeyAuthenticator(settings.identity.api_keys), oidc)
-        holder["authenticator"] = authenticator
-        holder["proxy"] = ProxyHandler(
+        app[AUTHENTICATOR] = authenticator
+        app[PROXY] = ProxyHandler(
             server=settings.server,
             authenticator=authenticator,
             routes=routes,
@@ -218,7 +217,7 @@ def build_app(
                     public_url=settings.server.public_url,
                 )
             )
-        slack = await start_slack(settings, approvals, store, notify, session, holder)
+        slack = await start_slack(settings, approvals, store, notify, session, app)
         warm_up = asyncio.create_task(oidc.prefetch())
         approvals.start()
         try:
@@ -235,8 +234,7 @@ def build_app(
             await audit_log.aclose()
 
     async def proxy(request: web.Request) -> web.StreamResponse:
-        handler: ProxyHandler = holder["proxy"]
-        return await handler.handle(request)
+        return await request.app[PROXY].handle(request)
 
     app.cleanup_ctx.append(lifecycle)
 
@@ -245,15 +243,15 @@ def build_app(
             store_ok = await asyncio.wait_for(store.ping(), 2)
         except Exception:
             store_ok = False
-        return {"proxy": "proxy" in holder, "store": store_ok}
+        return {"proxy": PROXY in app, "store": store_ok}
 
     app.router.add_routes(internal_routes(metrics, ready=ready))
-    app.router.add_routes(api_routes(lambda: holder["authenticator"], approvals))
+    app.router.add_routes(api_routes(approvals))
     slack_settings = settings.notify.slack
     if slack_settings is not None and slack_settings.signing_secret:
         from .server.slack import slack_routes
 
-        app.router.add_routes(slack_routes(lambda: holder["slack"], slack_settings.signing_secret))
+        app.router.add_routes(slack_routes(slack_settings.signing_secret))
     # [\s\S] and not ".": a decoded path may hold a newline, and such a request must still reach
     # the proxy handler to be refused with a clear 400 rather than aiohttp's plain-text 404.
     app.router.add_route("*", r"/{tail:[\s\S]*}", proxy)

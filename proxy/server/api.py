@@ -14,23 +14,24 @@ from aiohttp import web
 
 from ..approvals.service import ApprovalService
 from ..audit import AuditUnavailable
-from ..authn import Authenticator, AuthError, IdentityUnavailable
+from ..authn import AuthError, IdentityUnavailable
 from ..model import Approval, ApprovalState, Identity, Verdict, state
 from ..store.base import InvalidCursor, StoreUnavailable, parse_cursor
+from .keys import AUTHENTICATOR
 from .responses import error_response, status_for
 
 PREFIX = "/_countersign/api/"
 
 
-def api_routes(
-    authenticator: Callable[[], Authenticator], service: ApprovalService
-) -> web.RouteTableDef:
-    """`authenticator` is looked up per call: it is built once the server's loop runs."""
+def api_routes(service: ApprovalService) -> web.RouteTableDef:
+    """The API's routes; callers authenticate through the app's `AUTHENTICATOR` (built once the
+    server's loop runs)."""
     routes = web.RouteTableDef()
 
     async def who(request: web.Request) -> Identity:
         try:
-            return await authenticator().authenticate(request.headers.get("Authorization"))
+            authenticator = request.app[AUTHENTICATOR]
+            return await authenticator.authenticate(request.headers.get("Authorization"))
         except AuthError as exc:
             description = exc.description.replace('"', "'")
             challenge = f'Bearer error="invalid_token", error_description="{description}"'

@@ -8,20 +8,20 @@ body is even parsed, so a forged or replayed-late request changes nothing.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from aiohttp import web
 from slack_sdk.signature import SignatureVerifier
 
+from .keys import SLACK_ACTIONS
 from .responses import error_response
-from .slack_actions import SlackActions
 
 EVENTS_PATH = "/_countersign/slack/events"
 
 
-def slack_routes(actions: Callable[[], SlackActions], signing_secret: str) -> web.RouteTableDef:
-    """`actions` is looked up per call: it is built once the server's loop runs."""
+def slack_routes(signing_secret: str) -> web.RouteTableDef:
+    """Slack's interactivity endpoint; clicks go to the app's `SLACK_ACTIONS` (built once the
+    server's loop runs)."""
     routes = web.RouteTableDef()
     verifier = SignatureVerifier(signing_secret)  # checks the 5-minute window too
 
@@ -49,7 +49,7 @@ def slack_routes(actions: Callable[[], SlackActions], signing_secret: str) -> we
             return error_response(
                 400, "invalid_request", field="payload", message="payload must be a JSON object"
             )
-        answer = await actions().handle(payload)
+        answer = await request.app[SLACK_ACTIONS].handle(payload)
         if answer is None:
             return web.Response(status=200)
         return web.json_response(answer)

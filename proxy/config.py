@@ -8,16 +8,22 @@ error that names it.
 
 from __future__ import annotations
 
+import datetime
+import difflib
+import enum
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
 import yaml
+from annotated_types import Ge, Gt, Le, Lt
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,9 +33,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 
 from .model import Action
 from .model.binding import DEFAULT_VOLATILE_HEADERS
+from .paths import AmbiguousRequest, normalize_path
 
 # --------------------------------------------------------------------------------------------
 # Schema
@@ -37,8 +46,9 @@ from .model.binding import DEFAULT_VOLATILE_HEADERS
 
 class _Model(BaseModel):
     # strict: a YAML `quorum: "2"` is an error, not silently coerced; frozen: settings never change
-    # after start, so every part can hold a reference without copying.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # after start, so every part can hold a reference without copying. No .inf or .nan: a timeout
+    # or a size that is not a finite number is a typo.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
@@ -51,12 +61,90 @@ ALLOWED_ALGORITHMS = frozenset(
 )
 
 
+def _shown_url(value: str) -> str:
+    """`value` quoted for an error message, any password in it replaced by ***."""
+    return repr(re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", value))
+
+
+def _split_url(value: str) -> SplitResult:
+    """`value` split; a ValueError (in plain words) if it cannot be parsed or has a bad port."""
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if re.search(r"\s", value):
+        raise ValueError(f"must not contain spaces, got {_shown_url(value)}")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parses the port, raising ValueError if it is not one
+    except ValueError:
+        raise ValueError(
+            f"{_shown_url(value)} is not a valid URL (is the port a number from 1 to 65535? "
+            "is an IPv6 address in brackets?)"
+        ) from None
+    return parts
+
+
 def _http_url(value: str) -> SplitResult:
     """`value` split, if it is an absolute http(s) URL with a host; else a ValueError."""
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    parts = _split_url(value)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"must be an http:// or https:// URL, got {_shown_url(value)}")
+    if not parts.hostname:
+        raise ValueError(f"the URL has no host (e.g. https://host/), got {_shown_url(value)}")
     return parts
+
+
+def _redis_url(value: str, *, store: bool) -> str:
+    """`value` if it is a Redis URL redis-py can connect to; else a ValueError."""
+    parts = _split_url(value)
+    if parts.scheme in ("redis", "rediss"):
+        if not parts.hostname:
+            raise ValueError(
+                f"the Redis URL has no host (e.g. redis://redis:6379/0), got {_shown_url(value)}"
+            )
+        if not re.fullmatch(r"/?|/\d+", parts.path):
+            raise ValueError(
+                "the database after the host must be a number "
+                f"(e.g. redis://redis:6379/0), got {_shown_url(value)}"
+            )
+        return value
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(
+                f"a unix:// URL needs the socket's path (e.g. unix:///run/redis.sock), "
+                f"got {_shown_url(value)}"
+            )
+        return value
+    raise ValueError(
+        f"{'unknown store' if store else 'not a Redis URL:'} {_shown_url(value)}; use "
+        f"{'memory:// or ' if store else ''}redis://[:password@]host:port/db "
+        "(rediss:// for TLS, unix:///path/to/socket)"
+    )
+
+
+def check_listen(value: str) -> str:
+    """`value` if it is a `host:port` to listen on (port 0: any free port); else a ValueError."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise ValueError(f"expected host:port, e.g. 127.0.0.1:8080, got {value!r}")
+    if not (port.isascii() and port.isdigit()):
+        raise ValueError(
+            f"the port after the last ':' must be a number, e.g. 127.0.0.1:8080, got {value!r}"
+        )
+    if int(port) > 65535:
+        raise ValueError(
+            f"port {int(port)} is out of range; use 1 to 65535 (or 0 for any free port)"
+        )
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not bare.strip():
+        raise ValueError(
+            f"the host before ':{port}' is missing; e.g. 127.0.0.1:{port} (this machine only) "
+            f"or 0.0.0.0:{port} (every interface)"
+        )
+    if ":" in host and bare == host:
+        raise ValueError(f"an IPv6 address needs brackets, e.g. [{host}]:{port}")
+    if re.search(r"[\s/\[\]@]", bare):
+        raise ValueError(f"{host!r} is not a host name or IP address")
+    return value
 
 
 class ServerSettings(_Model):
@@ -76,9 +164,18 @@ class ServerSettings(_Model):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError(f"expected host:port, e.g. 127.0.0.1:8080, got {v!r}")
+        return check_listen(v)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = _http_url(v)
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query (?...) or fragment (#...)")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not hold credentials (user:password@)")
         return v
 
     @field_validator("trusted_proxies")
@@ -126,6 +223,13 @@ class IssuerSettings(_Model):
             raise ValueError("at least one algorithm is required")
         return v
 
+    @field_validator("discovery_url")
+    @classmethod
+    def _discovery_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            _http_url(v)
+        return v
+
 
 class ClaimsSettings(_Model):
     groups: NonEmpty = "groups"
@@ -148,7 +252,8 @@ class IdentitySettings(_Model):
     # How long a verified token's identity is reused without re-checking the signature (it is
     # never reused past the token's own `exp`).
     token_cache_size: Annotated[int, Field(ge=0)] = 10_000
-    jwks_refresh_cooldown_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # Zero would let a flood of tokens with invented key ids refetch the JWKS on every request.
+    jwks_refresh_cooldown_seconds: Annotated[float, Field(gt=0)] = 30.0
 
 
 class StoreSettings(_Model):
@@ -162,18 +267,32 @@ class StoreSettings(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        scheme = v.partition("://")[0]
-        if v == "memory://" or scheme in ("redis", "rediss", "unix"):
-            return v
-        raise ValueError(
-            f"unknown store {v!r}; use memory:// or redis://[:password@]host:port/db "
-            "(rediss:// for TLS)"
-        )
+        return v if v == "memory://" else _redis_url(v, store=True)
 
     @property
     def shared(self) -> bool:
         """Whether several processes can share this store (needed for server.workers > 1)."""
         return self.url != "memory://"
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+_HEADER_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # a tab is allowed in a value
+_AUTH_SCHEMES = frozenset({"basic", "bearer", "bot", "digest", "negotiate", "token"})
+_ENCODED = {"encoded_slash": "%2F", "encoded_backslash": "%5C", "encoded_dot": "%2E"}
+
+
+def _upstream_path_problem(path: str, exc: AmbiguousRequest) -> str:
+    """Why the path of an upstream URL cannot be forwarded, from `normalize_path`'s refusal."""
+    code = _ENCODED.get(exc.reason)
+    if code is not None:
+        return (
+            f"the path {path!r} contains {code} (an encoded {chr(int(code[1:], 16))!r}), which "
+            "the proxy cannot forward: it decodes every path and sends it re-encoded; "
+            f"write the path without {code}"
+        )
+    if exc.reason == "dot_segment":
+        return f"the path {path!r} has a '.' or '..' segment; write the resolved path"
+    return f"the path {path!r} cannot be forwarded: {exc.message}"
 
 
 class RouteSettings(_Model):
@@ -209,12 +328,43 @@ class RouteSettings(_Model):
     def _upstream(cls, v: str) -> str:
         parts = _http_url(v)
         if parts.query or parts.fragment:
-            raise ValueError("must not have a query or fragment")
+            raise ValueError("must not have a query (?...) or fragment (#...)")
         if parts.username is not None or parts.password is not None:
             raise ValueError(
                 "must not hold credentials (user:password@); send them with inject_headers, "
                 "e.g. Authorization: Basic ..."
             )
+        # The forwarder decodes the upstream's path once and re-encodes it canonically for every
+        # request (proxy.routing.upstream_path): a path it would refuse from a client cannot be
+        # an upstream either.
+        path = parts.path or "/"
+        try:
+            normalize_path(path)
+        except AmbiguousRequest as exc:
+            raise ValueError(_upstream_path_problem(path, exc)) from None
+        return v
+
+    @field_validator("inject_headers")
+    @classmethod
+    def _inject_headers(cls, v: Mapping[str, str]) -> Mapping[str, str]:
+        for name, value in v.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise _RefError(
+                    (name,), f"{name!r} is not a valid header name (letters, digits and -)"
+                )
+            if not value.strip():
+                raise _InjectedValueError((name,), "is empty")
+            if _HEADER_CONTROL.search(value):
+                raise _InjectedValueError(
+                    (name,), "contains a line break or another control character"
+                )
+            scheme, _, credentials = value.strip().partition(" ")
+            if (
+                name.lower() in ("authorization", "proxy-authorization")
+                and scheme.lower() in _AUTH_SCHEMES
+                and not credentials.strip()
+            ):
+                raise _InjectedValueError((name,), f"is {scheme!r} with nothing after it")
         return v
 
 
@@ -380,6 +530,11 @@ class AuditSettings(_Model):
     redis_stream_maxlen: Annotated[int, Field(gt=0)] = 100_000
     redact: RedactSettings = RedactSettings()
 
+    @field_validator("redis_url")
+    @classmethod
+    def _audit_redis_url(cls, v: str | None) -> str | None:
+        return None if v is None else _redis_url(v, store=False)
+
 
 class Settings(_Model):
     server: ServerSettings = ServerSettings()
@@ -437,6 +592,10 @@ class _RefError(ValueError):
         self.message = message
 
 
+class _InjectedValueError(_RefError):
+    """An unusable injected header value; the message gains the `${VAR}`s its text came from."""
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 
@@ -463,6 +622,7 @@ class ConfigError(Exception):
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 Loc = tuple[str | int, ...]
+YAML_KEY = "(yaml)"  # the key of an issue in the YAML syntax itself
 
 
 def format_loc(loc: Loc) -> str:
@@ -482,38 +642,53 @@ class _Builder:
         self.file = file
         self.env = env
         self.lines: dict[Loc, int] = {}
+        self.raw: dict[Loc, str] = {}  # each scalar's text as written, before ${VAR}s
         self.issues: list[ConfigIssue] = []
 
     def build(self, node: yaml.Node, loc: Loc) -> Any:
         self.lines.setdefault(loc, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
+            first: dict[str, int] = {}
             for key_node, value_node in node.value:
-                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-                if not isinstance(key, str) or key in out:
-                    what = "duplicate key" if key in out else "keys must be plain strings"
-                    self.issues.append(
-                        ConfigIssue(
-                            self.file,
-                            key_node.start_mark.line + 1,
-                            format_loc(loc),
-                            f"{what}: {key}",
-                        )
+                line = key_node.start_mark.line + 1
+                if not isinstance(key_node, yaml.ScalarNode):
+                    kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+                    self._issue(line, loc, f"a key must be a plain name, not a {kind}")
+                    continue
+                key = str(key_node.value)
+                if key in first:
+                    self._issue(
+                        line, loc, f"key {key!r} appears twice (first on line {first[key]})"
                     )
                     continue
-                self.lines[(*loc, key)] = key_node.start_mark.line + 1
+                first[key] = line
+                self.lines[(*loc, key)] = line
                 out[key] = self.build(value_node, (*loc, key))
             return out
         if isinstance(node, yaml.SequenceNode):
             # tuples, because settings are frozen and strict validation takes no list for a tuple
             return tuple(self.build(item, (*loc, i)) for i, item in enumerate(node.value))
         assert isinstance(node, yaml.ScalarNode)
-        value = yaml.SafeLoader.construct_scalar(_SCALAR_LOADER, node)
-        tag = node.tag
-        if tag == "tag:yaml.org,2002:str":
-            return self._interpolate(str(value), loc, node)
+        self.raw[loc] = node.value
+        if node.tag == "tag:yaml.org,2002:str":
+            return self._interpolate(str(node.value), loc, node)
         # Resolve ints, bools, floats and nulls the way YAML 1.1 would.
-        return _SCALAR_LOADER.construct_object(node, deep=True)
+        try:
+            return _SCALAR_LOADER.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError):
+            # An explicit tag: `!!int abc`, `!vault secret`, ...
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            self._issue(
+                node.start_mark.line + 1,
+                loc,
+                f"cannot read {node.value!r} as {tag}; remove the tag "
+                "(only plain strings, numbers, booleans, lists and mappings are used)",
+            )
+            return None
+
+    def _issue(self, line: int, loc: Loc, message: str) -> None:
+        self.issues.append(ConfigIssue(self.file, line, format_loc(loc), message))
 
     def _interpolate(self, text: str, loc: Loc, node: yaml.Node) -> str:
         def replace(match: re.Match[str]) -> str:
@@ -522,17 +697,27 @@ class _Builder:
                 return self.env[name]
             if default is not None:
                 return default
-            self.issues.append(
-                ConfigIssue(
-                    self.file,
-                    node.start_mark.line + 1,
-                    format_loc(loc),
-                    f"environment variable {name} is not set",
-                )
+            self._issue(
+                node.start_mark.line + 1,
+                loc,
+                f"environment variable {name} is not set",
             )
             return ""
 
         return _ENV_REF.sub(replace, text)
+
+    def blank_variables(self, loc: Loc) -> str:
+        """A hint naming the `${VAR}`s in the text at `loc` that came out blank, or ""."""
+        hints = []
+        for match in _ENV_REF.finditer(self.raw.get(loc, "")):
+            name, default = match.group(1), match.group(2)
+            ref = f"${{{name}}}"
+            value = self.env.get(name)
+            if value is None and not (default or "").strip():
+                hints.append(f"is {ref} set?")
+            elif value is not None and not value.strip():
+                hints.append(f"{ref} is set but empty")
+        return f" ({'; '.join(hints)})" if hints else ""
 
 
 _SCALAR_LOADER = yaml.SafeLoader("")
@@ -545,20 +730,29 @@ def load_settings_text(
     env = os.environ if env is None else env
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        raise ConfigError([ConfigIssue(file, line, "", f"invalid YAML: {exc.problem}")]) from None
+    except yaml.YAMLError as exc:
+        line, message = _yaml_problem(exc, text)
+        raise ConfigError([ConfigIssue(file, line, YAML_KEY, message)]) from None
     builder = _Builder(file, env)
     data = {} if root is None else builder.build(root, ())
     if not isinstance(data, dict):
-        raise ConfigError([ConfigIssue(file, 1, "", "the top level must be a mapping of sections")])
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    file,
+                    1,
+                    "",
+                    "the top level must be a mapping of sections (server:, routes:, policy:, "
+                    f"...), got {_kind(data)}",
+                )
+            ]
+        )
     if builder.issues:
         raise ConfigError(builder.issues)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_issues_from(exc, file, builder.lines)) from None
+        raise ConfigError(_issues_from(exc, file, builder)) from None
 
 
 def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
@@ -569,33 +763,447 @@ def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Set
         raise ConfigError(
             [ConfigIssue(str(path), None, "", f"cannot read: {exc.strerror}")]
         ) from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            [ConfigIssue(str(path), line, "", "the file is not UTF-8 text")]
+        ) from None
     return load_settings_text(text, str(path), env)
 
 
-def _issues_from(exc: ValidationError, file: str, lines: Mapping[Loc, int]) -> list[ConfigIssue]:
+# --------------------------------------------------------------------------------------------
+# YAML syntax errors in plain words
+
+_INDENTATION = "the indentation of this line does not match the lines above it"
+_OPENERS = {"]": "[", "}": "{"}
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int | None, str]:
+    """The line and a plain sentence for a YAML syntax error (PyYAML's gist in parentheses)."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        return text[: exc.position].count("\n") + 1, (
+            f"the character {chr(exc.character)!r} (#x{exc.character:04x}) "
+            "is not allowed in YAML; remove it"
+        )
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return None, f"this is not valid YAML ({exc})"
+    problem, context = exc.problem or "", exc.context or ""
+    at = exc.problem_mark.line + 1 if exc.problem_mark else None
+    context_line = exc.context_mark.line + 1 if exc.context_mark else None
+    line = at or context_line
+    lines = text.splitlines()
+
+    found = re.search(r"found character '(.*)' that cannot start any token", problem)
+    if found and found.group(1) == "\\t":
+        return line, "a tab is used for indentation here; YAML indents with spaces only"
+    if found:
+        return line, f"a value cannot start with {found.group(1)!r}; put the value in quotes"
+    if "quoted scalar" in context and "end of stream" in problem:
+        return context_line or line, "unclosed quote: the quote opened on this line is never closed"
+    escape = re.search(r"found unknown escape character '(.*)'", problem)
+    if escape:
+        return line, (
+            f"'\\{escape.group(1)}' is not an escape sequence in a double-quoted string; "
+            "use single quotes, or write '\\\\' for a backslash"
+        )
+    if "could not find expected ':'" in problem:
+        return context_line or line, "a ':' is missing after the key on this line"
+    if problem == "mapping values are not allowed here" and exc.problem_mark:
+        return _misplaced_colon(lines, exc.problem_mark.line, exc.problem_mark.column)
+    if problem == "sequence entries are not allowed here":
+        return line, "a list item ('- ') cannot start here; put it on its own line, indented"
+    block_end = re.fullmatch(r"expected <block end>, but found '(.*)'", problem)
+    if block_end:
+        token = block_end.group(1)
+        if token in ("?", "-", "<block mapping start>", "<block sequence start>"):
+            return line, _INDENTATION
+        if token == "<scalar>" and exc.problem_mark:
+            before = lines[exc.problem_mark.line][: exc.problem_mark.column].rstrip()
+            if before.endswith(("'", '"')):
+                return line, "text after the closing quote; put the whole value in quotes"
+        if token in _OPENERS:
+            return line, f"a {token!r} that closes nothing"
+    flow = re.fullmatch(r"expected ',' or '(.)', but got '(.*)'", problem)
+    if flow and "flow" in context:
+        closer, got = flow.group(1), flow.group(2)
+        opener = _OPENERS[closer]
+        if got == "<stream end>":
+            return context_line, f"the {opener!r} opened on this line is never closed"
+        if got in _OPENERS:
+            return line, (
+                f"{got!r} does not match the {opener!r} opened on line {context_line}; "
+                f"close it with {closer!r}"
+            )
+        return line, (
+            f"a ',' or {closer!r} is missing before this (in the {opener!r} opened on line "
+            f"{context_line})"
+        )
+    if problem == "expected the node content, but found '<stream end>'":
+        bracket = _unclosed_bracket(text)
+        if bracket is not None:
+            return bracket[0], f"the {bracket[1]!r} opened on this line is never closed"
+        return line, "the file ends where a value was expected"
+    node = re.fullmatch(r"expected the node content, but found '(.)'", problem)
+    if node:
+        return line, f"a value cannot start with {node.group(1)!r}; put the value in quotes"
+    alias = re.fullmatch(r"found undefined alias '(.*)'", problem)
+    if alias:
+        name = alias.group(1)
+        return line, f"'*{name}' refers to an anchor '&{name}' that is not defined above it"
+    anchor = re.fullmatch(r"found duplicate anchor '(.*)'; first occurrence", context)
+    if anchor:
+        return line, f"anchor '&{anchor.group(1)}' is defined twice (first on line {context_line})"
+    if "expected a single document" in context:
+        return line, (
+            "a second YAML document ('---') starts here; a configuration is a single document"
+        )
+    gist = "; ".join(part for part in (context, problem) if part)
+    return line, f"this is not valid YAML ({gist})"
+
+
+def _misplaced_colon(lines: list[str], index: int, column: int) -> tuple[int, str]:
+    """PyYAML's "mapping values are not allowed here": a ': ' where a key cannot start.
+
+    Either the line holds a second "key: value" ("a: b: c"), or a plain value on a line above
+    runs on to this one: that line lacks its ':' ("listen x"), or this line is indented deeper
+    than its siblings and reads as the rest of the value above.
+    """
+    current = lines[index] if index < len(lines) else ""
+    content = current[:column].lstrip()
+    content = content[2:] if content.startswith("- ") else content
+    if re.search(r":(\s|$)", content):
+        return index + 1, (
+            "a second ': ' on this line; put the value in quotes if it contains ': '"
+        )
+    for above in range(index - 1, -1, -1):
+        text = lines[above].strip()
+        if not text or text.startswith("#"):
+            continue
+        text = text[2:] if text.startswith("- ") else text
+        if not re.search(r":(\s|$)", text):
+            return above + 1, "a ':' is missing after the key on this line"
+        break
+    return index + 1, _INDENTATION
+
+
+def _unclosed_bracket(text: str) -> tuple[int, str] | None:
+    """The line and character of the innermost '[' or '{' still open where the scanner stops."""
+    stack: list[tuple[int, str]] = []
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if isinstance(token, (yaml.FlowSequenceStartToken, yaml.FlowMappingStartToken)):
+                opener = "[" if isinstance(token, yaml.FlowSequenceStartToken) else "{"
+                stack.append((token.start_mark.line + 1, opener))
+            elif stack and isinstance(token, (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken)):
+                stack.pop()
+    except yaml.YAMLError:
+        pass
+    return stack[-1] if stack else None
+
+
+# --------------------------------------------------------------------------------------------
+# Validation errors in plain words
+
+# What pydantic's "wrong type" errors expected, for a union whose every branch failed.
+_TYPE_ERRORS = {
+    "string_type": "a string",
+    "int_type": "a whole number",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "tuple_type": "a list",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "mapping_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "enum": "one of the listed words",
+    "literal_error": "one of the listed words",
+}
+_PATTERNS = {
+    r"^[0-9a-f]{64}$": (
+        "must be 64 lowercase hexadecimal digits: the SHA-256 of the API key, not the key itself"
+    ),
+    r"^[A-Za-z0-9_.:-]+$": "may hold only letters, digits and _ . : -",
+}
+_SECRET = re.compile(r"secret|token|password|sha256", re.IGNORECASE)
+_UNITS = {"_seconds": " of seconds", "_ms": " of milliseconds", "_bytes": " of bytes"}
+
+
+def _issues_from(exc: ValidationError, file: str, builder: _Builder) -> list[ConfigIssue]:
     issues = []
-    for err in exc.errors():
-        loc: Loc = tuple(p for p in err["loc"] if not _is_pydantic_branch(p))
-        message = err["msg"]
+    for loc, err, alternatives in _collapse_unions(exc.errors()):
         ctx_error = (err.get("ctx") or {}).get("error")
         if isinstance(ctx_error, _RefError):
             loc = (*loc, *ctx_error.loc)
             message = ctx_error.message
-        elif message.startswith("Value error, "):
-            message = message[len("Value error, ") :]
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif err["type"] == "missing":
-            message = "required key is missing"
-        elif err["type"].endswith("_type") and "input" in err:
-            message = f"{message} (got {type(err['input']).__name__}: {err['input']!r})"
-        issues.append(ConfigIssue(file, _line_for(loc, lines), format_loc(loc), message))
+            if isinstance(ctx_error, _InjectedValueError):
+                message += builder.blank_variables(loc)
+        elif alternatives:
+            message = (
+                f"expected {' or '.join(alternatives)}, {_got(err.get('input'), loc, builder)}"
+            )
+        else:
+            message = _message(err, loc, builder)
+        issues.append(ConfigIssue(file, _line_for(loc, builder.lines), format_loc(loc), message))
     return issues
+
+
+def _collapse_unions(errors: list[ErrorDetails]) -> list[tuple[Loc, ErrorDetails, list[str]]]:
+    """`errors` with pydantic's union branch names taken out of each location.
+
+    A value that fits no branch of a union (`str | tuple[str, ...]`) gives one error per branch;
+    they become one "expected a string or a list" (the third item). When the value has the
+    right kind for a branch but a wrong part or item, only that branch's errors are kept.
+    """
+    groups: dict[Loc, list[ErrorDetails]] = {}  # by location up to the first branch name
+    for err in errors:
+        raw = tuple(err["loc"])
+        branch = next((i for i, p in enumerate(raw) if _is_pydantic_branch(p)), len(raw))
+        groups.setdefault(raw[:branch], []).append(err)
+    result: list[tuple[Loc, ErrorDetails, list[str]]] = []
+    for loc, group in groups.items():
+        plain = [e for e in group if len(e["loc"]) == len(loc)]
+        branches = [e for e in group if len(e["loc"]) > len(loc)]
+        result.extend((loc, e, []) for e in plain)
+        if not branches:
+            continue
+        specific = [
+            e for e in branches if len(e["loc"]) > len(loc) + 1 or e["type"] not in _TYPE_ERRORS
+        ]
+        if specific:
+            result.extend((_without_branches(e["loc"]), e, []) for e in specific)
+        else:
+            kinds = list(dict.fromkeys(_TYPE_ERRORS[e["type"]] for e in branches))
+            result.append((loc, branches[0], kinds))
+    return result
+
+
+def _without_branches(loc: Iterable[str | int]) -> Loc:
+    return tuple(p for p in loc if not _is_pydantic_branch(p))
 
 
 def _is_pydantic_branch(part: Any) -> bool:
     # pydantic adds union branch names ("str", "tuple[str, ...]", "function-after[...]") to loc.
     return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"})
+
+
+def _message(err: ErrorDetails, loc: Loc, builder: _Builder) -> str:
+    """One pydantic error as a sentence an operator understands; no pydantic words in it."""
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    value = err.get("input")
+    field = _field_at(loc)
+    ann, meta = field if field is not None else (None, [])
+    name = next((p for p in reversed(loc) if isinstance(p, str)), "")
+    got = _got(value, loc, builder)
+
+    if kind == "value_error":
+        return str(ctx.get("error") or err["msg"].removeprefix("Value error, "))
+    if kind == "extra_forbidden":
+        return _unknown_key(loc)
+    if kind == "missing":
+        return "required key is missing"
+    options = _options(ann) or re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+    if kind in ("literal_error", "enum") or (kind == "is_instance_of" and options):
+        shown = repr(value) if isinstance(value, str) else got.removeprefix("got ")
+        return f"must be one of {', '.join(options)}; got {shown}"
+    if kind in ("int_type", "float_type", "int_parsing", "float_parsing", "finite_number") or (
+        kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+    ):
+        number = ann if ann in (int, float) else (int if kind.startswith("int") else float)
+        phrase = _number_phrase(number, meta, ctx, name)
+        if kind == "finite_number":
+            phrase = phrase.replace("number", "finite number", 1)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"must be {phrase}, got {builder.raw.get(loc, value)}"
+        unquote = isinstance(value, str) and bool(re.fullmatch(r"\s*[-+]?\d+(\.\d*)?\s*", value))
+        return f"must be {phrase}, {got}" + ("; write it without quotes" if unquote else "")
+    if kind in ("bool_type", "bool_parsing"):
+        unquote = isinstance(value, str) and value.strip().lower() in ("true", "false")
+        return f"expected true or false, {got}" + ("; write it without quotes" if unquote else "")
+    if kind == "string_type":
+        hint = "; put it in quotes" if isinstance(value, (bool, int, float)) else ""
+        return f"expected a string, {got}{hint}"
+    if kind in ("tuple_type", "list_type"):
+        return _expected_list(ann, value, got, loc)
+    if kind in ("dict_type", "mapping_type"):
+        return f"expected a mapping (key: value lines, or {{key: value}}), {got}"
+    if kind in ("model_type", "model_attributes_type"):
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return f"expected a mapping with keys {', '.join(ann.model_fields)}; {got}"
+        return f"expected a mapping, {got}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind in ("too_short", "too_long"):
+        bound = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
+        items = "item" if bound == 1 else "items"
+        most = "at least" if kind == "too_short" else "at most"
+        return f"must list {most} {bound} {items}, got {ctx.get('actual_length', '?')}"
+    if kind == "string_pattern_mismatch":
+        pattern = str(ctx.get("pattern", ""))
+        plain = _PATTERNS.get(pattern, f"must match the pattern {pattern}")
+        return plain if _is_secret(loc) or pattern not in _PATTERNS else f"{plain}; {got}"
+    # Anything else: pydantic's sentence without its own vocabulary.
+    message = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    message = re.sub(r"\s*or instance of \w+", "", message)
+    return re.sub(r"^Input should be", "must be", message)
+
+
+def _unknown_key(loc: Loc) -> str:
+    """ "unknown key", with the likely meant key, or the keys this mapping takes."""
+    parent = _field_at(loc[:-1]) if loc[:-1] else (Settings, [])
+    model = parent[0] if parent is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return "unknown key"
+    names = list(model.model_fields)
+    key = str(loc[-1])
+    if key == "<<":
+        return "YAML merge keys ('<<: *anchor') are not supported; write the keys out"
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6) or [
+        n for n in names if n.replace("_", "") == key.lower().replace("-", "").replace("_", "")
+    ]
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    return f"unknown key; the keys here are {', '.join(names)}"
+
+
+def _kind(value: Any) -> str:
+    """The YAML type of a loaded value, as an operator would name it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (tuple, list)):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return "a date"
+    return "a value of an unsupported kind"
+
+
+def _is_secret(loc: Loc) -> bool:
+    return "inject_headers" in loc or any(isinstance(p, str) and _SECRET.search(p) for p in loc)
+
+
+def _got(value: Any, loc: Loc, builder: _Builder) -> str:
+    """ "got a string ('abc')": the kind of `value`, and the value itself unless it is secret."""
+    kind = _kind(value)
+    if value is None:
+        return "got null (an empty value)"
+    if _is_secret(loc) or isinstance(value, (tuple, list, Mapping)):
+        return f"got {kind}"
+    if isinstance(value, str):
+        shown = repr(value if len(value) <= 60 else value[:57] + "...")
+    else:
+        shown = builder.raw.get(loc) or str(value)
+    return f"got {kind} ({shown})"
+
+
+def _expected_list(ann: Any, value: Any, got: str, loc: Loc) -> str:
+    item = typing.get_args(ann)[0] if typing.get_origin(ann) is tuple else None
+    if isinstance(item, type) and issubclass(item, BaseModel):
+        return f"expected a list of mappings, each item starting with '- '; {got}"
+    example = "[a, b]"
+    if isinstance(value, (str, int, float)) and not _is_secret(loc):
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        example = f"[{shown}]" if len(shown) <= 40 else example
+    return f"expected a list (e.g. {example}), {got.split(' (')[0]}"
+
+
+def _options(ann: Any) -> list[str]:
+    if typing.get_origin(ann) is Literal:
+        return [str(a) for a in typing.get_args(ann)]
+    if isinstance(ann, type) and issubclass(ann, enum.Enum):
+        return [str(m.value) for m in ann]
+    return []
+
+
+def _number_phrase(number: Any, meta: Iterable[Any], ctx: Mapping[str, Any], name: str) -> str:
+    """ "a whole number from 1 to 64", "a number of seconds greater than 0", ..."""
+    phrase = "a whole number" if number is int else "a number"
+    phrase += next((words for suffix, words in _UNITS.items() if name.endswith(suffix)), "")
+    bounds = _bounds(meta) or {k: ctx[k] for k in ("gt", "ge", "lt", "le") if k in ctx}
+    gt, ge, lt, le = (bounds.get(k) for k in ("gt", "ge", "lt", "le"))
+    if ge is not None and le is not None:
+        return f"{phrase} from {_num(ge)} to {_num(le)}"
+    if number is int and ge == 1 and gt is None:
+        gt, ge = 0, None  # "greater than 0" is plainer than "at least 1"
+    if ge == 0 and not (gt or lt or le):
+        return f"{phrase}, 0 or more"
+    parts = []
+    if gt is not None:
+        parts.append(f"greater than {_num(gt)}")
+    if ge is not None:
+        parts.append(f"of at least {_num(ge)}")
+    if lt is not None:
+        parts.append(f"less than {_num(lt)}")
+    if le is not None:
+        parts.append(f"of at most {_num(le)}")
+    return " ".join([phrase, " and ".join(parts)]) if parts else phrase
+
+
+def _bounds(meta: Iterable[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in meta:
+        if isinstance(item, FieldInfo):
+            out.update(_bounds(item.metadata))
+        elif isinstance(item, Gt):
+            out["gt"] = item.gt
+        elif isinstance(item, Ge):
+            out["ge"] = item.ge
+        elif isinstance(item, Lt):
+            out["lt"] = item.lt
+        elif isinstance(item, Le):
+            out["le"] = item.le
+    return out
+
+
+def _num(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _unwrap(ann: Any) -> tuple[Any, list[Any]]:
+    """`ann` without `| None` and `Annotated`, and the Annotated metadata found on the way."""
+    meta: list[Any] = []
+    while True:
+        origin = typing.get_origin(ann)
+        if origin is Annotated:
+            ann, *extra = typing.get_args(ann)
+            meta.extend(extra)
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(ann) if a is not type(None)]
+            if len(args) != 1:
+                return ann, meta
+            ann = args[0]
+        else:
+            return ann, meta
+
+
+def _field_at(loc: Loc) -> tuple[Any, list[Any]] | None:
+    """The type and constraints of the setting at `loc`, walking the schema from `Settings`."""
+    ann: Any = Settings
+    meta: list[Any] = []
+    for part in loc:
+        ann, _ = _unwrap(ann)
+        origin = typing.get_origin(ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            field = ann.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            ann, meta = field.annotation, list(field.metadata)
+        elif origin is tuple and isinstance(part, int):
+            ann, meta = typing.get_args(ann)[0], []
+        elif origin is Mapping and isinstance(part, str):
+            ann, meta = typing.get_args(ann)[1], []
+        else:
+            return None
+    ann, extra = _unwrap(ann)
+    return ann, meta + extra
 
 
 def _line_for(loc: Loc, lines: Mapping[Loc, int]) -> int | None:

@@ -42,14 +42,23 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from .model import Action, Decision, Identity, RequestInfo
 
 if TYPE_CHECKING:
-    from .config import PolicySettings, RuleSettings
+    from .config import PolicySettings, RuleSettings, WhenSettings
 
-__all__ = ["Explanation", "Policy", "PolicyError", "RuleTrace"]
+__all__ = [
+    "Explanation",
+    "Policy",
+    "PolicyError",
+    "RuleTrace",
+    "glob_covers",
+    "globs_intersect",
+    "rule_covers",
+]
 
 
 class PolicyError(ValueError):
@@ -603,3 +612,193 @@ def _check_rule(
             return f"claim {claim} is {_listing(values)}, not in {_listing(wanted)}", details
         details.append(f"claim {claim} = {hit}")
     return None, details
+
+
+# --------------------------------------------------------------------------------------------
+# Analysis (`countersign check`): which globs and rules cover others. Sound, not complete: a
+# True from `glob_covers` or `rule_covers` is a proof; a False may only mean "not shown".
+
+
+def _pattern_covers(outer: str, inner: str) -> bool:
+    """Whether every string mid-segment pattern `inner` matches, `outer` matches.
+
+    `inner`'s '*' are symbols only a '*' of `outer` can absorb (whatever a '*' of `inner`
+    stands for, the '*' of `outer` absorbing it absorbs that too): a sound check.
+    """
+    rows, cols = len(outer), len(inner)
+    # reach[j]: outer[:i] can absorb inner[:j]
+    reach = [True] + [False] * cols
+    for i in range(rows):
+        char = outer[i]
+        following = [False] * (cols + 1)
+        if char == "*":
+            seen = False
+            for j in range(cols + 1):
+                seen = seen or reach[j]
+                following[j] = seen
+        else:
+            for j in range(1, cols + 1):
+                following[j] = reach[j - 1] and inner[j - 1] == char
+        reach = following
+    return reach[cols]
+
+
+def _segment_covers(outer: str, inner: str) -> bool:
+    """Whether every segment `inner` matches, `outer` matches (single-segment tokens)."""
+    if outer == "*":
+        return True
+    if "*" not in outer:
+        return outer == inner
+    if inner == "*":
+        return False  # a pattern like "x*" has a literal part "*" need not have
+    return _pattern_covers(outer, inner)
+
+
+def _segment_intersects(a: str, b: str) -> bool:
+    """Whether some (non-empty) segment matches both single-segment tokens."""
+    if a == "*" or b == "*":
+        return True
+    if "*" not in a and "*" not in b:
+        return a == b
+    if "*" not in a:
+        return bool(_segment_matcher(b)(a))
+    if "*" not in b:
+        return bool(_segment_matcher(a)(b))
+    # Two patterns, each with a '*': a common string exists exactly when their literal
+    # prefixes agree (one is a prefix of the other) and so do their literal suffixes; the
+    # middle literals of both can then be laid out one after the other between them.
+    a_head, a_tail = a.split("*", 1)[0], a.rsplit("*", 1)[1]
+    b_head, b_tail = b.split("*", 1)[0], b.rsplit("*", 1)[1]
+    return (a_head.startswith(b_head) or b_head.startswith(a_head)) and (
+        a_tail.endswith(b_tail) or b_tail.endswith(a_tail)
+    )
+
+
+@lru_cache(maxsize=4096)
+def _glob_tokens(glob: str) -> tuple[str, ...]:
+    return tuple(_glob_segments(glob))
+
+
+@lru_cache(maxsize=65536)
+def glob_covers(outer: str, inner: str) -> bool:
+    """Whether every path `inner` matches, `outer` matches too (proven; False: not shown)."""
+    a = _glob_tokens(outer)
+    b = _glob_tokens(inner)
+    memo: dict[tuple[int, int], bool] = {}
+
+    def covers(i: int, j: int) -> bool:
+        key = (i, j)
+        known = memo.get(key)
+        if known is not None:
+            return known
+        if i == len(a):
+            result = j == len(b)
+        elif a[i] == "**":
+            # outer's '**' stops here, or absorbs what inner's next token matches (even a '**')
+            result = covers(i + 1, j) or (j < len(b) and covers(i, j + 1))
+        elif j == len(b):
+            result = False
+        elif b[j] == "**":
+            # inner's '**' matches no segment, or one (any) segment and then still '**'
+            result = covers(i, j + 1) and _segment_covers(a[i], "*") and covers(i + 1, j)
+        else:
+            result = _segment_covers(a[i], b[j]) and covers(i + 1, j + 1)
+        memo[key] = result
+        return result
+
+    return covers(0, 0)
+
+
+@lru_cache(maxsize=65536)
+def globs_intersect(first: str, second: str) -> bool:
+    """Whether some path matches both globs (exact for `*`, `**` and mid-segment `*`)."""
+    a = _glob_tokens(first)
+    b = _glob_tokens(second)
+    memo: dict[tuple[int, int], bool] = {}
+
+    def meet(i: int, j: int) -> bool:
+        key = (i, j)
+        known = memo.get(key)
+        if known is not None:
+            return known
+        if i == len(a):
+            result = all(token == "**" for token in b[j:])
+        elif j == len(b):
+            result = all(token == "**" for token in a[i:])
+        elif a[i] == "**" or b[j] == "**":
+            # a '**' stops here, or absorbs the segment the other side's token matches
+            result = (a[i] == "**" and (meet(i + 1, j) or meet(i, j + 1))) or (
+                b[j] == "**" and (meet(i, j + 1) or meet(i + 1, j))
+            )
+        else:
+            result = _segment_intersects(a[i], b[j]) and meet(i + 1, j + 1)
+        memo[key] = result
+        return result
+
+    return meet(0, 0)
+
+
+def prefix_glob(prefix: str) -> str:
+    """The glob matching the paths a route prefix matches: "/cloud/" → "/cloud/**"."""
+    return prefix.rstrip("/") + "/**"
+
+
+def when_covers(outer: WhenSettings | None, inner: WhenSettings | None) -> bool:
+    """Whether every identity meeting `inner`'s conditions meets `outer`'s (proven)."""
+    if outer is None:
+        return True
+    if outer.groups and not (
+        inner is not None and inner.groups and set(inner.groups) <= set(outer.groups)
+    ):
+        return False
+    if outer.subjects and not (
+        inner is not None and inner.subjects and set(inner.subjects) <= set(outer.subjects)
+    ):
+        return False
+    for claim, accepted in outer.claims.items():
+        wanted = inner.claims.get(claim) if inner is not None else None
+        if wanted is None or not set(_as_tuple(wanted)) <= set(_as_tuple(accepted)):
+            return False
+    return True
+
+
+def methods_cover(outer: tuple[str, ...], inner: tuple[str, ...]) -> bool:
+    """Whether every method `inner` accepts, `outer` accepts (empty: any method)."""
+    return not outer or (bool(inner) and set(inner) <= set(outer))
+
+
+def paths_cover(outer: tuple[str, ...], inner: tuple[str, ...], region: str | None = None) -> bool:
+    """Whether every path `inner` matches (within `region`, a glob, when given), `outer` matches.
+
+    Empty globs mean any path. Each glob of `inner` must be covered by one glob of `outer`
+    (sound: a union of several `outer` globs covering it is not looked for).
+    """
+    outer = outer or ("/**",)
+    inner = inner or ("/**",)
+    return all(
+        any(glob_covers(o, i) or (region is not None and glob_covers(o, region)) for o in outer)
+        for i in inner
+    )
+
+
+def rule_covers(
+    earlier: RuleSettings,
+    later: RuleSettings,
+    *,
+    later_route: str | None = None,
+    later_region: str | None = None,
+) -> bool:
+    """Whether every request `later` matches, `earlier` matches too (proven; False: not shown).
+
+    `later_route` is the route every request `later` matches is routed to, when that is known
+    (its own `route`, or the one all its paths lead to); `later_region` that route's prefix
+    glob. Both only help to prove more.
+    """
+    route = later.route if later.route is not None else later_route
+    if earlier.route is not None and earlier.route != route:
+        return False
+    return (
+        methods_cover(earlier.methods, later.methods)
+        and when_covers(earlier.when, later.when)
+        and paths_cover(earlier.paths, later.paths, later_region)
+    )

@@ -96,9 +96,13 @@ def test_check_reports_file_key_and_line(tmp_path: Path) -> None:
         f"{bad}:2: server.listen: expected host:port, e.g. 127.0.0.1:8080, got 'nowhere'" in lines
     )
     assert (
-        f"{bad}:10: policy.rules[0].quorum: Input should be a valid integer (got str: '2')" in lines
+        f"{bad}:10: policy.rules[0].quorum: must be a whole number greater than 0, got a string "
+        "('2'); write it without quotes" in lines
     )
-    assert f"{bad}:10: policy.rules[0].colour: unknown key" in lines
+    assert (
+        f"{bad}:10: policy.rules[0].colour: unknown key; the keys here are name, action, "
+        "methods, paths, route, when, approvers, quorum, timeout_seconds" in lines
+    )
 
 
 def test_check_missing_file_and_broken_yaml(tmp_path: Path) -> None:
@@ -109,7 +113,7 @@ def test_check_missing_file_and_broken_yaml(tmp_path: Path) -> None:
     broken.write_text("server:\n  listen: [unclosed\n")
     result = cli("check", "-c", str(broken))
     assert result.returncode == 2
-    assert f"{broken}:3: invalid YAML" in result.stderr
+    assert f"{broken}:2: (yaml): the '[' opened on this line is never closed" in result.stderr
 
 
 def test_explain_names_route_rule_and_why(tmp_path: Path) -> None:
@@ -126,17 +130,20 @@ def test_explain_names_route_rule_and_why(tmp_path: Path) -> None:
         "--groups",
         "agents",
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 3, result.stderr  # 0 allow, 1 deny, 3 approve
     out = result.stdout
-    assert "route:    cloud (prefix /cloud/" in out
+    assert "route:    cloud (prefix /cloud/)" in out
+    assert "upstream: https://cloud.example.com/exports/x" in out
     assert "decision: approve by rule exports" in out
     assert "reads:" in out  # the rules before it are listed with why they did not match
     result = cli("explain", "-c", str(config), "DELETE", "/cloud/buckets/b", "--subject", "a")
+    assert result.returncode == 1
     assert "decision: deny by rule no-deletes" in result.stdout
     assert '403 {"error": {"code": "policy_denied", "message": ' in result.stdout
     assert '"rule": "no-deletes", "route": "cloud"}}' in result.stdout
     result = cli("explain", "-c", str(config), "GET", "/cloud/a/..%2fb", "--subject", "a")
     assert "400 ambiguous_request (encoded_slash)" in result.stdout
+    assert result.returncode == 1
 
 
 def test_keys_new_prints_a_working_config_line(tmp_path: Path) -> None:

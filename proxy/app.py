@@ -7,6 +7,7 @@ other; the server handler receives them ready-made.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -150,6 +151,28 @@ async def start_slack(
         socket.start()
         parts.insert(0, socket)
     return parts
+
+
+def check_buildable(settings: Settings) -> list[str]:
+    """Build what `run` builds before it serves, without opening sockets or sinks and without an
+    event loop: an error `run` would hit at start-up is raised here, so `countersign check`
+    finds it. Returns problems that are not errors of the configuration itself but would stop
+    `run` on this machine (the audit file's directory, its last line)."""
+    build_app(settings, audit_log=AuditLog([]))
+    problems: list[str] = []
+    if settings.audit.file:
+        path = Path(settings.audit.file)
+        directory = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+        if directory is None or not os.access(directory, os.W_OK):
+            problems.append(f"audit.file: cannot create or write {path}")
+        elif path.exists():
+            from .audit.chain import ChainError, last_head_of
+
+            try:
+                last_head_of(path)
+            except (ChainError, OSError) as exc:
+                problems.append(f"audit.file: {exc}")
+    return problems
 
 
 def build_app(

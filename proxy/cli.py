@@ -1,13 +1,15 @@
 """`countersign` — the command line.
 
-Verbs (DESIGN.md section 6): run, check, explain, demo, approvals, audit, keys new. Exit
-codes: 0 success, 2 bad configuration or usage, 1 anything else.
+Verbs: run, check, explain, demo, approvals, audit, keys new (README "Running it"). Exit
+codes: 0 success, 2 bad configuration or usage, 1 anything else (`explain`: 0 allow, 1 deny,
+3 approve; 141 when stdout was closed early).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -16,6 +18,20 @@ from .config import ConfigError, Settings, load_settings, summary
 
 DEFAULT_CONFIG = "countersign.yaml"
 EXIT_CONFIG = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1`
+# The version when the package metadata is unavailable (run from a source tree, not installed).
+FALLBACK_VERSION = "0.1.0"
+
+
+def version() -> str:
+    """This installation's version, from the package metadata."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("countersign")
+    except PackageNotFoundError:
+        return FALLBACK_VERSION
 
 
 def _config_path(args: argparse.Namespace) -> str:
@@ -28,10 +44,35 @@ def _load(args: argparse.Namespace) -> Settings:
 
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _load(args)
-    from .policy import Policy
+    from pathlib import Path
 
-    Policy.compile(settings.policy)
-    print(f"{_config_path(args)}: OK — {summary(settings)}")
+    from .app import check_buildable
+    from .check import config_lines, find_issues
+
+    path = _config_path(args)
+    # The same composition `run` starts from (policy, routes, store, approvals, Slack, …): what
+    # would stop `run` at start-up stops `check`.
+    try:
+        problems = check_buildable(settings)
+    except (ValueError, TypeError) as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if problems:
+        for problem in problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{path}: OK — {summary(settings)}")
+    try:
+        lines = config_lines(Path(path).read_text(encoding="utf-8"))
+    except OSError:
+        lines = {}
+    findings = find_issues(settings, lines)
+    for finding in findings:
+        print(finding.render(path))
+    warnings = sum(1 for finding in findings if finding.severity == "warning")
+    if warnings and args.strict:
+        print(f"{path}: {warnings} warning(s); failing because of --strict", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 
@@ -44,10 +85,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     settings = _load(args)
-    from .explain import explain
+    from .explain import explain_request
 
     groups = frozenset(g.strip() for g in (args.groups or "").split(",") if g.strip())
-    report, _ = explain(
+    explained = explain_request(
         settings,
         args.method,
         args.path,
@@ -56,27 +97,54 @@ def cmd_explain(args: argparse.Namespace) -> int:
         email=args.email,
         claims=dict(args.claim or []),
     )
-    print(report)
-    return 0
+    print(explained.json_text() if args.json else explained.text())
+    return explained.exit_code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DemoListenError, run_demo
 
-    asyncio.run(run_demo(port=args.port))
+    try:
+        asyncio.run(run_demo(port=args.port))
+    except DemoListenError as exc:
+        print(f"countersign demo: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
     from .authn.apikeys import key_digest, new_key
 
+    # Checked here rather than by argparse (`required=True`): a later kind of key (`--aws`,
+    # `--audit`) may need no subject.
+    if args.subject is None or not args.subject.strip():
+        args.usage_error(
+            "--subject is required: the identity the key authenticates as, e.g. --subject agent-ci"
+        )
+    for option, value in (("--email", args.email), ("--owner", args.owner)):
+        if value is not None and not _looks_like_email(value):
+            args.usage_error(
+                f"{option} must be an email address, e.g. bob@example.com, got {value!r}"
+            )
     key = new_key()
-    groups = ", ".join(g.strip() for g in (args.groups or "").split(",") if g.strip())
+    # JSON strings are valid YAML flow scalars: any subject, group or email is quoted safely.
+    groups = ", ".join(json.dumps(g.strip()) for g in (args.groups or "").split(",") if g.strip())
+    fields = [f'sha256: "{key_digest(key)}"', f"subject: {json.dumps(args.subject)}"]
+    fields.append(f"groups: [{groups}]")
+    if args.email is not None:
+        fields.append(f"email: {json.dumps(args.email)}")
+    if args.owner is not None:
+        fields.append(f"owner: {json.dumps(args.owner)}")
     print(f"key:    {key}")
     print("        (shown once; give it to the client, it is not stored anywhere)")
     print("config: identity.api_keys entry:")
-    print(f'  - {{sha256: "{key_digest(key)}", subject: "{args.subject}", groups: [{groups}]}}')
+    print(f"  - {{{', '.join(fields)}}}")
     return 0
+
+
+def _looks_like_email(text: str) -> bool:
+    local, at, domain = text.partition("@")
+    return bool(at and local and domain) and not any(c.isspace() for c in text)
 
 
 def _claim(text: str) -> tuple[str, str]:
@@ -86,11 +154,22 @@ def _claim(text: str) -> tuple[str, str]:
     return name, value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="countersign",
         description="Identity-aware proxy: AI agents' privileged calls wait for human approval.",
     )
+    parser.add_argument("--version", action="version", version=f"countersign {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -105,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = with_config(sub.add_parser("check", help="validate a configuration and exit"))
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 2 when there are warnings (rules that can never match, unreachable paths, "
+        "approve rules no one can approve)",
+    )
     p.set_defaults(func=cmd_check)
 
     p = with_config(
@@ -118,10 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--claim", action="append", type=_claim, metavar="NAME=VALUE", help="extra claim (repeat)"
     )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.description = "Exit status: 0 allow, 1 deny (or refused before the policy), 3 approve."
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="run a self-contained demo: sample upstream, proxy, demo keys")
-    p.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    p.add_argument("--port", type=_port, default=8080, help="proxy port (default 8080)")
     p.set_defaults(func=cmd_demo)
 
     from . import cli_approvals
@@ -135,22 +222,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="manage static API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    p = keys_sub.add_parser("new", help="generate a key and print its config line")
-    p.add_argument("--subject", default="agent-ci", help="subject the key authenticates as")
+    p = keys_sub.add_parser(
+        "new",
+        help="generate a key and print its config line",
+        usage="%(prog)s --subject SUBJECT [--groups G1,G2] [--email EMAIL] [--owner EMAIL]",
+        description="Print a new API key (once) and the identity.api_keys line holding its "
+        "SHA-256.",
+    )
+    p.add_argument("--subject", help="the subject the key authenticates as (required)")
     p.add_argument("--groups", default="", help="comma-separated groups")
-    p.set_defaults(func=cmd_keys_new)
+    p.add_argument(
+        "--email",
+        help="the person holding this key (an approver's key: who decides, who counts towards "
+        "a quorum)",
+    )
+    p.add_argument(
+        "--owner",
+        metavar="EMAIL",
+        help="the human an agent's key acts for (who then can never decide its requests)",
+    )
+    p.set_defaults(func=cmd_keys_new, usage_error=p.error)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`... | head -1`): stop quietly. As the Python documentation
+        # recommends, point stdout at devnull so the final flush at exit cannot raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ $(IDP_STAMP): tests/idp/package.json tests/idp/package-lock.json
 
 install: $(STAMP)
 
+# `make demo PORT=9000` serves the demo on another port (default 8080).
 demo: $(STAMP)
-	$(BIN)/countersign demo
+	$(BIN)/countersign demo $(if $(PORT),--port $(PORT))
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check proxy tests bench

@@ -13,7 +13,7 @@ import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
@@ -26,19 +26,39 @@ class CliError(Exception):
     """Printed as is; exit status 1."""
 
 
+class UsageError(CliError):
+    """Bad usage (a malformed --url): printed as is; exit status 2, as argparse's errors."""
+
+
+URL_EXAMPLE = "http://127.0.0.1:8080"
+
+
+def _checked_url(url: str, source: str) -> str:
+    """`url` without a trailing slash, if it is an http(s) URL with a host; else a UsageError."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a port that is not a number from 0 to 65535)
+    except ValueError as exc:
+        raise UsageError(f"{source} is not a valid URL ({exc}), e.g. {URL_EXAMPLE}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{source} must start with http:// or https://, e.g. {URL_EXAMPLE}")
+    return url.rstrip("/")
+
+
 def base_url(args: argparse.Namespace) -> str:
     if args.url:
-        return str(args.url).rstrip("/")
+        return _checked_url(str(args.url), "--url")
     if os.environ.get("COUNTERSIGN_URL"):
-        return os.environ["COUNTERSIGN_URL"].rstrip("/")
+        return _checked_url(os.environ["COUNTERSIGN_URL"], "$COUNTERSIGN_URL")
     config = args.config or os.environ.get("COUNTERSIGN_CONFIG")
     if config:
         server = load_settings(config).server  # a ConfigError exits 2 with file:line
         if server.public_url:
-            return server.public_url.rstrip("/")
+            return _checked_url(server.public_url, f"server.public_url in {config}")
         host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{server.port}"
-    return "http://127.0.0.1:8080"
+    return URL_EXAMPLE
 
 
 def token(args: argparse.Namespace) -> str:
@@ -136,6 +156,10 @@ def render_table(approvals: list[dict[str, Any]]) -> str:
     )
 
 
+# A decision's verdict as a past participle: "approved by …", "denied by …".
+DECIDED = {"approve": "approved", "deny": "denied"}
+
+
 def render_one(a: dict[str, Any]) -> str:
     """An approval as an approver needs to judge it: what will run, where, for whom, and why.
 
@@ -178,7 +202,8 @@ def render_one(a: dict[str, Any]) -> str:
     for d in a.get("decisions", []):
         who = d["approver"].get("person") or d["approver"].get("email") or d["approver"]["subject"]
         reason = f": {v(d['reason'])}" if d.get("reason") else ""
-        lines.append(f"  {v(d['verdict'])}d by {v(who)} via {v(d['channel'])} at {d['at']}{reason}")
+        verdict = DECIDED.get(d["verdict"], d["verdict"])
+        lines.append(f"  {v(verdict)} by {v(who)} via {v(d['channel'])} at {d['at']}{reason}")
     if a.get("outcome") == "ambiguous":
         lines.append(
             f"  executed at {a['executed_at']}: the upstream failed after receiving it, so it "
@@ -311,4 +336,4 @@ def main(args: argparse.Namespace) -> int:
         return asyncio.run(run(args))
     except CliError as exc:
         print(f"countersign approvals: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1

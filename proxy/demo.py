@@ -7,6 +7,7 @@ of it with demo API keys and rules, and prints curl commands to try.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shlex
@@ -140,6 +141,20 @@ Press Ctrl-C to stop.
 """
 
 
+class DemoListenError(Exception):
+    """The demo cannot listen on its port; the message says what to do instead."""
+
+
+def listen_error(port: int, exc: OSError) -> DemoListenError:
+    if exc.errno == errno.EADDRINUSE:
+        other = 9000 if port != 9000 else 9001
+        return DemoListenError(
+            f"port {port} is in use: try `make demo PORT={other}` or "
+            f"`countersign demo --port {other}`"
+        )
+    return DemoListenError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}")
+
+
 async def run_demo(port: int = 8080) -> None:
     from .server.runner import start
 
@@ -149,7 +164,11 @@ async def run_demo(port: int = 8080) -> None:
     await web.TCPSite(upstream_runner, "127.0.0.1", 0).start()
     upstream_port = int(upstream_runner.addresses[0][1])
     settings = demo_settings(port, upstream_port)
-    runner = await start(settings)
+    try:
+        runner = await start(settings)
+    except OSError as exc:
+        await upstream_runner.cleanup()
+        raise listen_error(port, exc) from None
     print(instructions(port), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

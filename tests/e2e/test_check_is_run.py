@@ -68,3 +68,27 @@ def test_a_config_check_passes_starts(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("approvals: {timout_seconds: 60}", "did you mean 'timeout_seconds'?"),
+        ("approvals: {mode: holdd}", "must be one of hold, async"),
+        (
+            "policy:\n  rules:\n    - {name: r, action: allow, methods: POST}",
+            "expected a list",
+        ),
+        ("routes: []\nroutes: []", "appears twice"),
+    ],
+)
+def test_config_errors_read_the_same_from_check_and_run(
+    tmp_path: Path, body: str, message: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f'server: {{listen: "127.0.0.1:{free_port()}"}}\n{body}\n')
+    checked, ran = _check(path), _run(path)
+    assert (checked.returncode, ran.returncode) == (2, 2)
+    check_lines = [line for line in checked.stderr.splitlines() if message in line]
+    run_lines = [line for line in ran.stderr.splitlines() if message in line]
+    assert check_lines and check_lines == run_lines, (checked.stderr, ran.stderr)

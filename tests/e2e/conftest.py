@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,38 @@ def run_countersign(tmp_path: Path) -> Iterator[object]:
     yield start
     for proc in started:
         proc.stop()
+
+
+class Demo:
+    """A running `countersign demo`: its base URL and the demo keys its banner printed."""
+
+    def __init__(self, port: int, banner: str) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.banner = banner
+        self.agent_key = banner.split("Authorization: Bearer ", 1)[1].split('"', 1)[0]
+        self.approver_key = banner.split("COUNTERSIGN_TOKEN=", 1)[1].split()[0]
+
+
+@contextlib.asynccontextmanager
+async def running_demo() -> AsyncIterator[Demo]:
+    """`countersign demo` on a free port, once its banner is out; stopped afterwards."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        COUNTERSIGN,
+        "demo",
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = b""
+        while b"Press Ctrl-C" not in banner:
+            line = await asyncio.wait_for(proc.stdout.readline(), 15)
+            assert line, "demo exited early"
+            banner += line
+        yield Demo(port, banner.decode())
+    finally:
+        proc.terminate()
+        await proc.wait()

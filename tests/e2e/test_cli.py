@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from tests.e2e.conftest import COUNTERSIGN, Process, free_port
+from tests.e2e.conftest import COUNTERSIGN, Process, free_port, running_demo
 from tests.idp_fixture import TestIdP
 
 StartFn = Callable[[str, int], Process]
@@ -236,26 +236,9 @@ async def test_one_gib_upload_streams_with_flat_memory(
 
 
 async def test_demo_serves_the_printed_commands() -> None:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        COUNTERSIGN,
-        "demo",
-        "--port",
-        str(port),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        banner = b""
-        while b"Press Ctrl-C" not in banner:
-            line = await asyncio.wait_for(proc.stdout.readline(), 15)
-            assert line, "demo exited early"
-            banner += line
-        text = banner.decode()
-        key = text.split("Authorization: Bearer ", 1)[1].split('"', 1)[0]
-        auth = {"Authorization": f"Bearer {key}"}
-        base = f"http://127.0.0.1:{port}"
+    async with running_demo() as demo:
+        auth = {"Authorization": f"Bearer {demo.agent_key}"}
+        base = demo.base
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{base}/cloud/buckets", headers=auth) as resp:
                 assert resp.status == 200
@@ -266,8 +249,7 @@ async def test_demo_serves_the_printed_commands() -> None:
             async with session.get(f"{base}/cloud/buckets") as resp:
                 assert resp.status == 401
             # The held export, approved with the printed `countersign approvals` commands.
-            approver = text.split("COUNTERSIGN_TOKEN=", 1)[1].split()[0]
-            env = {"COUNTERSIGN_URL": base, "COUNTERSIGN_TOKEN": approver}
+            env = {"COUNTERSIGN_URL": base, "COUNTERSIGN_TOKEN": demo.approver_key}
             export = asyncio.create_task(
                 session.post(
                     f"{base}/cloud/exports/customers",
@@ -293,6 +275,3 @@ async def test_demo_serves_the_printed_commands() -> None:
             assert resp.headers["Countersign-Approval-Id"] == approval_id
             assert (await resp.json())["export"] == "started"
             resp.release()
-    finally:
-        proc.terminate()
-        await proc.wait()

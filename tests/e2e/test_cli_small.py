@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from proxy import cli as cli_module
 from proxy.config import Settings, load_settings
-from tests.e2e.conftest import COUNTERSIGN, free_port
+from tests.e2e.conftest import COUNTERSIGN, running_demo
 from tests.e2e.test_cli import cli
 from tests.test_audit_export import write_day
 
@@ -95,28 +95,10 @@ def test_demo_refuses_a_port_out_of_range() -> None:
 
 
 async def test_decisions_read_approved_by_and_denied_by() -> None:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        COUNTERSIGN,
-        "demo",
-        "--port",
-        str(port),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        assert proc.stdout is not None
-        banner = b""
-        while b"Press Ctrl-C" not in banner:
-            line = await asyncio.wait_for(proc.stdout.readline(), 15)
-            assert line, "demo exited early"
-            banner += line
-        text = banner.decode()
-        agent = text.split("Authorization: Bearer ", 1)[1].split('"', 1)[0]
-        approver = text.split("COUNTERSIGN_TOKEN=", 1)[1].split()[0]
-        base = f"http://127.0.0.1:{port}"
-        env = {"COUNTERSIGN_URL": base, "COUNTERSIGN_TOKEN": approver}
-        headers = {"Authorization": f"Bearer {agent}", "Countersign-Reason": "report"}
+    async with running_demo() as demo:
+        base = demo.base
+        env = {"COUNTERSIGN_URL": base, "COUNTERSIGN_TOKEN": demo.approver_key}
+        headers = {"Authorization": f"Bearer {demo.agent_key}", "Countersign-Reason": "report"}
         async with aiohttp.ClientSession() as session:
             held = [
                 asyncio.create_task(
@@ -150,9 +132,6 @@ async def test_decisions_read_approved_by_and_denied_by() -> None:
         assert "  denied by alice@example.com via api" in shown.stdout
         assert "denyd" not in denied.stdout + shown.stdout
         assert "approved by" in approved.stdout and "approveed" not in approved.stdout
-    finally:
-        proc.terminate()
-        await proc.wait()
 
 
 # --- 4. quiet on a closed pipe ------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from proxy.model import Action
 from proxy.server.errors_middleware import json_errors
 from proxy.server.responses import DEFAULT_MESSAGES, default_message, error_response
 from tests.conftest import Client, Factory
@@ -194,3 +195,22 @@ async def test_malformed_jwt_headers_are_401(make_proxy: Factory, header: Any) -
     error = assert_error(await resp.json(), "unauthorized")
     assert error["request_id"] == resp.headers["X-Request-Id"]
     assert [e["status"] for e in sink.named("request.refused")] == [401]
+
+
+async def test_default_approve_says_why_nothing_can_decide(
+    make_proxy: Factory, upstream: TestServer
+) -> None:
+    """`policy.default: approve` holds what no rule matches, but names no approvers: the agent
+    is told so (not that the store is down), and nothing is forwarded."""
+    from tests.helpers import settings_for
+
+    base = settings_for(str(upstream.make_url("/")))
+    settings = base.model_copy(
+        update={"policy": base.policy.model_copy(update={"default": Action.APPROVE})}
+    )
+    client, _ = await make_proxy(settings)
+    resp = await client.post("/cloud/unlisted", json={}, headers=bearer(AGENT_KEY))
+    assert resp.status == 503
+    error = (await resp.json())["error"]
+    assert error["code"] == "approvals_unavailable"
+    assert "policy.default is approve" in error["message"]

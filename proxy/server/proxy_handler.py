@@ -227,8 +227,20 @@ class ProxyHandler:
             return self.refuse(exchange, 403, "policy_denied", rule=decision.rule, route=info.route)
         if decision.action is Action.APPROVE:
             if self._gate is None or decision.rule is None:
+                # `policy.default: approve` names no approvers: nobody could ever decide.
+                message = (
+                    "no rule matched and policy.default is approve, which names no approvers; "
+                    "nothing was forwarded"
+                    if decision.rule is None
+                    else None
+                )
                 return self.refuse(
-                    exchange, 503, "approvals_unavailable", rule=decision.rule, route=info.route
+                    exchange,
+                    503,
+                    "approvals_unavailable",
+                    rule=decision.rule,
+                    route=info.route,
+                    message=message,
                 )
             return await self._gate.handle(self, exchange, self._policy.rule(decision.rule))
         body = request.content.iter_any() if request.body_exists else None

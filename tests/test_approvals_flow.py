@@ -108,7 +108,7 @@ async def test_hold_mode_deny_returns_403_with_reason(make_proxy: Factory) -> No
     assert status == 403
     error = body["error"]
     assert error["code"] == "approval_denied"
-    assert error["message"] == "Denied by alice@example.com: not this quarter"
+    assert error["message"].startswith("Denied by alice@example.com: not this quarter. ")
     assert error["approval_id"] == approval_id and error["rule"] == "exports"
     assert error["reason"] == "not this quarter"
     assert error["decided_by"] == "alice@example.com"
@@ -380,7 +380,7 @@ async def test_an_approval_not_used_in_time_lapses(make_proxy: Factory) -> None:
     assert late.status == 403
     refused = await late.json()
     assert refused["error"]["code"] == "approval_lapsed"
-    assert "not used within approvals.claim_seconds" in refused["error"]["message"]
+    assert "not sent again within approvals.claim_seconds" in refused["error"]["message"]
     assert [e["approval_id"] for e in sink.named("approval.lapsed")] == [approval_id]
     assert not sink.named("approval.expired")
     assert not sink.named("request.forwarded")

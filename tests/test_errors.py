@@ -53,7 +53,8 @@ def test_message_is_always_present_and_none_fields_are_dropped() -> None:
         "error": {"code": "policy_denied", "message": DEFAULT_MESSAGES["policy_denied"]}
     }
     assert default_message("approval_denied", 403, {"decided_by": "carol@example.com"}) == (
-        "Denied by carol@example.com"
+        "Denied by carol@example.com. Do not retry this request; it will be denied again "
+        "unless something changes."
     )
     assert default_message("some_new_code", 418) == "I'm a Teapot"
     resp = error_response(503, "shutting_down", request_id="r1")

@@ -214,7 +214,7 @@ async def test_deny_opens_a_modal_that_requires_a_reason(
     error = body["error"]
     assert error["code"] == "approval_denied" and error["reason"] == "not this quarter"
     assert error["decided_by"] == "carol@example.com"
-    assert error["message"] == "Denied by carol@example.com: not this quarter"
+    assert error["message"].startswith("Denied by carol@example.com: not this quarter. ")
     await wait_for(lambda: "Denied" in message_text(slack))
     assert "not this quarter" in message_text(slack)
 

@@ -102,6 +102,11 @@ class ApprovalService:
         return self._redactor
 
     @property
+    def max_pending_per_identity(self) -> int:
+        """`approvals.max_pending_per_identity`, which agents are told when they reach it."""
+        return self._settings.max_pending_per_identity
+
+    @property
     def mode(self) -> str:
         return self._settings.mode
 

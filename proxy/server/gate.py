@@ -30,18 +30,29 @@ from ..forward import UpstreamError, UpstreamResponse
 from ..model import Approval, ApprovalState, Outcome, state
 from ..model.binding import binding_of, bound_headers, fingerprint
 from ..store.base import StoreUnavailable
-from .responses import APPROVAL_HEADER, APPROVAL_ID_HEADER, REASON_HEADER, REQUEST_ID_HEADER
+from .responses import (
+    APPROVAL_HEADER,
+    APPROVAL_ID_HEADER,
+    DEFAULT_MESSAGES,
+    REASON_HEADER,
+    REQUEST_ID_HEADER,
+)
 
 if TYPE_CHECKING:
     from .proxy_handler import Exchange, ProxyHandler
 
 API_PATH = "/_countersign/api/approvals/"
 _RETRY_AFTER_SECONDS = 30
+# What an agent is told when an approval cannot (or can no longer) run its request: what
+# happened and what to do (the expiry's sentence is built by `_expired_message`).
 _REFUSALS = {
-    "approval_expired": "no decision was made before the deadline",
-    "approval_lapsed": "approved, but not used within approvals.claim_seconds; ask again",
-    "approval_used": "this approval has already been used; it covers one execution",
+    code: DEFAULT_MESSAGES[code]
+    for code in ("approval_expired", "approval_lapsed", "approval_used", "approval_mismatch")
 }
+_HELD_TOO_MUCH = (
+    "This proxy holds too many request bodies waiting for approval right now; retry after the "
+    "Retry-After seconds."
+)
 # Abandonment notes outlive the cancelled request that schedules them.
 _BACKGROUND: set[asyncio.Future[None]] = set()
 
@@ -63,6 +74,30 @@ class HeldTooMuch(Exception):
     pass
 
 
+def _expired_message(approval: Approval) -> str:
+    """`approval_expired`'s sentence, naming the decision window when the approval knows it."""
+    window = approval.expires_at - approval.created_at
+    if window >= 60:
+        within = f" within {round(window / 60)} min"
+    elif window > 0:
+        within = f" within {round(window)} s"
+    else:
+        within = " in time"
+    return (
+        f"Nobody decided{within} (approval {approval.id}). Ask a human to look at the approvals "
+        "inbox, then send the request again."
+    )
+
+
+def _too_many_message(limit: int | None) -> str:
+    """`too_many_pending`'s sentence for an identity at `approvals.max_pending_per_identity`."""
+    at = f" (limit {limit})" if limit is not None else ""
+    return (
+        f"You have too many requests waiting for approval{at}; wait for decisions, then retry "
+        "after the Retry-After seconds."
+    )
+
+
 def decision_fields(approval: Approval) -> dict[str, Any]:
     final = approval.final_decision
     return {
@@ -81,7 +116,12 @@ class ApprovalGate:
         self._held = 0  # bytes of bodies this process holds for approvals right now
 
     def _too_many(
-        self, proxy: ProxyHandler, exchange: Exchange, rule: str, message: str
+        self,
+        proxy: ProxyHandler,
+        exchange: Exchange,
+        rule: str,
+        message: str,
+        retry_after: int = _RETRY_AFTER_SECONDS,
     ) -> web.Response:
         return proxy.refuse(
             exchange,
@@ -89,7 +129,7 @@ class ApprovalGate:
             "too_many_pending",
             rule=rule,
             message=message,
-            headers={"Retry-After": str(_RETRY_AFTER_SECONDS)},
+            headers={"Retry-After": str(retry_after)},
         )
 
     async def handle(
@@ -99,9 +139,8 @@ class ApprovalGate:
         route = exchange.route
         assert exchange.identity is not None and route is not None
         announced = request.content_length or 0
-        held_message = "this proxy holds too many request bodies right now"
         if self._held + announced > self._max_held:
-            return self._too_many(proxy, exchange, rule.name, held_message)
+            return self._too_many(proxy, exchange, rule.name, _HELD_TOO_MUCH)
         reserved = 0  # counted as read, so concurrent uploads share the limit while they arrive
         try:
             try:
@@ -127,7 +166,7 @@ class ApprovalGate:
                     "bytes",
                 )
             except HeldTooMuch:
-                return self._too_many(proxy, exchange, rule.name, held_message)
+                return self._too_many(proxy, exchange, rule.name, _HELD_TOO_MUCH)
             held, body = bytes(body), bytearray()  # one copy in memory while it waits
             return await self._gate(proxy, exchange, rule, held)
         finally:
@@ -167,7 +206,7 @@ class ApprovalGate:
                         403,
                         "approval_mismatch",
                         rule=rule.name,
-                        message="this approval does not cover this exact request by this caller",
+                        message=_REFUSALS["approval_mismatch"],
                     )
             else:
                 approval, _ = await service.open(
@@ -188,7 +227,8 @@ class ApprovalGate:
                 approval = await self._wait(approval)
             return await self._conclude(proxy, exchange, approval, body)
         except state.TooManyPending as exc:
-            return self._too_many(proxy, exchange, rule.name, exc.message)
+            message = _too_many_message(self._service.max_pending_per_identity)
+            return self._too_many(proxy, exchange, rule.name, message, exc.retry_after)
         except AuditUnavailable:
             return proxy.refuse(
                 exchange,
@@ -280,7 +320,7 @@ class ApprovalGate:
             code,
             approval_id=approval.id,
             rule=approval.rule,
-            message=_REFUSALS[code],
+            message=_expired_message(approval) if code == "approval_expired" else _REFUSALS[code],
         )
 
     async def _execute(

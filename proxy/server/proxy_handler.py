@@ -336,14 +336,23 @@ class ProxyHandler:
     def upstream_failed(
         self, exchange: Exchange, exc: UpstreamError, **fields: Any
     ) -> web.Response:
+        """The 502/504 for an upstream that failed. After an approved request was sent, the
+        agent is told it may have run and that a retry needs a new approval."""
         route = exchange.route.settings.name if exchange.route else None
+        message = str(exc)
+        if fields.get("approval_id") is not None:
+            message = (
+                f"The upstream failed on the approved request ({message or exc.code})"
+                ": it may or may not have run. Check its effect before retrying; a retry needs a "
+                "new approval."
+            )
         return self.refuse(
             exchange,
             exc.status,
             exc.code,
             route=route,
             rule=exchange.rule,
-            message=str(exc),
+            message=message,
             **fields,
         )
 

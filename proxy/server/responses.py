@@ -24,15 +24,24 @@ APPROVAL_HEADER = "Countersign-Approval"  # async mode: the client names the app
 REASON_HEADER = "Countersign-Reason"  # the agent's stated intent, shown to approvers
 
 
+# A refusal an agent gets on a privileged request says what happened and what to do next: SDKs
+# show the message to the model as the exception's text, so it must be a sentence it can act on.
+_DO_NOT_RETRY = "Do not retry this request; it will be denied again unless something changes."
+
 # The sentence an error carries when its maker gives none (keyed by code).
 DEFAULT_MESSAGES: dict[str, str] = {
     "unauthorized": "a valid credential is required",
     "policy_denied": "the policy does not allow this request",
-    "approval_denied": "the request was denied by an approver",
-    "approval_expired": "the approval expired before it was decided",
-    "approval_lapsed": "the request was approved but not sent again in time",
-    "approval_used": "this approval has already been used",
-    "approval_mismatch": "this approval does not cover this exact request by this caller",
+    "approval_denied": "The request was denied by an approver. " + _DO_NOT_RETRY,
+    "approval_expired": "Nobody decided in time. Ask a human to look at the approvals inbox, "
+    "then send the request again.",
+    "approval_lapsed": "Approved, but not sent again within approvals.claim_seconds; send the "
+    "request again to ask for a new approval.",
+    "approval_used": "This approval was already used once; each approval covers one execution. "
+    f"Send the request again (without {APPROVAL_HEADER}) to ask for a new one.",
+    "approval_mismatch": "This approval does not cover this exact request by this caller: "
+    "re-send the identical request (same method, path, query, headers and body) or ask for a "
+    "new approval.",
     "self_approval": "nobody may decide their own request",
     "approver_unidentified": "the approver could not be identified",
     "not_an_approver": "you are not an approver of this request",
@@ -46,7 +55,8 @@ DEFAULT_MESSAGES: dict[str, str] = {
     "already_approved": "you have already approved this request",
     "payload_too_large": "the request body is too large",
     "header_too_large": "the request head is too large",
-    "too_many_pending": "too many approvals are pending for this caller; retry later",
+    "too_many_pending": "You have too many requests waiting for approval; wait for decisions, "
+    "then retry after the Retry-After seconds.",
     "approvals_unavailable": "the approval store cannot be reached; nothing was forwarded",
     "identity_unavailable": "credentials cannot be verified right now; retry later",
     "shutting_down": "the proxy is shutting down; retry shortly",
@@ -58,12 +68,19 @@ DEFAULT_MESSAGES: dict[str, str] = {
 DEFAULT_RETRY_AFTER: dict[int, str] = {429: "30", 503: "5"}
 
 
+def full_stop(text: str) -> str:
+    """`text` ending as a sentence: a full stop added unless it already ends with one."""
+    text = text.rstrip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
 def default_message(code: str, status: int, fields: dict[str, Any] | None = None) -> str:
     """A sentence for `code`, using the context in `fields` where it says more."""
     fields = fields or {}
     decided_by, reason, rule = fields.get("decided_by"), fields.get("reason"), fields.get("rule")
     if code == "approval_denied" and decided_by:
-        return f"Denied by {decided_by}: {reason}" if reason else f"Denied by {decided_by}"
+        denied = f"Denied by {decided_by}: {reason}" if reason else f"Denied by {decided_by}"
+        return f"{full_stop(denied)} {_DO_NOT_RETRY}"
     if code == "approval_expired" and reason:
         return f"the approval expired: {reason}"
     if code == "policy_denied" and rule:

@@ -196,7 +196,7 @@ async def test_self_approval_and_non_approvers_are_refused(
         assert status == 403
         error = body["error"]
         assert error["code"] == "approval_denied"
-        assert error["message"] == "Denied by bob@example.com: exports are frozen"
+        assert error["message"].startswith("Denied by bob@example.com: exports are frozen. ")
         assert error["reason"] == "exports are frozen"
         assert error["decided_by"] == "bob@example.com"
         assert error["approval_id"] == approval_id and error["rule"] == "exports"

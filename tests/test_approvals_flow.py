@@ -283,6 +283,9 @@ async def test_async_mode_202_then_resend_once(make_proxy: Factory) -> None:
     approval_id = body["approval_id"]
     assert body["state"] == "pending"
     assert resp.headers["Location"] == f"{API}/{approval_id}"
+    # Our own answer: our request id under both names (there is no upstream's).
+    assert resp.headers["Countersign-Request-Id"] == resp.headers["X-Request-Id"]
+    assert resp.headers["Countersign-Request-Id"] == body["request_id"]
     # The requester polls its own approval.
     polled = await client.get(resp.headers["Location"], headers=AGENT)
     assert polled.status == 200 and (await polled.json())["state"] == "pending"
@@ -295,6 +298,8 @@ async def test_async_mode_202_then_resend_once(make_proxy: Factory) -> None:
         EXPORT, json={"a": 1}, headers={**AGENT, "Countersign-Approval": approval_id}
     )
     assert run.status == 200 and run.headers["Countersign-Approval-Id"] == approval_id
+    sent = (await run.json())["headers"]
+    assert sent["countersign-request-id"] == run.headers["Countersign-Request-Id"]
     second = await client.post(
         EXPORT, json={"a": 1}, headers={**AGENT, "Countersign-Approval": approval_id}
     )

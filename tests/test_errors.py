@@ -1,5 +1,6 @@
 """Every error Countersign answers itself has one JSON shape:
-`{"error": {"code", "message", ...context, "request_id"}}`, with `X-Request-Id` alongside."""
+`{"error": {"code", "message", ...context, "request_id"}}`, with `Countersign-Request-Id` and
+`X-Request-Id` alongside."""
 
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def test_message_is_always_present_and_none_fields_are_dropped() -> None:
     assert default_message("some_new_code", 418) == "I'm a Teapot"
     resp = error_response(503, "shutting_down", request_id="r1")
     assert resp.headers["Retry-After"] and resp.headers["X-Request-Id"] == "r1"
+    assert resp.headers["Countersign-Request-Id"] == "r1"
     assert json.loads(resp.body)["error"]["request_id"] == "r1"  # type: ignore[arg-type]
 
 

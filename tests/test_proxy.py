@@ -29,8 +29,9 @@ async def test_allowed_read_is_forwarded_with_injected_credentials(make_proxy: F
     assert echo["query"] == "limit=5&b=2"
     assert echo["headers"]["x-cloud-token"] == "upstream-secret-123"
     assert "authorization" not in echo["headers"], "the agent's credential must never be forwarded"
-    request_id = resp.headers["x-request-id"]
-    assert echo["headers"]["x-request-id"] == request_id
+    request_id = resp.headers["Countersign-Request-Id"]
+    assert echo["headers"]["countersign-request-id"] == request_id
+    assert "x-request-id" not in echo["headers"] and "X-Request-Id" not in resp.headers
     names = [e["event"] for e in sink.events]
     assert names == ["request.received", "policy.decided", "request.forwarded"]
     forwarded = sink.named("request.forwarded")[0]
@@ -39,6 +40,43 @@ async def test_allowed_read_is_forwarded_with_injected_credentials(make_proxy: F
     assert forwarded["rule"] == "reads" and forwarded["route"] == "cloud"
     assert forwarded["status"] == 200
     assert "upstream-secret-123" not in json.dumps(sink.events)
+
+
+async def test_request_ids_the_clients_go_up_the_upstreams_come_back(
+    make_proxy: Factory,
+) -> None:
+    client, sink = await make_proxy()
+    resp = await client.get(
+        "/cloud/request-id",
+        headers={**AGENT, "X-Request-Id": "client-1", "Countersign-Request-Id": "forged"},
+    )
+    assert resp.status == 200
+    echo = await resp.json()
+    # Up: the client's X-Request-Id as sent; ours under our own name, never the client's.
+    assert echo["headers"]["x-request-id"] == "client-1"
+    sent = [v for k, v in echo["header_list"] if k.lower() == "countersign-request-id"]
+    request_id = resp.headers["Countersign-Request-Id"]
+    assert sent == [request_id] and "forged" not in sent
+    # Back: the upstream's own X-Request-Id unchanged; ours replaces any the upstream sent.
+    assert resp.headers.getall("X-Request-Id") == ["req_upstream_123"]
+    assert resp.headers.getall("Countersign-Request-Id") == [request_id]
+    assert request_id != "forged-by-the-upstream"
+    assert {e["request_id"] for e in sink.events} == {request_id}
+    assert [e["event"] for e in sink.events] == [
+        "request.received",
+        "policy.decided",
+        "request.forwarded",
+    ]
+
+
+async def test_own_answers_carry_our_request_id_under_both_names(make_proxy: Factory) -> None:
+    client, sink = await make_proxy()
+    resp = await client.delete("/cloud/buckets/reports", headers={**AGENT, "X-Request-Id": "c-2"})
+    assert resp.status == 403
+    request_id = resp.headers["Countersign-Request-Id"]
+    assert resp.headers["X-Request-Id"] == request_id != "c-2"
+    assert (await resp.json())["error"]["request_id"] == request_id
+    assert sink.named("request.refused")[0]["request_id"] == request_id
 
 
 async def test_injected_credentials_replace_the_clients_own(make_proxy: Factory) -> None:

@@ -7,6 +7,8 @@
 - /cookie: sets a cookie
 - /truncate: promises 1 MiB, sends 10 bytes and drops the connection
 - /download/{n}: n bytes of zeros, streamed
+- /request-id: the echo, answered with the upstream's own `X-Request-Id: req_upstream_123` (and a
+  `Countersign-Request-Id` of its own, which the proxy must replace)
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ async def _echo(request: web.Request) -> web.StreamResponse:
         },
         headers={"Connection": "keep-alive, X-Upstream-Secret", "X-Upstream-Secret": "hop"},
     )
+
+
+async def _request_id(request: web.Request) -> web.StreamResponse:
+    response = await _echo(request)
+    response.headers["X-Request-Id"] = "req_upstream_123"
+    response.headers["Countersign-Request-Id"] = "forged-by-the-upstream"
+    return response
 
 
 async def _sse(request: web.Request) -> web.StreamResponse:
@@ -109,5 +118,6 @@ def upstream_app() -> web.Application:
         app.router.add_get(base + "/cookie", _cookie)
         app.router.add_get(base + "/truncate", _truncate)
         app.router.add_get(base + "/download/{n}", _download)
+        app.router.add_get(base + "/request-id", _request_id)
     app.router.add_route("*", "/{tail:.*}", _echo)
     return app

@@ -33,6 +33,7 @@ from ..store.base import StoreUnavailable
 from .responses import (
     APPROVAL_HEADER,
     APPROVAL_ID_HEADER,
+    COUNTERSIGN_REQUEST_ID_HEADER,
     DEFAULT_MESSAGES,
     REASON_HEADER,
     REQUEST_ID_HEADER,
@@ -262,7 +263,8 @@ class ApprovalGate:
         headers = {
             "Location": location,
             APPROVAL_ID_HEADER: approval.id,
-            REQUEST_ID_HEADER: exchange.request_id,
+            COUNTERSIGN_REQUEST_ID_HEADER: exchange.request_id,
+            REQUEST_ID_HEADER: exchange.request_id,  # our own answer: no upstream id exists
         }
         if asked:
             headers["Preference-Applied"] = "respond-async"

@@ -35,7 +35,7 @@ from ..paths import (
 from ..policy import Policy
 from ..routing import RouteTable, upstream_path
 from .metrics import Metrics
-from .responses import APPROVAL_ID_HEADER, REQUEST_ID_HEADER, error_response
+from .responses import APPROVAL_ID_HEADER, COUNTERSIGN_REQUEST_ID_HEADER, error_response
 
 if TYPE_CHECKING:
     from .gate import ApprovalGate
@@ -48,7 +48,6 @@ _CLIENT_ONLY = frozenset(
         "countersign-reason",
         "countersign-approval",
         "expect",
-        REQUEST_ID_HEADER.lower(),
     }
 )
 # Rebuilt by the proxy on every request (extended from a trusted proxy's values).
@@ -267,7 +266,8 @@ class ProxyHandler:
             lower = key.lower()
             if lower in _NOT_FORWARDED or lower in named or lower in route.inject_names:
                 continue
-            if lower.startswith("countersign-"):  # ours, never the upstream's (nor bound)
+            # Ours, never the upstream's (nor bound); a client cannot forge our request id.
+            if lower.startswith("countersign-"):
                 continue
             if lower == "forwarded" and not trusted:
                 continue
@@ -285,7 +285,7 @@ class ProxyHandler:
             ("X-Forwarded-For", f"{prior_for}, {peer}" if prior_for else peer),
             ("X-Forwarded-Proto", headers.get("X-Forwarded-Proto", scheme) if trusted else scheme),
             *((("X-Forwarded-Host", forwarded_host),) if forwarded_host else ()),
-            (REQUEST_ID_HEADER, request_id),
+            (COUNTERSIGN_REQUEST_ID_HEADER, request_id),
         ]
         # A route's injected header replaces ours of the same name, as it does the client's.
         if route.inject_names:
@@ -363,9 +363,11 @@ class ProxyHandler:
         upstream: UpstreamResponse,
         approval_id: str | None,
     ) -> None:
+        """The upstream's headers as it sent them (its own `X-Request-Id` included), plus ours:
+        `Countersign-Request-Id` (replacing any the upstream sent) and the approval's id."""
         headers = response.headers
         headers.extend(upstream.headers)
-        headers[REQUEST_ID_HEADER] = exchange.request_id
+        headers[COUNTERSIGN_REQUEST_ID_HEADER] = exchange.request_id
         if approval_id is not None:
             headers[APPROVAL_ID_HEADER] = approval_id
 

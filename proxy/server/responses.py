@@ -18,6 +18,10 @@ from typing import Any
 
 from aiohttp import web
 
+# Countersign's own id of a request: sent upstream and on every answer. `X-Request-Id` is the
+# client's going up and the upstream's coming back; only answers Countersign makes itself carry
+# ours under that name too (no upstream id exists there).
+COUNTERSIGN_REQUEST_ID_HEADER = "Countersign-Request-Id"
 REQUEST_ID_HEADER = "X-Request-Id"
 APPROVAL_ID_HEADER = "Countersign-Approval-Id"  # on the answer to an approved request
 APPROVAL_HEADER = "Countersign-Approval"  # async mode: the client names the approval to use
@@ -124,10 +128,12 @@ def error_response(
     message: str | None = None,
     **fields: Any,
 ) -> web.Response:
-    """A JSON error answer; `error` is the code. `X-Request-Id` is set when the id is known."""
+    """A JSON error answer; `error` is the code. `Countersign-Request-Id` and `X-Request-Id`
+    are set when the id is known."""
     body = error_body(status, error, message=message, request_id=request_id, **fields)
     out_headers = dict(headers or {})
     if request_id is not None:
+        out_headers[COUNTERSIGN_REQUEST_ID_HEADER] = request_id
         out_headers[REQUEST_ID_HEADER] = request_id
     retry_after = DEFAULT_RETRY_AFTER.get(status)
     if retry_after is not None and not any(k.lower() == "retry-after" for k in out_headers):

@@ -61,6 +61,8 @@ async def test_request_ids_the_clients_go_up_the_upstreams_come_back(
     assert resp.headers.getall("X-Request-Id") == ["req_upstream_123"]
     assert resp.headers.getall("Countersign-Request-Id") == [request_id]
     assert request_id != "forged-by-the-upstream"
+    # No approval ran this: the upstream cannot make it look as if one did.
+    assert "Countersign-Approval-Id" not in resp.headers
     assert {e["request_id"] for e in sink.events} == {request_id}
     assert [e["event"] for e in sink.events] == [
         "request.received",

@@ -51,6 +51,7 @@ async def _request_id(request: web.Request) -> web.StreamResponse:
     response = await _echo(request)
     response.headers["X-Request-Id"] = "req_upstream_123"
     response.headers["Countersign-Request-Id"] = "forged-by-the-upstream"
+    response.headers["Countersign-Approval-Id"] = "apr_forged_by_the_upstream"
     return response
 
 

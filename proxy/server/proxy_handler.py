@@ -364,12 +364,15 @@ class ProxyHandler:
         approval_id: str | None,
     ) -> None:
         """The upstream's headers as it sent them (its own `X-Request-Id` included), plus ours:
-        `Countersign-Request-Id` (replacing any the upstream sent) and the approval's id."""
+        `Countersign-Request-Id` and `Countersign-Approval-Id`, never the upstream's."""
         headers = response.headers
         headers.extend(upstream.headers)
         headers[COUNTERSIGN_REQUEST_ID_HEADER] = exchange.request_id
         if approval_id is not None:
             headers[APPROVAL_ID_HEADER] = approval_id
+        elif APPROVAL_ID_HEADER in headers:
+            # Only Countersign says which approval an answer ran under.
+            del headers[APPROVAL_ID_HEADER]
 
     async def relay(
         self,

@@ -400,6 +400,9 @@ class RuleSettings(_Model):
     approvers: ApproversSettings | None = None
     quorum: Annotated[int, Field(ge=1)] = 1
     timeout_seconds: Annotated[int, Field(gt=0)] | None = None
+    # How this rule's held requests wait; default `approvals.mode`. A client may always ask for
+    # async itself (`Prefer: respond-async`).
+    mode: Literal["hold", "async"] | None = None
 
     @field_validator("action", mode="before")
     @classmethod
@@ -438,6 +441,8 @@ class RuleSettings(_Model):
                 raise ValueError("an approve rule needs approvers (groups or users)")
         elif self.approvers is not None:
             raise ValueError("approvers only make sense on an approve rule")
+        elif self.mode is not None:
+            raise ValueError("mode only makes sense on an approve rule")
         return self
 
 

@@ -466,3 +466,23 @@ async def test_held_bytes_are_counted_while_bodies_arrive(
         pending = await (await client.get(f"{API}?state=pending", headers=ALICE)).json()
     assert [a["body_bytes"] for a in pending["approvals"]] == [2001]
     first.cancel()
+
+
+async def test_a_rule_may_answer_async_while_the_default_holds(
+    make_proxy: Factory, upstream: Any
+) -> None:
+    """`mode: async` on a rule: its requests get 202 without asking; others are still held."""
+    from tests.helpers import settings_for
+
+    base = settings_for(str(upstream.make_url("/")))
+    rules = tuple(
+        r.model_copy(update={"mode": "async"}) if r.name == "exports" else r
+        for r in base.policy.rules
+    )
+    settings = base.model_copy(update={"policy": base.policy.model_copy(update={"rules": rules})})
+    client, _ = await make_proxy(settings)
+    resp = await client.post(EXPORT, json={"a": 1}, headers=AGENT)
+    assert resp.status == 202
+    body = await resp.json()
+    assert body["state"] == "pending" and resp.headers["Location"].endswith(body["approval_id"])
+    assert "Preference-Applied" not in resp.headers  # nobody asked; the rule said so

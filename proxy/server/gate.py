@@ -223,7 +223,7 @@ class ApprovalGate:
                 )
             if approval.state is ApprovalState.PENDING:
                 asked_async = _prefers_async(request)
-                if asked_async or service.mode == "async":
+                if asked_async or (rule.mode or service.mode) == "async":
                     return self._accepted(exchange, approval, asked_async)
                 approval = await self._wait(approval)
             return await self._conclude(proxy, exchange, approval, body)

@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 
 from .config import RouteSettings, RuleSettings, Settings
 from .model import Action, Identity, RequestInfo
-from .paths import AmbiguousRequest, encode_path, normalize_path
+from .paths import AmbiguousRequest, normalize_path
 from .policy import Explanation, Policy
-from .routing import RouteTable, upstream_path
-from .server.responses import error_body
+from .routing import RouteTable, upstream_target
+from .server.responses import NO_APPROVERS_MESSAGE, error_body
 
 __all__ = ["EXIT_ALLOW", "EXIT_APPROVE", "EXIT_DENY", "Explained", "explain", "explain_request"]
 
@@ -206,8 +206,7 @@ def _listing(items: Any) -> str:
 def forwarded_url(route: RouteSettings, path: str, query: str = "") -> str:
     """The URL the proxy would request upstream for the normalized `path` on `route`."""
     parts = urlsplit(route.upstream)
-    target = encode_path(upstream_path(route, path))
-    return f"{parts.scheme}://{parts.netloc}{target}" + (f"?{query}" if query else "")
+    return f"{parts.scheme}://{parts.netloc}{upstream_target(route, path, query)}"
 
 
 def explain_request(
@@ -264,7 +263,9 @@ def explain_request(
         refusal = (403, body)
     elif decision.action is Action.APPROVE:
         if rule is None:
-            body = error_body(503, "approvals_unavailable", route=route.name)
+            body = error_body(
+                503, "approvals_unavailable", route=route.name, message=NO_APPROVERS_MESSAGE
+            )
             refusal = (503, body)
         else:
             timeout = rule.timeout_seconds or settings.approvals.timeout_seconds

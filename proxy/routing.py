@@ -72,6 +72,13 @@ def upstream_path(route: RouteSettings, path: str) -> str:
     return base.rstrip("/") + rest
 
 
+def upstream_target(route: RouteSettings, path: str, query: str) -> str:
+    """The path and query the upstream is asked for, exactly as sent: what the policy judged,
+    what an approval binds, and what `explain` shows."""
+    target = encode_path(upstream_path(route, path))
+    return f"{target}?{query}" if query else target
+
+
 class RouteTable:
     """Routes indexed by prefix; `match` costs one dict lookup per path segment."""
 

@@ -90,12 +90,11 @@ def _expired_message(approval: Approval) -> str:
     )
 
 
-def _too_many_message(limit: int | None) -> str:
+def _too_many_message(limit: int) -> str:
     """`too_many_pending`'s sentence for an identity at `approvals.max_pending_per_identity`."""
-    at = f" (limit {limit})" if limit is not None else ""
     return (
-        f"You have too many requests waiting for approval{at}; wait for decisions, then retry "
-        "after the Retry-After seconds."
+        f"You have too many requests waiting for approval (limit {limit}); wait for decisions, "
+        "then retry after the Retry-After seconds."
     )
 
 

@@ -29,13 +29,17 @@ from ..paths import (
     AmbiguousRequest,
     check_method,
     check_method_override,
-    encode_path,
     normalize_path,
 )
 from ..policy import Policy
-from ..routing import RouteTable, upstream_path
+from ..routing import RouteTable, upstream_target
 from .metrics import Metrics
-from .responses import APPROVAL_ID_HEADER, COUNTERSIGN_REQUEST_ID_HEADER, error_response
+from .responses import (
+    APPROVAL_ID_HEADER,
+    COUNTERSIGN_REQUEST_ID_HEADER,
+    NO_APPROVERS_MESSAGE,
+    error_response,
+)
 
 if TYPE_CHECKING:
     from .gate import ApprovalGate
@@ -227,12 +231,7 @@ class ProxyHandler:
         if decision.action is Action.APPROVE:
             if self._gate is None or decision.rule is None:
                 # `policy.default: approve` names no approvers: nobody could ever decide.
-                message = (
-                    "no rule matched and policy.default is approve, which names no approvers; "
-                    "nothing was forwarded"
-                    if decision.rule is None
-                    else None
-                )
+                message = NO_APPROVERS_MESSAGE if decision.rule is None else None
                 return self.refuse(
                     exchange,
                     503,
@@ -309,8 +308,7 @@ class ProxyHandler:
         approval binds."""
         route = exchange.route
         assert route is not None
-        target = encode_path(upstream_path(route.settings, exchange.path))
-        return f"{target}?{exchange.query}" if exchange.query else target
+        return upstream_target(route.settings, exchange.path, exchange.query)
 
     async def open_upstream(
         self, exchange: Exchange, body: AsyncIterable[bytes] | bytes | None

@@ -68,6 +68,10 @@ DEFAULT_MESSAGES: dict[str, str] = {
     "upstream_timeout": "the upstream did not answer in time",
     "audit_unavailable": "the audit trail cannot be written; nothing was forwarded",
 }
+# What an agent hears when `policy.default: approve` held its request: nobody can decide it.
+NO_APPROVERS_MESSAGE = (
+    "no rule matched and policy.default is approve, which names no approvers; nothing was forwarded"
+)
 # Retry-After (seconds) for statuses that mean "later", unless the caller names its own.
 DEFAULT_RETRY_AFTER: dict[int, str] = {429: "30", 503: "5"}
 

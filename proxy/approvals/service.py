@@ -217,7 +217,7 @@ class ApprovalService:
         )
         if created:
             try:
-                await self._announce(approval, binding, path, upstream_url)
+                await self._announce(approval, binding.body)
             except Exception:
                 # Not recorded, so nobody may act on it: end it at once (best effort; the
                 # caller answers 503 and a retry opens a fresh one). A cancelled client is no
@@ -227,23 +227,21 @@ class ApprovalService:
                 raise
         return approval, created
 
-    async def _announce(
-        self, approval: Approval, binding: Binding, path: str, upstream_url: str
-    ) -> None:
+    async def _announce(self, approval: Approval, body: bytes) -> None:
         """Keep the body, audit the request durably and tell the channels: a new approval."""
-        if binding.body:
+        if body:
             # Any replica can hand the exact bytes to an approver (`…/body`).
             await self.store.set_note(
-                approval.id, BODY_NOTE, base64.b64encode(binding.body).decode("ascii")
+                approval.id, BODY_NOTE, base64.b64encode(body).decode("ascii")
             )
         # Durable before anyone can act on it.
         await self._audit.emit_durable(
             audit.APPROVAL_REQUESTED,
             **_about(approval),
             method=approval.method,
-            path=path,
+            path=approval.path,
             target=approval.target,
-            upstream_url=upstream_url,
+            upstream_url=approval.upstream_url,
             headers=[list(h) for h in approval.headers],
             body_bytes=approval.body_bytes,
             body_sha256=approval.body_sha256,

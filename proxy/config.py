@@ -245,10 +245,39 @@ class ApiKeySettings(_Model):
     owner: str | None = None
 
 
+_AWS_ACCESS_KEY_ID = re.compile(r"[A-Z0-9]{16,128}")
+
+
+class AwsKeySettings(_Model):
+    """An AWS-style access key Countersign issued to an agent (`countersign keys new --aws`).
+
+    SigV4 is an HMAC, so the secret itself must be known to check a signature: keep it out of
+    the file with `${VAR}`.
+    """
+
+    access_key_id: NonEmpty
+    secret: Annotated[str, StringConstraints(min_length=16)]
+    subject: NonEmpty
+    groups: tuple[str, ...] = ()
+    email: str | None = None
+    owner: str | None = None
+
+    @field_validator("access_key_id")
+    @classmethod
+    def _access_key_id(cls, v: str) -> str:
+        if not _AWS_ACCESS_KEY_ID.fullmatch(v):
+            raise ValueError(
+                "an access key id is 16 or more upper-case letters and digits "
+                f"(e.g. AKIACS...), got {v!r}"
+            )
+        return v
+
+
 class IdentitySettings(_Model):
     issuers: tuple[IssuerSettings, ...] = ()
     claims: ClaimsSettings = ClaimsSettings()
     api_keys: tuple[ApiKeySettings, ...] = ()
+    aws_keys: tuple[AwsKeySettings, ...] = ()
     # How long a verified token's identity is reused without re-checking the signature (it is
     # never reused past the token's own `exp`).
     token_cache_size: Annotated[int, Field(ge=0)] = 10_000
@@ -295,11 +324,67 @@ def _upstream_path_problem(path: str, exc: AmbiguousRequest) -> str:
     return f"the path {path!r} cannot be forwarded: {exc.message}"
 
 
+CREDENTIAL_SOURCES = ("bearer", "token", "basic", "aws_sigv4")
+PROTOCOLS = ("aws", "graphql", "mcp")
+
+
+def check_credential_source(value: str) -> str:
+    """`value` if it names where a caller's credential is read (DESIGN §1); else a ValueError."""
+    if value in CREDENTIAL_SOURCES:
+        return value
+    kind, sep, name = value.partition(":")
+    if kind == "header" and sep:
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a valid header name (letters, digits and -)")
+        if name.lower() in ("authorization", "host", "cookie") or name.lower().startswith(
+            "countersign-"
+        ):
+            raise ValueError(
+                f"header:{name} cannot carry a credential here; use bearer, token or basic "
+                "for Authorization"
+            )
+        return f"header:{name}"
+    raise ValueError(
+        f"unknown credential source {value!r}; use bearer, token, basic, header:NAME "
+        "(e.g. header:X-Api-Key) or aws_sigv4"
+    )
+
+
+class AwsStaticCredentials(_Model):
+    access_key_id: NonEmpty
+    secret_access_key: NonEmpty
+    session_token: str | None = None
+
+
+class AwsProfileCredentials(_Model):
+    profile: NonEmpty
+
+
+class AwsRouteSettings(_Model):
+    """How Countersign signs what it forwards to AWS: the route's real credentials."""
+
+    region: NonEmpty
+    # `default`: the standard AWS chain (environment, shared config and profile, container and
+    # instance roles); or `{profile: NAME}`; or static keys (use ${VAR}).
+    credentials: Literal["default"] | AwsProfileCredentials | AwsStaticCredentials = "default"
+    # The service to sign for; default: the one the agent's own signature names.
+    service: str | None = None
+
+
 class RouteSettings(_Model):
     name: NonEmpty
     prefix: NonEmpty
     upstream: NonEmpty
     inject_headers: Mapping[str, str] = Field(default_factory=dict)
+    # Where the caller's credential is read, in order (the first one present is used).
+    caller_credentials: Annotated[tuple[str, ...], Field(min_length=1)] = ("bearer",)
+    # Names the request's actions (DESIGN §6): aws, graphql or mcp.
+    protocol: Literal["aws", "graphql", "mcp"] | None = None
+    aws: AwsRouteSettings | None = None
+    # false: the path is judged and forwarded with its empty segments ("a//b"), byte-exact.
+    merge_slashes: bool = True
+    # true: rules match the case-folded path (for upstreams that ignore case).
+    case_insensitive_paths: bool = False
     # Keep the prefix when forwarding (/cloud/x → upstream/cloud/x) instead of replacing it with
     # the upstream's path (/cloud/x → upstream/x, the default).
     strip_prefix: bool = True
@@ -312,6 +397,38 @@ class RouteSettings(_Model):
     @classmethod
     def _volatile(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(name.strip().lower() for name in v)
+
+    @field_validator("caller_credentials")
+    @classmethod
+    def _caller_credentials(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        sources = tuple(check_credential_source(item.strip()) for item in v)
+        seen = [s.lower() for s in sources]
+        dup = sorted({s for s in seen if seen.count(s) > 1})
+        if dup:
+            raise ValueError(f"lists {', '.join(dup)} more than once")
+        if "aws_sigv4" in sources and len(sources) > 1:
+            raise ValueError("aws_sigv4 cannot be combined with other sources on one route")
+        return sources
+
+    @model_validator(mode="after")
+    def _aws(self) -> RouteSettings:
+        sigv4 = "aws_sigv4" in self.caller_credentials
+        if sigv4 and self.protocol != "aws":
+            raise _RefError(
+                ("caller_credentials",),
+                "aws_sigv4 needs protocol: aws on the same route (it names the actions)",
+            )
+        if sigv4 and self.aws is None:
+            raise _RefError(
+                ("aws",),
+                "a route with caller_credentials [aws_sigv4] needs aws: {region: ..., "
+                "credentials: default} to re-sign what it forwards",
+            )
+        if self.aws is not None and not sigv4:
+            raise _RefError(
+                ("aws",), "only makes sense with caller_credentials: [aws_sigv4]"
+            )
+        return self
 
     @field_validator("prefix")
     @classmethod
@@ -368,11 +485,70 @@ class RouteSettings(_Model):
         return v
 
 
+# A condition's accepted value(s), as written in YAML: JSON fields may be numbers or booleans,
+# compared by their JSON text (1 → "1", true → "true"), as claims are.
+Accepted = str | int | bool | tuple[str | int | bool, ...]
+
+
+def accepted_texts(value: Accepted) -> tuple[str, ...]:
+    """A condition's accepted values as text (`true` → "true", `1` → "1")."""
+    items = value if isinstance(value, tuple) else (value,)
+    return tuple(
+        ("true" if item else "false") if isinstance(item, bool) else str(item) for item in items
+    )
+
+
+def _check_accepted(kind: str, v: Mapping[str, Accepted]) -> Mapping[str, Accepted]:
+    for name, accepted in v.items():
+        if isinstance(accepted, tuple) and not accepted:
+            raise ValueError(f"{kind} {name!r} lists no accepted value; the rule could never match")
+    return v
+
+
 class WhenSettings(_Model):
     groups: tuple[str, ...] = ()  # identity has at least one of these groups
     subjects: tuple[str, ...] = ()  # identity subject is one of these
     # claim path (dotted, e.g. "act.sub") -> required value or list of accepted values
     claims: Mapping[str, str | tuple[str, ...]] = Field(default_factory=dict)
+    # header name (any case) -> value or list of accepted values (exact, case-sensitive)
+    headers: Mapping[str, str | tuple[str, ...]] = Field(default_factory=dict)
+    # query parameter (decoded name) -> value or list of accepted values (decoded)
+    query: Mapping[str, str | tuple[str, ...]] = Field(default_factory=dict)
+    # JSON Pointer into the request body ("/format") -> value or list of accepted values
+    json_fields: Mapping[str, Accepted] = Field(default_factory=dict, alias="json")
+    # form field (application/x-www-form-urlencoded body) -> value or list of accepted values
+    form: Mapping[str, str | tuple[str, ...]] = Field(default_factory=dict)
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: Mapping[str, Any]) -> Mapping[str, Any]:
+        for name in v:
+            if not _HEADER_NAME.fullmatch(name):
+                raise _RefError(
+                    (name,), f"{name!r} is not a valid header name (letters, digits and -)"
+                )
+        return _check_accepted("header", v)
+
+    @field_validator("query", "form")
+    @classmethod
+    def _fields(cls, v: Mapping[str, Any]) -> Mapping[str, Any]:
+        return _check_accepted("field", v)
+
+    @field_validator("json_fields")
+    @classmethod
+    def _json(cls, v: Mapping[str, Accepted]) -> Mapping[str, Accepted]:
+        for pointer in v:
+            if pointer and not pointer.startswith("/"):
+                raise _RefError(
+                    (pointer,),
+                    f"{pointer!r} is not a JSON Pointer; write it from the root, e.g. "
+                    f"'/{pointer.lstrip('.')}' (RFC 6901)",
+                )
+            if re.search(r"~(?![01])", pointer):
+                raise _RefError(
+                    (pointer,), f"{pointer!r}: '~' must be written ~0 and '/' in a name ~1"
+                )
+        return _check_accepted("JSON field", v)
 
     @field_validator("claims")
     @classmethod
@@ -396,6 +572,9 @@ class RuleSettings(_Model):
     methods: tuple[str, ...] = ()  # empty: any method
     paths: tuple[str, ...] = ()  # globs; empty: any path
     route: str | None = None
+    # Action globs ("iam:Create*", "tool:delete_*", "mutation:*"); empty: any action. A rule
+    # with actions never matches a request whose route names none.
+    actions: tuple[str, ...] = ()
     when: WhenSettings | None = None
     approvers: ApproversSettings | None = None
     quorum: Annotated[int, Field(ge=1)] = 1
@@ -432,6 +611,19 @@ class RuleSettings(_Model):
             if not p.startswith("/"):
                 raise ValueError(f"path globs must start with '/', got {p!r}")
             check_glob(p)
+        return v
+
+    @field_validator("actions")
+    @classmethod
+    def _actions(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for glob in v:
+            if not glob.strip() or glob != glob.strip():
+                raise ValueError(f"an action glob must not be empty or padded, got {glob!r}")
+            if ":" not in glob:
+                raise ValueError(
+                    f"action {glob!r} has no kind; write service:Operation (iam:CreateRole), "
+                    "tool:NAME, mcp:METHOD, query:FIELD or mutation:FIELD"
+                )
         return v
 
     @model_validator(mode="after")
@@ -579,11 +771,24 @@ class Settings(_Model):
             raise _RefError(
                 ("policy", "rules"), f"duplicate rule name(s): {', '.join(sorted(dup))}"
             )
+        protocols = {r.name: r.protocol for r in self.routes}
         for i, rule in enumerate(self.policy.rules):
             if rule.route is not None and rule.route not in names:
                 raise _RefError(
                     ("policy", "rules", i, "route"),
                     f"unknown route {rule.route!r}; routes are: {', '.join(names) or '(none)'}",
+                )
+            if rule.actions and rule.route is not None and protocols[rule.route] is None:
+                raise _RefError(
+                    ("policy", "rules", i, "actions"),
+                    f"route {rule.route!r} has no protocol, so its requests name no actions and "
+                    "this rule could never match; set protocol: aws, graphql or mcp on the route",
+                )
+            if rule.actions and not any(protocols.values()):
+                raise _RefError(
+                    ("policy", "rules", i, "actions"),
+                    "no route has a protocol, so no request names actions and this rule could "
+                    "never match; set protocol: aws, graphql or mcp on a route",
                 )
         return self
 

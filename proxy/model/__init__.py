@@ -15,18 +15,22 @@ from .approval import (
     Verdict,
     distinct_persons,
 )
-from .identity import Action, Decision, Identity, RequestInfo
+from .identity import Action, Decision, Identity
+from .request import AmbiguousField, RequestBody, RequestInfo, UnreadableBody
 
 __all__ = [
     "Action",
+    "AmbiguousField",
     "Approval",
     "ApprovalState",
     "Decision",
     "DecisionRecord",
     "Identity",
     "Outcome",
+    "RequestBody",
     "RequestInfo",
     "Requester",
+    "UnreadableBody",
     "Verdict",
     "distinct_persons",
 ]

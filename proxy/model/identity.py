@@ -58,15 +58,6 @@ class Identity:
 
 
 @dataclass(frozen=True, slots=True)
-class RequestInfo:
-    """What the policy judges: the method and the normalized path that will be forwarded."""
-
-    method: str
-    path: str  # percent-decoded, normalized; exactly what is forwarded upstream
-    route: str | None  # route name, None when no route matched
-
-
-@dataclass(frozen=True, slots=True)
 class Decision:
     """The policy's verdict and why (`reason` is human-readable, used by `countersign explain`)."""
 

@@ -115,30 +115,75 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_keys_new(args: argparse.Namespace) -> int:
     from .authn.apikeys import key_digest, new_key
 
-    # Checked here rather than by argparse (`required=True`): a later kind of key (`--aws`,
-    # `--audit`) may need no subject.
+    # Checked here rather than by argparse (`required=True`): a later kind of key (`--audit`)
+    # may need no subject.
     if args.subject is None or not args.subject.strip():
+        example = "agent-7" if args.aws else "agent-ci"
         args.usage_error(
-            "--subject is required: the identity the key authenticates as, e.g. --subject agent-ci"
+            "--subject is required: the identity the key authenticates as, "
+            f"e.g. --subject {example}"
         )
     for option, value in (("--email", args.email), ("--owner", args.owner)):
         if value is not None and not _looks_like_email(value):
             args.usage_error(
                 f"{option} must be an email address, e.g. bob@example.com, got {value!r}"
             )
-    key = new_key()
     # JSON strings are valid YAML flow scalars: any subject, group or email is quoted safely.
     groups = ", ".join(json.dumps(g.strip()) for g in (args.groups or "").split(",") if g.strip())
-    fields = [f'sha256: "{key_digest(key)}"', f"subject: {json.dumps(args.subject)}"]
-    fields.append(f"groups: [{groups}]")
+    identity = [f"subject: {json.dumps(args.subject)}", f"groups: [{groups}]"]
     if args.email is not None:
-        fields.append(f"email: {json.dumps(args.email)}")
+        identity.append(f"email: {json.dumps(args.email)}")
     if args.owner is not None:
-        fields.append(f"owner: {json.dumps(args.owner)}")
+        identity.append(f"owner: {json.dumps(args.owner)}")
+    if args.aws:
+        return _print_aws_key(args.subject, identity)
+    key = new_key()
+    fields = [f'sha256: "{key_digest(key)}"', *identity]
     print(f"key:    {key}")
     print("        (shown once; give it to the client, it is not stored anywhere)")
     print("config: identity.api_keys entry:")
     print(f"  - {{{', '.join(fields)}}}")
+    return 0
+
+
+# An AWS-style access key id: AKIA (a long-term key, as AWS names them), CS (Countersign), and
+# 14 characters of the alphabet AWS uses (base32: A-Z, 2-7), 20 in all.
+_AWS_KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_AWS_SECRET_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _print_aws_key(subject: str, identity: list[str]) -> int:
+    """`keys new --aws`: a new access key for an agent, the `identity.aws_keys` entry that
+    reads its secret from the environment, and how the agent uses it.
+
+    SigV4 is an HMAC, so Countersign must know the secret itself (not a hash of it): the entry
+    names an environment variable rather than holding it.
+    """
+    import re
+    import secrets
+
+    key_id = "AKIACS" + "".join(secrets.choice(_AWS_KEY_ALPHABET) for _ in range(14))
+    # 40 characters like AWS's secrets (~238 bits), letters and digits only: no quoting needed
+    # in a shell, an env file or YAML.
+    secret = "".join(secrets.choice(_AWS_SECRET_ALPHABET) for _ in range(40))
+    stem = re.sub(r"[^A-Z0-9]+", "_", subject.upper()).strip("_")
+    if not stem.startswith("AGENT"):
+        stem = f"AGENT_{stem}" if stem else "AGENT"
+    variable = f"{stem}_AWS_SECRET"
+    fields = [f'access_key_id: "{key_id}"', f'secret: "${{{variable}}}"', *identity]
+    print(f"access key id:     {key_id}")
+    print(f"secret access key: {secret}")
+    print("                   (shown once; it is not stored anywhere: keep it in a secret store)")
+    print("config: identity.aws_keys entry (the secret is read from the environment):")
+    print(f"  - {{{', '.join(fields)}}}")
+    print("countersign's environment:")
+    print(f"  export {variable}={secret}")
+    print("the agent's environment (its AWS SDK, CLI or Terraform signs with this key and sends")
+    print("to the proxy, on a route with caller_credentials: [aws_sigv4]):")
+    print(f"  export AWS_ACCESS_KEY_ID={key_id}")
+    print(f"  export AWS_SECRET_ACCESS_KEY={secret}")
+    print("  export AWS_ENDPOINT_URL=http://127.0.0.1:8080  # the proxy's URL")
+    print("  export AWS_REGION=us-east-1  # any region: the route's aws.region is what AWS sees")
     return 0
 
 
@@ -220,14 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_audit.add_parser(sub)
 
-    keys = sub.add_parser("keys", help="manage static API keys")
+    keys = sub.add_parser("keys", help="manage static API keys and agents' AWS access keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     p = keys_sub.add_parser(
         "new",
         help="generate a key and print its config line",
-        usage="%(prog)s --subject SUBJECT [--groups G1,G2] [--email EMAIL] [--owner EMAIL]",
+        usage="%(prog)s [--aws] --subject SUBJECT [--groups G1,G2] [--email EMAIL] [--owner EMAIL]",
         description="Print a new API key (once) and the identity.api_keys line holding its "
-        "SHA-256.",
+        "SHA-256; with --aws, a new AWS access key id and secret for an agent (once) and the "
+        "identity.aws_keys line that reads the secret from the environment.",
+    )
+    p.add_argument(
+        "--aws",
+        action="store_true",
+        help="an AWS access key (SigV4) for an agent, instead of an API key",
     )
     p.add_argument("--subject", help="the subject the key authenticates as (required)")
     p.add_argument("--groups", default="", help="comma-separated groups")

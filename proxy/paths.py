@@ -76,8 +76,8 @@ def _refuse_control(text: str, where: str) -> None:
 
 
 def _refuse_dot_segments(path: str) -> None:
-    # `path` has no repeated slashes here, so a dot segment is "/." or "/.." followed by "/" or
-    # the end of the path.
+    # A dot segment is "/." or "/.." followed by "/" or the end of the path (repeated slashes
+    # or not).
     if "/." not in path:
         return
     for segment in path.split("/"):
@@ -87,12 +87,14 @@ def _refuse_dot_segments(path: str) -> None:
             )
 
 
-def normalize_path(raw: str) -> str:
+def normalize_path(raw: str, *, merge_slashes: bool = True) -> str:
     """Decode and normalize the path part of a request-target, or raise `AmbiguousRequest`.
 
     `raw` is the path as received: still percent-encoded, the query already removed. The result
-    is percent-decoded (UTF-8) with repeated slashes collapsed; a trailing slash is kept. It is
-    what the policy judges and (through `encode_path`) what is forwarded.
+    is percent-decoded (UTF-8) with repeated slashes collapsed (kept with
+    ``merge_slashes=False``, for upstreams such as S3 where "a//b" is its own key); a trailing
+    slash is kept. It is what the policy judges and (through `encode_path`, or byte-exact for a
+    route that keeps its slashes) what is forwarded.
 
     Refused, with `AmbiguousRequest.reason`:
 
@@ -112,13 +114,13 @@ def normalize_path(raw: str) -> str:
         raise AmbiguousRequest("not_absolute", "the path must start with '/'")
     if _SUSPICIOUS.search(raw) is None:
         # Fast path: nothing to decode, only dot segments and repeated slashes to look at.
-        path = _SLASHES.sub("/", raw) if "//" in raw else raw
+        path = _SLASHES.sub("/", raw) if merge_slashes and "//" in raw else raw
         _refuse_dot_segments(path)
         return path
-    return _normalize_slow(raw)
+    return _normalize_slow(raw, merge_slashes)
 
 
-def _normalize_slow(raw: str) -> str:
+def _normalize_slow(raw: str, merge_slashes: bool) -> str:
     _refuse_control(raw, "raw")
     if "\\" in raw:
         raise AmbiguousRequest("backslash", "the path contains a backslash")
@@ -148,7 +150,7 @@ def _normalize_slow(raw: str) -> str:
             raise AmbiguousRequest(
                 "double_encoding", "the path is percent-encoded twice (e.g. %252F)"
             )
-    if "//" in path:
+    if merge_slashes and "//" in path:
         path = _SLASHES.sub("/", path)
     _refuse_dot_segments(path)
     return path

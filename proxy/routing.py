@@ -51,6 +51,23 @@ def _upstream_base(upstream: str) -> str:
     return normalize_path(urlsplit(upstream).path or "/")
 
 
+def _after_prefix(route: RouteSettings, path: str) -> str:
+    """What follows the route prefix in `path` (decoded or raw), counted in segments so that a
+    raw path ("/cl%6Fud/x") or a case-folded match ("/Cloud/x") splits where the prefix ends.
+
+    "" when `path` is the prefix itself (without a trailing slash).
+    """
+    segments = _prefix_key(route.prefix).count("/")
+    if segments == 0:
+        return path
+    cut = 0
+    for _ in range(segments):
+        cut = path.find("/", cut + 1)
+        if cut < 0:
+            return ""
+    return path[cut:]
+
+
 def upstream_path(route: RouteSettings, path: str) -> str:
     """The decoded path to request upstream for the decoded, normalized `path` on `route`.
 
@@ -66,27 +83,42 @@ def upstream_path(route: RouteSettings, path: str) -> str:
     base = _upstream_base(route.upstream)
     if not route.strip_prefix:
         return base.rstrip("/") + path
-    rest = path[len(_prefix_key(route.prefix)) :]
+    rest = _after_prefix(route, path)
     if not rest:
         return base
     return base.rstrip("/") + rest
 
 
-def upstream_target(route: RouteSettings, path: str, query: str) -> str:
+def upstream_target(
+    route: RouteSettings, path: str, query: str, raw_path: str | None = None
+) -> str:
     """The path and query the upstream is asked for, exactly as sent: what the policy judged,
-    what an approval binds, and what `explain` shows."""
-    target = encode_path(upstream_path(route, path))
+    what an approval binds, and what `explain` shows.
+
+    A route with `merge_slashes: false` forwards the client's own bytes after the prefix
+    (`raw_path`, still percent-encoded: "%2B" stays "%2B", where S3 would read a bare "+" as a
+    space); every other route sends the decoded path re-encoded canonically.
+    """
+    if not route.merge_slashes and raw_path is not None:
+        rest = raw_path if route.strip_prefix is False else _after_prefix(route, raw_path)
+        base = encode_path(_upstream_base(route.upstream))
+        target = (base.rstrip("/") + rest) if rest else base
+    else:
+        target = encode_path(upstream_path(route, path))
     return f"{target}?{query}" if query else target
 
 
 class RouteTable:
     """Routes indexed by prefix; `match` costs one dict lookup per path segment."""
 
-    __slots__ = ("_by_key", "routes")
+    __slots__ = ("_by_key", "_folded", "routes")
 
     def __init__(self, routes: Sequence[RouteSettings]) -> None:
         self.routes: tuple[RouteSettings, ...] = tuple(routes)
         self._by_key: dict[str, RouteSettings] = {}
+        # Routes with `case_insensitive_paths`, by lower-cased prefix: their upstream ignores
+        # case, so "/Cloud/x" is theirs too.
+        self._folded: dict[str, RouteSettings] = {}
         for route in self.routes:
             check_prefix(route.prefix)
             try:
@@ -104,6 +136,8 @@ class RouteTable:
                     "have the same prefix"
                 )
             self._by_key[key] = route
+            if route.case_insensitive_paths:
+                self._folded[key.lower()] = route
 
     def __len__(self) -> int:
         return len(self.routes)
@@ -113,11 +147,16 @@ class RouteTable:
         by_key = self._by_key
         # Candidates, longest first: the path itself (without one trailing slash), then each
         # parent, down to "" (the "/" prefix).
+        folded = self._folded
         candidate = path[:-1] if path.endswith("/") else path
         while True:
             route = by_key.get(candidate)
             if route is not None:
                 return route
+            if folded:
+                route = folded.get(candidate.lower())
+                if route is not None:
+                    return route
             cut = candidate.rfind("/")
             if cut < 0:
                 return None

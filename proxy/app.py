@@ -21,9 +21,10 @@ from .approvals.service import ApprovalService
 from .audit import AuditLog, Sink, StreamSink
 from .audit.file_sink import ChainedFileSink
 from .audit.redact import Redactor
-from .authn import Authenticator
+from .authn import Authenticator, SigV4Verifier
 from .authn.apikeys import ApiKeyAuthenticator
 from .authn.oidc import OIDCVerifier
+from .aws_resign import AwsUpstreamSigner
 from .config import Settings
 from .forward import Forwarder
 from .notify import NotifyHub
@@ -218,8 +219,22 @@ def build_app(
             cache_size=settings.identity.token_cache_size,
             refresh_cooldown=settings.identity.jwks_refresh_cooldown_seconds,
         )
-        authenticator = Authenticator(ApiKeyAuthenticator(settings.identity.api_keys), oidc)
+        authenticator = Authenticator(
+            ApiKeyAuthenticator(settings.identity.api_keys),
+            oidc,
+            SigV4Verifier(settings.identity.aws_keys),
+        )
         app[AUTHENTICATOR] = authenticator
+        # AWS routes sign what they forward with real credentials, found before serving: a
+        # route that could never sign is a startup error, not a 500 on the first request.
+        signers = {
+            route.name: AwsUpstreamSigner(route.aws) for route in settings.routes if route.aws
+        }
+        for name, signer in signers.items():
+            try:
+                await signer.start()
+            except RuntimeError as exc:
+                raise RuntimeError(f"route {name}: {exc}") from None
         app[PROXY] = ProxyHandler(
             server=settings.server,
             authenticator=authenticator,
@@ -229,6 +244,7 @@ def build_app(
             audit_log=audit_log,
             metrics=metrics,
             gate=gate,
+            signers=signers,
         )
         for hook in settings.notify.webhooks:
             notify.add(

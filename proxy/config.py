@@ -425,9 +425,7 @@ class RouteSettings(_Model):
                 "credentials: default} to re-sign what it forwards",
             )
         if self.aws is not None and not sigv4:
-            raise _RefError(
-                ("aws",), "only makes sense with caller_credentials: [aws_sigv4]"
-            )
+            raise _RefError(("aws",), "only makes sense with caller_credentials: [aws_sigv4]")
         return self
 
     @field_validator("prefix")

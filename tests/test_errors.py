@@ -71,7 +71,7 @@ async def test_401_without_a_credential(make_proxy: Factory) -> None:
     assert resp.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
     assert resp.content_type == "application/json"
     error = assert_error(await resp.json(), "unauthorized")
-    assert error["message"] == "missing bearer token"
+    assert error["message"] == "missing credential: expected Authorization: Bearer <token>"
     assert error["request_id"] == resp.headers["X-Request-Id"]
     assert sink.named("request.refused")[0]["request_id"] == error["request_id"]
 

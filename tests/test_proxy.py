@@ -111,8 +111,11 @@ async def test_default_deny_when_no_rule_matches(make_proxy: Factory) -> None:
 @pytest.mark.parametrize(
     ("headers", "description"),
     [
-        ({}, "missing bearer token"),
-        ({"Authorization": "Basic YWxhZGRpbjpvcGVu"}, "expected 'Authorization: Bearer <token>'"),
+        ({}, "missing credential: expected Authorization: Bearer <token>"),
+        (
+            {"Authorization": "Basic YWxhZGRpbjpvcGVu"},
+            "Authorization uses the Basic scheme; expected Authorization: Bearer <token>",
+        ),
         ({"Authorization": "Bearer cs_not_a_real_key_00000000000000000"}, "unknown API key"),
         ({"Authorization": "Bearer not-a-jwt"}, "no OIDC issuer is configured"),
     ],

@@ -67,6 +67,7 @@ def _about(approval: Approval) -> dict[str, Any]:
         "request_id": approval.request_id,
         "rule": approval.rule,
         "route": approval.route,
+        "actions": list(approval.actions) or None,
         "requester": requester_log(approval.requester),
     }
 
@@ -175,6 +176,7 @@ class ApprovalService:
         reason: str | None,
         request_id: str,
         fingerprint_hex: str | None = None,
+        actions: tuple[str, ...] = (),
     ) -> tuple[Approval, bool]:
         """Create the approval for this exact request, or join the one already open for it.
 
@@ -211,6 +213,7 @@ class ApprovalService:
             body_sha256=hashlib.sha256(binding.body).hexdigest(),
             body_truncated=cut,
             claim_seconds=float(self._settings.claim_seconds),
+            actions=actions,
         )
         approval, created = await self.store.create_or_join(
             candidate, max_pending=self._settings.max_pending_per_identity

@@ -138,6 +138,15 @@ class ApprovalGate:
         request = exchange.request
         route = exchange.route
         assert exchange.identity is not None and route is not None
+        if exchange.body is not None:
+            # Already read to judge it (a signature, a recognizer or a body condition needed it).
+            if self._held + len(exchange.body) > self._max_held:
+                return self._too_many(proxy, exchange, rule.name, _HELD_TOO_MUCH)
+            self._held += len(exchange.body)
+            try:
+                return await self._gate(proxy, exchange, rule, exchange.body)
+            finally:
+                self._held -= len(exchange.body)
         announced = request.content_length or 0
         if self._held + announced > self._max_held:
             return self._too_many(proxy, exchange, rule.name, _HELD_TOO_MUCH)
@@ -188,6 +197,7 @@ class ApprovalGate:
                 request.raw_headers,
                 volatile=route.settings.volatile_headers,
                 injected=route.inject_names,
+                credential=exchange.credential_headers,
             ),
             body=body,
             route=route.settings.name,
@@ -219,6 +229,7 @@ class ApprovalGate:
                     reason=request.headers.get(REASON_HEADER),
                     request_id=exchange.request_id,
                     fingerprint_hex=fingerprint_hex,
+                    actions=exchange.actions,
                 )
             if approval.state is ApprovalState.PENDING:
                 asked_async = _prefers_async(request)
@@ -332,7 +343,7 @@ class ApprovalGate:
         # From here on the request may have reached the upstream: whatever the store does, the
         # client gets the upstream's answer, and the outcome is recorded in the background.
         try:
-            upstream = await proxy.open_upstream(exchange, body)
+            upstream = await proxy.open_upstream(exchange, body, held=True)
         except UpstreamError:
             # It may have run: whoever retries needs a new approval, which shows this attempt.
             self._service.record_outcome_soon(approval.id, Outcome.AMBIGUOUS, None)

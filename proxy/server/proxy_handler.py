@@ -1,7 +1,15 @@
-"""The proxy handler: authn → route → policy → (gate) → forward, with an audit event per step.
+"""The proxy handler: the request path as stages over one `Exchange` (DESIGN §1).
 
-Every refusal is a JSON body with an `error` code and the request id. The path is normalized
-once here; the policy judges that path and the very same path is what goes upstream.
+    check → route → authenticate → recognize → decide → (gate) → forward
+
+Each stage either lets the exchange go on (returns None) or answers (returns the response);
+`_STAGES` below is the one list of them. Every refusal is a JSON body with an `error` code and
+the request id. The path is normalized once here; the policy judges that path and the very
+same path is what goes upstream.
+
+The body is read before forwarding only when something must see it: a SigV4 signature (its
+payload hash), the route's protocol recognizer, or a rule whose condition reads it
+(`Policy.needs_body`). Otherwise it streams through untouched.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import ipaddress
 import itertools
 import os
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -21,10 +29,18 @@ from aiohttp import web
 
 from .. import audit
 from ..audit import AuditLog, AuditUnavailable
-from ..authn import Authenticator, AuthError, IdentityUnavailable
+from ..authn import Authenticator, AuthError, IdentityUnavailable, SigV4Caller
+from ..aws_resign import AwsCredentialsUnavailable, AwsUpstreamSigner
 from ..config import RouteSettings, ServerSettings
-from ..forward import HOP_BY_HOP, Forwarder, UpstreamError, UpstreamResponse, connection_named
-from ..model import Action, Identity, RequestInfo
+from ..forward import (
+    HOP_BY_HOP,
+    Forwarder,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamUnavailable,
+    connection_named,
+)
+from ..model import Action, AmbiguousField, Identity, RequestBody, RequestInfo, UnreadableBody
 from ..paths import (
     AmbiguousRequest,
     check_method,
@@ -32,7 +48,9 @@ from ..paths import (
     normalize_path,
 )
 from ..policy import Policy
-from ..routing import RouteTable, upstream_target
+from ..protocols import Message, Recognizer, Unrecognized, recognizer_for
+from ..routing import RouteTable, upstream_path, upstream_target
+from .aws_errors import aws_error_response
 from .metrics import Metrics
 from .responses import (
     APPROVAL_ID_HEADER,
@@ -65,14 +83,32 @@ _NOT_FORWARDED = HOP_BY_HOP | _CLIENT_ONLY | _X_FORWARDED
 class _Route:
     """A route's per-request constants, computed once at start."""
 
-    __slots__ = ("inject", "inject_names", "origin", "settings")
+    __slots__ = (
+        "inject",
+        "inject_names",
+        "origin",
+        "recognizer",
+        "settings",
+        "signer",
+        "sigv4",
+    )
 
-    def __init__(self, settings: RouteSettings) -> None:
+    def __init__(self, settings: RouteSettings, signer: AwsUpstreamSigner | None) -> None:
         parts = urlsplit(settings.upstream)
         self.settings = settings
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self.inject = tuple(settings.inject_headers.items())
         self.inject_names = frozenset(name.lower() for name in settings.inject_headers)
+        self.recognizer: Recognizer | None = (
+            recognizer_for(settings.protocol) if settings.protocol else None
+        )
+        self.signer = signer
+        # A SigV4 signature covers the body's hash: it is read before authenticating.
+        self.sigv4 = "aws_sigv4" in settings.caller_credentials
+
+
+class BodyTooLarge(Exception):
+    """The body is over `server.max_body_bytes` (413)."""
 
 
 @dataclass(slots=True)
@@ -88,6 +124,12 @@ class Exchange:
     route: _Route | None = None
     rule: str | None = None
     forwarded: bool = False  # the upstream's answer is what the client gets
+    body: bytes | None = None  # None: not read (it streams through when forwarded)
+    actions: tuple[str, ...] = ()  # what the route's protocol named
+    # Lower-case names of the headers the caller's credential came from: never forwarded, never
+    # bound into an approval.
+    credential_headers: frozenset[str] = frozenset()
+    sigv4: SigV4Caller | None = None
     _identity_log: dict[str, Any] | None = None
 
     def identity_log(self) -> dict[str, Any] | None:
@@ -109,10 +151,20 @@ class ProxyHandler:
         audit_log: AuditLog,
         metrics: Metrics,
         gate: ApprovalGate | None = None,
+        signers: Mapping[str, AwsUpstreamSigner] | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._routes = routes
+        self._signers = dict(signers or {})
         self._route_info: dict[str, _Route] = {}
+        self._max_body = server.max_body_bytes
+        self._stages = (
+            self._check,
+            self._find_route,
+            self._authenticate,
+            self._recognize,
+            self._decide,
+        )
         self._policy = policy
         self._forwarder = forwarder
         self._audit = audit_log
@@ -129,7 +181,9 @@ class ProxyHandler:
     def _route(self, settings: RouteSettings) -> _Route:
         info = self._route_info.get(settings.name)
         if info is None:
-            info = self._route_info[settings.name] = _Route(settings)
+            info = self._route_info[settings.name] = _Route(
+                settings, self._signers.get(settings.name)
+            )
         return info
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -172,6 +226,17 @@ class ProxyHandler:
             **fields,
         )
         headers = dict(headers or {})
+        route = exchange.route
+        if route is not None and route.settings.protocol == "aws":
+            # AWS SDKs read AWS's error shapes, not ours.
+            return aws_error_response(
+                exchange.request,
+                status,
+                error,
+                request_id=exchange.request_id,
+                headers={COUNTERSIGN_REQUEST_ID_HEADER: exchange.request_id, **headers},
+                **fields,
+            )
         if status == 401:
             description = str(fields.get("message", "")).replace('"', "'")
             headers["WWW-Authenticate"] = (
@@ -182,6 +247,24 @@ class ProxyHandler:
         )
 
     async def _handle(self, exchange: Exchange) -> web.StreamResponse:
+        for stage in self._stages:
+            answer = await stage(exchange)
+            if answer is not None:
+                return answer
+        body: AsyncIterable[bytes] | bytes | None = exchange.body
+        if body is None and exchange.request.body_exists:
+            body = exchange.request.content.iter_any()
+        try:
+            upstream = await self.open_upstream(exchange, body)
+        except UpstreamError as exc:
+            return self.upstream_failed(exchange, exc)
+        return await self.relay(exchange, upstream, time.monotonic())
+
+    # -- stages: each returns None to go on, or the answer --------------------------------
+
+    async def _check(self, exchange: Exchange) -> web.StreamResponse | None:
+        """What no route may receive: CONNECT, lower-case methods, method overrides, ambiguous
+        paths."""
         request = exchange.request
         if request.method == "CONNECT":
             return self.refuse(
@@ -192,29 +275,118 @@ class ProxyHandler:
             check_method_override(request.headers.keys())
             exchange.path = normalize_path(exchange.raw_path)
         except AmbiguousRequest as exc:
-            return self.refuse(
-                exchange, 400, "ambiguous_request", reason=exc.reason, message=exc.message
-            )
+            return self._ambiguous(exchange, exc.reason, exc.message)
+        return None
 
+    async def _find_route(self, exchange: Exchange) -> web.StreamResponse | None:
+        """The route by prefix. With no route the caller is still authenticated first (as a
+        bearer), so an anonymous caller learns nothing about which prefixes exist."""
+        settings = self._routes.match(exchange.path)
+        if settings is None:
+            answer = await self._authenticate(exchange)
+            return answer or self.refuse(exchange, 404, "no_route", path=exchange.path)
+        exchange.route = self._route(settings)
+        if not settings.merge_slashes and "//" in exchange.raw_path:
+            # The route keeps empty segments (S3 keys): judge and forward them as they are.
+            try:
+                exchange.path = normalize_path(exchange.raw_path, merge_slashes=False)
+            except AmbiguousRequest as exc:
+                return self._ambiguous(exchange, exc.reason, exc.message)
+        return None
+
+    async def _authenticate(self, exchange: Exchange) -> web.StreamResponse | None:
+        request = exchange.request
+        route = exchange.route
+        sources = route.settings.caller_credentials if route is not None else ("bearer",)
+        if route is not None and route.sigv4 and exchange.body is None:
+            answer = await self._read_body(exchange)
+            if answer is not None:
+                return answer
         try:
-            exchange.identity = await self._authenticator.authenticate(
-                request.headers.get("Authorization")
+            authenticated = await self._authenticator.authenticate_request(
+                sources,
+                method=request.method,
+                target=request.raw_path,
+                host=request.headers.get("Host", ""),
+                headers=request.headers,
+                body=exchange.body,
             )
         except AuthError as exc:
+            if (route is not None and route.sigv4) or exc.status == 403:
+                # As AWS does: a signature that does not verify is a 403 (an SDK shows it as
+                # an access error, and does not retry it).
+                return self.refuse(exchange, 403, "invalid_signature", message=exc.description)
             return self.refuse(exchange, 401, "unauthorized", message=exc.description)
         except IdentityUnavailable:
             return self.refuse(
                 exchange, 503, "identity_unavailable", message="cannot verify tokens right now"
             )
+        exchange.identity = authenticated.identity
+        exchange.credential_headers = authenticated.credential_headers
+        exchange.sigv4 = authenticated.sigv4
+        return None
+
+    async def _recognize(self, exchange: Exchange) -> web.StreamResponse | None:
+        """The actions the route's protocol names (`iam:CreateRole`, `tool:delete_repo`)."""
+        route = exchange.route
+        assert route is not None
+        recognizer = route.recognizer
+        if recognizer is None:
+            return None
+        request = exchange.request
+        if exchange.body is None and recognizer.needs_body(request.method):
+            answer = await self._read_body(exchange)
+            if answer is not None:
+                return answer
+        target = self.upstream_target(exchange)
+        message = Message(
+            method=request.method,
+            path=upstream_path(route.settings, exchange.path),
+            raw_path=target.partition("?")[0],
+            query=exchange.query,
+            headers=request.headers,
+            body=self._body_view(exchange),
+            service=exchange.sigv4.service if exchange.sigv4 is not None else None,
+        )
+        try:
+            exchange.actions = await recognizer.recognize(message)
+        except AmbiguousField as exc:
+            return self._ambiguous(exchange, "repeated_field", exc.message)
+        except (Unrecognized, UnreadableBody) as exc:
+            return self.refuse(
+                exchange, 400, "invalid_request", route=route.settings.name, message=exc.message
+            )
+        return None
+
+    async def _decide(self, exchange: Exchange) -> web.StreamResponse | None:
+        """The policy's verdict: deny answers, approve hands over to the gate, allow goes on."""
+        request = exchange.request
+        route = exchange.route
         identity = exchange.identity
-
-        route_settings = self._routes.match(exchange.path)
-        if route_settings is None:
-            return self.refuse(exchange, 404, "no_route", path=exchange.path)
-        exchange.route = self._route(route_settings)
-
-        info = RequestInfo(method=request.method, path=exchange.path, route=route_settings.name)
-        decision = self._policy.evaluate(info, identity)
+        assert route is not None and identity is not None
+        info = RequestInfo(
+            request.method,
+            exchange.path,
+            route.settings.name,
+            actions=exchange.actions,
+            headers=request.headers,
+            query=exchange.query,
+            body=self._body_view(exchange),
+            fold_case=route.settings.case_insensitive_paths,
+        )
+        try:
+            if (
+                info.body is None
+                and request.body_exists
+                and self._policy.needs_body(info, identity)
+            ):
+                answer = await self._read_body(exchange)
+                if answer is not None:
+                    return answer
+                info.body = self._body_view(exchange)
+            decision = self._policy.evaluate(info, identity)
+        except AmbiguousField as exc:
+            return self._ambiguous(exchange, "repeated_field", exc.message)
         exchange.rule = decision.rule
         self._audit.emit(
             audit.POLICY_DECIDED,
@@ -223,11 +395,19 @@ class ProxyHandler:
             method=info.method,
             path=exchange.path,
             route=info.route,
+            actions=list(exchange.actions) or None,
             rule=decision.rule,
             action=decision.action.value,
         )
         if decision.action is Action.DENY:
-            return self.refuse(exchange, 403, "policy_denied", rule=decision.rule, route=info.route)
+            return self.refuse(
+                exchange,
+                403,
+                "policy_denied",
+                rule=decision.rule,
+                route=info.route,
+                actions=list(exchange.actions) or None,
+            )
         if decision.action is Action.APPROVE:
             if self._gate is None or decision.rule is None:
                 # `policy.default: approve` names no approvers: nobody could ever decide.
@@ -241,15 +421,54 @@ class ProxyHandler:
                     message=message,
                 )
             return await self._gate.handle(self, exchange, self._policy.rule(decision.rule))
-        body = request.content.iter_any() if request.body_exists else None
+        return None
+
+    # -- helpers of the stages -------------------------------------------------------------
+
+    def _ambiguous(self, exchange: Exchange, reason: str, message: str) -> web.Response:
+        return self.refuse(exchange, 400, "ambiguous_request", reason=reason, message=message)
+
+    @staticmethod
+    def _body_view(exchange: Exchange) -> RequestBody | None:
+        if exchange.body is None:
+            return None
+        return RequestBody(exchange.body, exchange.request.headers.get("Content-Type"))
+
+    async def _read_body(self, exchange: Exchange) -> web.StreamResponse | None:
+        """Read the whole body into `exchange.body`, bounded by `server.max_body_bytes`."""
+        request = exchange.request
+        if not request.body_exists:
+            exchange.body = b""
+            return None
+        limit = self._max_body
         try:
-            upstream = await self.open_upstream(exchange, body)
-        except UpstreamError as exc:
-            return self.upstream_failed(exchange, exc)
-        return await self.relay(exchange, upstream, time.monotonic())
+            if (request.content_length or 0) > limit:
+                raise BodyTooLarge
+            body = bytearray()
+            async for chunk in request.content.iter_any():
+                body += chunk
+                if len(body) > limit:
+                    raise BodyTooLarge
+        except BodyTooLarge:
+            return self.refuse(
+                exchange,
+                413,
+                "payload_too_large",
+                limit=limit,
+                message=f"this request must be read whole to be judged, and may carry at most "
+                f"{limit} bytes (server.max_body_bytes)",
+            )
+        exchange.body = bytes(body)
+        return None
 
     def _upstream_headers(
-        self, request: web.Request, route: _Route, request_id: str, *, held: bool
+        self,
+        request: web.Request,
+        route: _Route,
+        request_id: str,
+        *,
+        held: bool,
+        credential: frozenset[str] = frozenset(),
     ) -> list[tuple[str, str]]:
         """The headers sent upstream. For a `held` (approved) request, nothing may come from
         the client that its approval did not bind: `X-Forwarded-*` are the proxy's own (the
@@ -264,6 +483,8 @@ class ProxyHandler:
         for key, value in headers.items():
             lower = key.lower()
             if lower in _NOT_FORWARDED or lower in named or lower in route.inject_names:
+                continue
+            if lower in credential:  # the caller's credential never goes upstream
                 continue
             # Ours, never the upstream's (nor bound); a client cannot forge our request id.
             if lower.startswith("countersign-"):
@@ -308,21 +529,46 @@ class ProxyHandler:
         approval binds."""
         route = exchange.route
         assert route is not None
-        return upstream_target(route.settings, exchange.path, exchange.query)
+        return upstream_target(route.settings, exchange.path, exchange.query, exchange.raw_path)
 
     async def open_upstream(
-        self, exchange: Exchange, body: AsyncIterable[bytes] | bytes | None
+        self,
+        exchange: Exchange,
+        body: AsyncIterable[bytes] | bytes | None,
+        *,
+        held: bool = False,
     ) -> UpstreamResponse:
-        """Send the request upstream (streamed, or the buffered bytes of an approved one) and
-        return the response with its body unread. Raises `UpstreamError`."""
+        """Send the request upstream (streamed, or the buffered bytes read to judge it or
+        approved by a human) and return the response with its body unread. A `held` request
+        is an approved one. Raises `UpstreamError`."""
         route = exchange.route
         assert route is not None
         target = route.origin + self.upstream_target(exchange)
-        # An approved request's Content-Length is set by the forwarder from the very bytes that
-        # were approved.
+        # A read body's Content-Length is set by the forwarder from the very bytes it sends.
         headers = self._upstream_headers(
-            exchange.request, route, exchange.request_id, held=isinstance(body, bytes)
+            exchange.request,
+            route,
+            exchange.request_id,
+            held=held,
+            credential=exchange.credential_headers,
         )
+        if route.signer is not None and exchange.sigv4 is not None:
+            # AWS checks a signature over what it receives: sign exactly that, with the route's
+            # real credentials (the agent never holds them).
+            signed_body = body if isinstance(body, bytes) else (exchange.body or b"")
+            try:
+                headers = await route.signer.sign(
+                    method=exchange.request.method,
+                    url=target,
+                    headers=headers,
+                    body=signed_body,
+                    service=exchange.sigv4.service,
+                    payload=exchange.sigv4.payload,
+                )
+            except AwsCredentialsUnavailable as exc:
+                raise UpstreamUnavailable(f"cannot sign for AWS: {exc}") from None
+            if body is None and signed_body:
+                body = signed_body
         return await self._forwarder.send(
             exchange.request.method,
             target,

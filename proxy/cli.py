@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .config import ConfigError, Settings, load_settings, summary
 
@@ -96,6 +97,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         groups=groups,
         email=args.email,
         claims=dict(args.claim or []),
+        headers=list(args.header or []),
+        body=_body(args),
+        actions=args.action,
+        aws_service=args.aws_service,
     )
     print(explained.json_text() if args.json else explained.text())
     return explained.exit_code
@@ -187,6 +192,28 @@ def _print_aws_key(subject: str, identity: list[str]) -> int:
     return 0
 
 
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
+
+
+def _body(args: argparse.Namespace) -> bytes | None:
+    """`--data TEXT` or `--data @FILE` (curl's spelling), as bytes."""
+    data: str | None = args.data
+    if data is None:
+        return None
+    if data.startswith("@"):
+        try:
+            return Path(data[1:]).read_bytes()
+        except OSError as exc:
+            raise SystemExit(
+                f"countersign explain: cannot read {data[1:]}: {exc.strerror}"
+            ) from None
+    return data.encode("utf-8")
+
+
 def _looks_like_email(text: str) -> bool:
     local, at, domain = text.partition("@")
     return bool(at and local and domain) and not any(c.isspace() for c in text)
@@ -247,6 +274,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--email", default=None)
     p.add_argument(
         "--claim", action="append", type=_claim, metavar="NAME=VALUE", help="extra claim (repeat)"
+    )
+    p.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        type=_header,
+        metavar="'NAME: VALUE'",
+        help="a request header (repeat), for header conditions and recognizers",
+    )
+    p.add_argument(
+        "-d", "--data", default=None, metavar="TEXT|@FILE", help="the request body (as curl)"
+    )
+    p.add_argument(
+        "--action",
+        action="append",
+        metavar="ACTION",
+        help="name the request's action outright, e.g. iam:CreateRole (repeat); default: "
+        "recognized from the request by the route's protocol",
+    )
+    p.add_argument(
+        "--aws-service",
+        default=None,
+        metavar="NAME",
+        help="on an AWS route: the service the agent signs for (iam, s3, dynamodb, ...)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.description = "Exit status: 0 allow, 1 deny (or refused before the policy), 3 approve."

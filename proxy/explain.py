@@ -11,17 +11,22 @@ refused before the policy: 400 ambiguous_request, 404 no_route), 3 approve.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from multidict import CIMultiDict
+
 from .config import RouteSettings, RuleSettings, Settings
-from .model import Action, Identity, RequestInfo
+from .model import Action, AmbiguousField, Identity, RequestBody, RequestInfo, UnreadableBody
 from .paths import AmbiguousRequest, normalize_path
 from .policy import Explanation, Policy
-from .routing import RouteTable, upstream_target
+from .protocols import Message, Unrecognized, recognizer_for
+from .routing import RouteTable, upstream_path, upstream_target
 from .server.responses import NO_APPROVERS_MESSAGE, error_body
 
 __all__ = ["EXIT_ALLOW", "EXIT_APPROVE", "EXIT_DENY", "Explained", "explain", "explain_request"]
@@ -52,6 +57,7 @@ class Explained:
     refusal: tuple[int, dict[str, Any]] | None = None  # (status, body) the proxy answers with
     refused_as: str | None = None  # a readable reason for a refusal before the policy
     routes: tuple[RouteSettings, ...] = field(default=())
+    actions: tuple[str, ...] = ()  # what the route's protocol named (or --action gave)
 
     @property
     def action(self) -> Action | None:
@@ -112,7 +118,12 @@ class Explained:
             return "\n".join(lines)
         lines.append(f"route:    {self.route.name} (prefix {self.route.prefix})")
         lines.append(f"upstream: {self.upstream_url}")
-        assert self.explanation is not None
+        if self.actions:
+            lines.append(f"actions:  {', '.join(self.actions)}")
+        if self.explanation is None:
+            lines.append(f"refused:  {self.refused_as}")
+            lines.append(f"outcome:  {self.outcome()}")
+            return "\n".join(lines)
         lines.append("rules:")
         if not self.explanation.trace:
             lines.append("  (none)")
@@ -173,6 +184,7 @@ class Explained:
                 }
             ),
             "upstream_url": self.upstream_url,
+            "actions": list(self.actions),
             "action": None if action is None else action.value,
             "rule": None if decision is None else decision.rule,
             "default": decision is not None and decision.rule is None,
@@ -203,10 +215,55 @@ def _listing(items: Any) -> str:
     return "[" + ", ".join(str(item) for item in items) + "]"
 
 
-def forwarded_url(route: RouteSettings, path: str, query: str = "") -> str:
+def forwarded_url(
+    route: RouteSettings, path: str, query: str = "", raw_path: str | None = None
+) -> str:
     """The URL the proxy would request upstream for the normalized `path` on `route`."""
     parts = urlsplit(route.upstream)
-    return f"{parts.scheme}://{parts.netloc}{upstream_target(route, path, query)}"
+    return f"{parts.scheme}://{parts.netloc}{upstream_target(route, path, query, raw_path)}"
+
+
+def _run(coroutine: Any) -> Any:
+    """Run a recognizer's coroutine to its end from synchronous code (a thread of its own when
+    the caller already runs an event loop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def _recognized(
+    route: RouteSettings,
+    method: str,
+    path: str,
+    raw_path: str,
+    query: str,
+    headers: CIMultiDict[str],
+    body: RequestBody | None,
+    aws_service: str | None,
+) -> tuple[str, ...]:
+    """The actions the route's protocol names for this request, as the proxy would."""
+    assert route.protocol is not None
+    service = aws_service or (route.aws.service if route.aws is not None else None)
+    if route.protocol == "aws" and service is None:
+        raise Unrecognized(
+            "name the AWS service the agent signs for with --aws-service (e.g. iam, s3), or "
+            "the actions with --action"
+        )
+    target = upstream_target(route, path, query, raw_path).partition("?")[0]
+    message = Message(
+        method=method,
+        path=upstream_path(route, path),
+        raw_path=target,
+        query=query,
+        headers=headers,
+        body=body,
+        service=service,
+    )
+    actions: tuple[str, ...] = _run(recognizer_for(route.protocol).recognize(message))
+    return actions
 
 
 def explain_request(
@@ -219,8 +276,17 @@ def explain_request(
     email: str | None = None,
     claims: Mapping[str, Any] | None = None,
     policy: Policy | None = None,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes | None = None,
+    actions: Sequence[str] | None = None,
+    aws_service: str | None = None,
 ) -> Explained:
-    """What the proxy would do with `method raw_path` from this identity (nothing is served)."""
+    """What the proxy would do with `method raw_path` from this identity (nothing is served).
+
+    `headers` and `body` are the request's, for the conditions and the route's protocol that
+    read them; `actions` names the actions outright instead of recognizing them (an AWS route
+    needs `aws_service`, the service the agent signs for, to recognize them itself).
+    """
     path_only, _, query = raw_path.partition("?")
     base = Explained(
         method=method,
@@ -245,6 +311,35 @@ def explain_request(
     route = RouteTable(settings.routes).match(path)
     if route is None:
         return replace(base, path=path, refusal=(404, error_body(404, "no_route", path=path)))
+    if not route.merge_slashes and "//" in path_only:
+        path = normalize_path(path_only, merge_slashes=False)
+    header_view: CIMultiDict[str] = CIMultiDict(headers)
+    request_body = None if body is None else RequestBody(body, header_view.get("Content-Type"))
+    base = replace(
+        base,
+        path=path,
+        route=route,
+        upstream_url=forwarded_url(route, path, query, path_only),
+    )
+
+    def refused(status: int, code: str, message: str, reason: str | None = None) -> Explained:
+        return replace(
+            base,
+            refused_as=f"{status} {code}: {message}",
+            refusal=(status, error_body(status, code, message=message, reason=reason)),
+        )
+
+    found: tuple[str, ...] = tuple(actions or ())
+    if actions is None and route.protocol is not None:
+        try:
+            found = _recognized(
+                route, method, path, path_only, query, header_view, request_body, aws_service
+            )
+        except AmbiguousField as exc:
+            return refused(400, "ambiguous_request", exc.message, "repeated_field")
+        except (Unrecognized, UnreadableBody) as exc:
+            return refused(400, "invalid_request", exc.message)
+    base = replace(base, actions=found)
     identity = Identity(
         subject=subject,
         issuer="explain",
@@ -253,27 +348,38 @@ def explain_request(
         claims={"sub": subject, "groups": sorted(groups), **(claims or {})},
     )
     policy = policy or Policy.compile(settings.policy)
-    explanation = policy.explain(RequestInfo(method=method, path=path, route=route.name), identity)
+    info = RequestInfo(
+        method,
+        path,
+        route.name,
+        actions=found,
+        headers=header_view,
+        query=query,
+        body=request_body,
+        fold_case=route.case_insensitive_paths,
+    )
+    try:
+        explanation = policy.explain(info, identity)
+    except AmbiguousField as exc:
+        return refused(400, "ambiguous_request", exc.message, "repeated_field")
     decision = explanation.decision
     rule = None if decision.rule is None else policy.rule(decision.rule)
     refusal: tuple[int, dict[str, Any]] | None = None
     timeout: int | None = None
     if decision.action is Action.DENY:
-        body = error_body(403, "policy_denied", rule=decision.rule, route=route.name)
-        refusal = (403, body)
+        refusal = (403, error_body(403, "policy_denied", rule=decision.rule, route=route.name))
     elif decision.action is Action.APPROVE:
         if rule is None:
-            body = error_body(
-                503, "approvals_unavailable", route=route.name, message=NO_APPROVERS_MESSAGE
+            refusal = (
+                503,
+                error_body(
+                    503, "approvals_unavailable", route=route.name, message=NO_APPROVERS_MESSAGE
+                ),
             )
-            refusal = (503, body)
         else:
             timeout = rule.timeout_seconds or settings.approvals.timeout_seconds
     return replace(
         base,
-        path=path,
-        route=route,
-        upstream_url=forwarded_url(route, path, query),
         explanation=explanation,
         rule=rule,
         timeout_seconds=timeout,

@@ -169,6 +169,7 @@ def test_json_has_the_same_information() -> None:
             "upstream": "https://cloud.example.com/api/",
         },
         "upstream_url": "https://cloud.example.com/api/exports/x?dry=1",
+        "actions": [],
         "action": "approve",
         "rule": "exports",
         "default": False,

@@ -140,7 +140,7 @@ async def test_header_source_is_read_first_and_stripped_before_forwarding(proxy:
 
 
 async def test_json_and_header_conditions_hold_only_the_matching_export(proxy: Proxy) -> None:
-    client, sink = proxy
+    client, _ = proxy
     dev = await client.post(
         "/data/exports", json={"format": "csv"}, headers={**AGENT, "X-Env": "dev"}
     )

@@ -170,7 +170,7 @@ def test_keys_new_requires_a_subject() -> None:
     result = cli("keys", "new", "--groups", "ci")
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.startswith("usage: countersign keys new --subject SUBJECT")
+    assert result.stderr.startswith("usage: countersign keys new [--aws] --subject SUBJECT")
     assert result.stderr.splitlines()[-1] == (
         "countersign keys new: error: --subject is required: the identity the key "
         "authenticates as, e.g. --subject agent-ci"

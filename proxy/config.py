@@ -1429,7 +1429,8 @@ def summary(settings: Settings) -> str:
     return (
         f"{len(settings.identity.issuers)} issuer(s), "
         f"{len(settings.identity.api_keys)} API key(s), "
-        f"{len(settings.routes)} route(s), {len(settings.policy.rules)} rule(s) "
+        + (f"{len(settings.identity.aws_keys)} AWS key(s), " if settings.identity.aws_keys else "")
+        + f"{len(settings.routes)} route(s), {len(settings.policy.rules)} rule(s) "
         f"({approve} approve), default {settings.policy.default.value}, "
         f"store {settings.store.url.split('://')[0]}"
     )

@@ -38,6 +38,8 @@ routes:
     caller_credentials: ["header:X-Api-Key", bearer]
   - {{name: data, prefix: /data/, upstream: "{echo}/api/"}}
   - {{name: gql, prefix: /graphql, upstream: "{graphql}", protocol: graphql}}
+  - {{name: files, prefix: /Files/, upstream: "{echo}/api/", case_insensitive_paths: true}}
+  - {{name: keep, prefix: /keep/, upstream: "{echo}/api/", merge_slashes: false}}
 approvals: {{timeout_seconds: 30}}
 policy:
   rules:
@@ -51,6 +53,7 @@ policy:
     - {{name: form-delete, route: data, when: {{form: {{op: delete}}}}, action: deny}}
     - {{name: dry-runs, route: data, when: {{query: {{dry_run: "true"}}}}, action: allow}}
     - {{name: data-posts, route: data, methods: [POST], action: allow}}
+    - {{name: no-secrets, route: files, paths: ["/files/secret/**"], action: deny}}
     - {{name: reads, methods: [GET], action: allow}}
     - {{name: gql-reads, route: gql, actions: ["query:*"], action: allow}}
     - name: gql-delete
@@ -256,3 +259,29 @@ async def test_graphql_fragments_at_the_root_are_seen_through(proxy: Proxy) -> N
     resp = await client.post("/graphql", json={"query": "mutation {"}, headers=AGENT)
     assert resp.status == 400
     assert (await error_of(resp))["code"] == "invalid_request"
+
+
+# -- paths: case-insensitive upstreams, and upstreams where "//" matters ----------------------
+
+
+async def test_a_case_insensitive_route_judges_the_folded_path(proxy: Proxy) -> None:
+    client, _ = proxy
+    for path in ("/files/secret/x", "/FILES/Secret/x", "/Files/SECRET/"):
+        resp = await client.get(path, headers=AGENT)
+        assert resp.status == 403, path
+        assert (await error_of(resp))["rule"] == "no-secrets"
+    resp = await client.get("/FILES/public/Report.txt", headers=AGENT)
+    assert resp.status == 200
+    assert (await resp.json())["path"] == "/api/public/Report.txt", "forwarded as sent"
+
+
+async def test_merge_slashes_false_forwards_the_path_bytes_as_sent(proxy: Proxy) -> None:
+    client, _ = proxy
+    resp = await client.get("/keep/logs//2024/a%2Bb%C3%BC%20d.txt?x=1", headers=AGENT)
+    assert resp.status == 200
+    echo = await resp.json()
+    assert echo["path"] == "/api/logs//2024/a%2Bb%C3%BC%20d.txt"
+    assert echo["query"] == "x=1"
+    # Other routes still collapse repeated slashes and re-encode canonically.
+    resp = await client.get("/data//a%2Bb", headers=AGENT)
+    assert (await resp.json())["path"] == "/api/a+b"

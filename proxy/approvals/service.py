@@ -62,14 +62,16 @@ BODY_NOTE = "body"  # the held body's exact bytes, kept with the approval for ap
 
 def _about(approval: Approval) -> dict[str, Any]:
     """The fields every approval event carries."""
-    return {
+    about: dict[str, Any] = {
         "approval_id": approval.id,
         "request_id": approval.request_id,
         "rule": approval.rule,
         "route": approval.route,
-        "actions": list(approval.actions) or None,
         "requester": requester_log(approval.requester),
     }
+    if approval.actions:
+        about["actions"] = list(approval.actions)
+    return about
 
 
 class ApprovalService:

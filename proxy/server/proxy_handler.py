@@ -217,6 +217,8 @@ class ProxyHandler:
         **fields: Any,
     ) -> web.Response:
         """A JSON refusal, audited as `request.refused`; `headers` go on the answer only."""
+        if exchange.actions and "actions" not in fields:
+            fields["actions"] = list(exchange.actions)
         self._audit.emit(
             audit.REQUEST_REFUSED,
             request_id=exchange.request_id,
@@ -395,9 +397,9 @@ class ProxyHandler:
             method=info.method,
             path=exchange.path,
             route=info.route,
-            actions=list(exchange.actions) or None,
             rule=decision.rule,
             action=decision.action.value,
+            **({"actions": list(exchange.actions)} if exchange.actions else {}),
         )
         if decision.action is Action.DENY:
             return self.refuse(
@@ -406,7 +408,6 @@ class ProxyHandler:
                 "policy_denied",
                 rule=decision.rule,
                 route=info.route,
-                actions=list(exchange.actions) or None,
             )
         if decision.action is Action.APPROVE:
             if self._gate is None or decision.rule is None:
@@ -680,6 +681,7 @@ class ProxyHandler:
                 bytes_sent=sent,
                 duration_ms=round((time.monotonic() - started) * 1000, 3),
                 error=failure,
+                **({"actions": list(exchange.actions)} if exchange.actions else {}),
             )
         if approval_id is not None:
             # An approved request's execution is on disk before its exchange is over. (The

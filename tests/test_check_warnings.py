@@ -21,7 +21,12 @@ from tests.e2e.test_cli import config_text
 from tests.helpers import settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {"CLOUD_TOKEN": "x", "GITHUB_TOKEN": "y", "REDIS_PASSWORD": "z"}
+ENV = {
+    "CLOUD_TOKEN": "x",
+    "GITHUB_TOKEN": "y",
+    "REDIS_PASSWORD": "z",
+    "AGENT_7_AWS_SECRET": "0123456789abcdef0123",
+}
 
 ROUTES = """
 routes:

@@ -268,10 +268,11 @@ def _models_in(annotation: object) -> Iterator[type[BaseModel]]:
 def _field_names(model: type[BaseModel]) -> Iterator[tuple[str, str]]:
     """(dotted path, key) of every field of `model` and of the models below it."""
     for name, field in model.model_fields.items():
-        yield name, name
+        key = field.alias or name  # what YAML spells (`json` for `json_fields`)
+        yield key, key
         for sub in _models_in(field.annotation):
-            for path, key in _field_names(sub):
-                yield f"{name}.{path}", key
+            for path, sub_key in _field_names(sub):
+                yield f"{key}.{path}", sub_key
 
 
 def _sections(text: str) -> dict[str, str]:

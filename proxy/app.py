@@ -41,6 +41,11 @@ from .server.proxy_handler import ProxyHandler
 from .store.base import Store
 from .store.memory import MemoryStore
 
+
+class StartupError(RuntimeError):
+    """A part the configuration names cannot be made to work (e.g. no AWS credentials)."""
+
+
 SETTINGS_KEY = web.AppKey("settings", Settings)
 AUDIT_KEY = web.AppKey("audit", AuditLog)
 
@@ -205,6 +210,17 @@ def build_app(
     )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        # AWS routes sign what they forward with real credentials, found before serving (and
+        # before anything that would need closing): a route that could never sign is a startup
+        # error, not a 502 on the first request.
+        signers = {
+            route.name: AwsUpstreamSigner(route.aws) for route in settings.routes if route.aws
+        }
+        for name, signer in signers.items():
+            try:
+                await signer.start()
+            except RuntimeError as exc:
+                raise StartupError(f"route {name}: {exc}") from None
         forwarder = Forwarder(
             connect_timeout=settings.server.upstream_connect_timeout_seconds,
             read_timeout=settings.server.upstream_timeout_seconds,
@@ -225,16 +241,6 @@ def build_app(
             SigV4Verifier(settings.identity.aws_keys),
         )
         app[AUTHENTICATOR] = authenticator
-        # AWS routes sign what they forward with real credentials, found before serving: a
-        # route that could never sign is a startup error, not a 500 on the first request.
-        signers = {
-            route.name: AwsUpstreamSigner(route.aws) for route in settings.routes if route.aws
-        }
-        for name, signer in signers.items():
-            try:
-                await signer.start()
-            except RuntimeError as exc:
-                raise RuntimeError(f"route {name}: {exc}") from None
         app[PROXY] = ProxyHandler(
             server=settings.server,
             authenticator=authenticator,

@@ -188,7 +188,9 @@ def _print_aws_key(subject: str, identity: list[str]) -> int:
     print(f"  export AWS_ACCESS_KEY_ID={key_id}")
     print(f"  export AWS_SECRET_ACCESS_KEY={secret}")
     print("  export AWS_ENDPOINT_URL=http://127.0.0.1:8080  # the proxy's URL")
+    # boto3 and the AWS CLI v1 read AWS_DEFAULT_REGION, the CLI v2 and Terraform AWS_REGION.
     print("  export AWS_REGION=us-east-1  # any region: the route's aws.region is what AWS sees")
+    print("  export AWS_DEFAULT_REGION=us-east-1")
     return 0
 
 

@@ -1241,7 +1241,8 @@ def _message(err: ErrorDetails, loc: Loc, builder: _Builder) -> str:
             return f"expected a mapping with keys {', '.join(ann.model_fields)}; {got}"
         return f"expected a mapping, {got}"
     if kind == "string_too_short":
-        return "must not be empty"
+        least = ctx.get("min_length", 1)
+        return "must not be empty" if least == 1 else f"must be at least {least} characters long"
     if kind in ("too_short", "too_long"):
         bound = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
         items = "item" if bound == 1 else "items"

@@ -162,6 +162,12 @@ class RouteTable:
                 return None
             candidate = candidate[:cut]
 
+    def match_raw(self, raw_path: str) -> RouteSettings | None:
+        """The route whose prefix the undecoded `raw_path` starts with, compared as text: for
+        choosing how to word a refusal of a path that cannot be normalized, never for
+        forwarding."""
+        return self.match(raw_path if raw_path.startswith("/") else "/")
+
     def upstream_path(self, route: RouteSettings, path: str) -> str:
         """Same as the module-level `upstream_path`."""
         return upstream_path(route, path)

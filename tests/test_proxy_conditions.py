@@ -124,6 +124,8 @@ async def test_basic_source_takes_the_password_as_the_credential(proxy: Proxy) -
     assert "authorization" not in (await resp.json())["headers"]
     resp = await client.get("/basic/x", headers={"Authorization": "Basic %%%not-base64"})
     assert resp.status == 401
+    # The challenge asks for what the route reads (a browser or curl prompts for a password).
+    assert resp.headers["WWW-Authenticate"].startswith('Basic realm="countersign"')
 
 
 async def test_header_source_is_read_first_and_stripped_before_forwarding(proxy: Proxy) -> None:

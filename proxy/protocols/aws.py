@@ -214,6 +214,8 @@ class _Service:
     json_targets: Mapping[str, tuple[str, frozenset[str]]]  # targetPrefix → (model, operations)
     cbor_targets: Mapping[str, tuple[str, frozenset[str]]]
     routes: Mapping[str, tuple[_Route, ...]]  # HTTP method → routes
+    # Whether its SDKs read errors as JSON (json, rest-json, cbor) rather than XML.
+    json_errors: bool = False
 
 
 class AwsRecognizer:
@@ -501,6 +503,7 @@ def _build_service(signing_name: str, names: Iterable[str]) -> _Service:
     cbor_targets: dict[str, tuple[str, frozenset[str]]] = {}
     routes: dict[str, list[_Route]] = {}
     titles: list[str] = []
+    xml_errors = False
     for name in names:
         model = ServiceModel(_load_model(loader, name), service_name=name)
         metadata: dict[str, Any] = model.metadata
@@ -511,6 +514,7 @@ def _build_service(signing_name: str, names: Iterable[str]) -> _Service:
             0 if name == signing_name else len(titles), str(metadata.get("serviceId") or name)
         )
         target = metadata.get("targetPrefix")
+        xml_errors = xml_errors or bool(protocols & {"query", "ec2", "rest-xml"})
         if protocols & _QUERY_PROTOCOLS or "awsQueryCompatible" in metadata:
             for op in operations:
                 query_ops.setdefault(op, name)
@@ -531,7 +535,15 @@ def _build_service(signing_name: str, names: Iterable[str]) -> _Service:
         json_targets=json_targets,
         cbor_targets=cbor_targets,
         routes={method: tuple(items) for method, items in routes.items()},
+        json_errors=bool(titles) and not xml_errors,
     )
+
+
+def speaks_json(signing_name: str) -> bool:
+    """Whether the SDKs of the service signing as `signing_name` read errors as JSON; False
+    when its model is not loaded yet (then the request's own headers tell)."""
+    service = _SERVICES.get(signing_name)
+    return service is not None and service.json_errors
 
 
 def _compile_route(model: str, operation: Any) -> _Route:

@@ -39,11 +39,17 @@ _AWS_CODES: dict[int, tuple[str, str]] = {
 _SIGNATURE = ("SignatureDoesNotMatch", "InvalidSignatureException")
 
 
-def _wants_json(request: web.BaseRequest) -> bool:
+def _wants_json(request: web.BaseRequest, service: str | None) -> bool:
     """Whether the SDK that sent this reads errors as JSON: JSON-protocol services send
-    `X-Amz-Target` or a JSON Content-Type; the rest read XML."""
+    `X-Amz-Target` or a JSON Content-Type, and REST-JSON ones (Lambda) are known by their
+    model once the signing service is; the rest read XML."""
     if "X-Amz-Target" in request.headers:
         return True
+    if service is not None:
+        from ..protocols.aws import speaks_json  # botocore: only where AWS routes exist
+
+        if speaks_json(service):
+            return True
     return "json" in request.headers.get("Content-Type", "").lower()
 
 
@@ -66,6 +72,7 @@ def aws_error_response(
     *,
     request_id: str,
     headers: dict[str, str],
+    service: str | None = None,
     message: str | None = None,
     **fields: Any,
 ) -> web.Response:
@@ -77,7 +84,7 @@ def aws_error_response(
     )
     sentence = _sentence(body)
     out = {**headers, "Countersign-Error": code, "x-amzn-RequestId": request_id}
-    if _wants_json(request):
+    if _wants_json(request, service):
         out["x-amzn-ErrorType"] = json_code
         return web.Response(
             status=status,

@@ -237,13 +237,19 @@ class ProxyHandler:
                 error,
                 request_id=exchange.request_id,
                 headers={COUNTERSIGN_REQUEST_ID_HEADER: exchange.request_id, **headers},
+                service=exchange.sigv4.service if exchange.sigv4 is not None else None,
                 **fields,
             )
         if status == 401:
             description = str(fields.get("message", "")).replace('"', "'")
-            headers["WWW-Authenticate"] = (
-                f'Bearer error="invalid_token", error_description="{description}"'
-            )
+            sources = route.settings.caller_credentials if route is not None else ("bearer",)
+            if sources[0] == "basic":
+                # A browser or curl asks for a user and password; the password is the key.
+                headers["WWW-Authenticate"] = 'Basic realm="countersign", charset="UTF-8"'
+            else:
+                headers["WWW-Authenticate"] = (
+                    f'Bearer error="invalid_token", error_description="{description}"'
+                )
         return error_response(
             status, error, request_id=exchange.request_id, headers=headers, **fields
         )
@@ -277,6 +283,11 @@ class ProxyHandler:
             check_method_override(request.headers.keys())
             exchange.path = normalize_path(exchange.raw_path)
         except AmbiguousRequest as exc:
+            # Not routed (the path cannot be trusted), but the route its prefix names, if
+            # any, chooses how the refusal is said (AWS SDKs read AWS's error shapes).
+            settings = self._routes.match_raw(exchange.raw_path)
+            if settings is not None:
+                exchange.route = self._route(settings)
             return self._ambiguous(exchange, exc.reason, exc.message)
         return None
 
@@ -326,6 +337,19 @@ class ProxyHandler:
         exchange.identity = authenticated.identity
         exchange.credential_headers = authenticated.credential_headers
         exchange.sigv4 = authenticated.sigv4
+        pinned = route.settings.aws.service if route is not None and route.settings.aws else None
+        if pinned and exchange.sigv4 is not None and exchange.sigv4.service != pinned:
+            # Actions are named for the service the agent signed for, and the request is
+            # re-signed for the route's: they must be one service, or what is judged is not
+            # what runs.
+            return self.refuse(
+                exchange,
+                403,
+                "invalid_signature",
+                message=f"this route forwards to {pinned}, but the request is signed for "
+                f"{exchange.sigv4.service}; point the {exchange.sigv4.service} client at its "
+                "own route",
+            )
         return None
 
     async def _recognize(self, exchange: Exchange) -> web.StreamResponse | None:

@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from ..app import build_app, build_redactor
+from ..app import StartupError, build_app, build_redactor
 from ..audit.chain import ChainError
 from ..config import Settings
 from ..logs import configure_logging
@@ -85,6 +85,9 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: int | N
         runner = await start(settings, app, reuse_port=reuse_port)
     except OSError as exc:
         log.error("server.listen_failed", listen=settings.server.listen, error=str(exc))
+        sys.exit(1)
+    except StartupError as exc:
+        log.error("server.start_failed", error=str(exc))
         sys.exit(1)
     _tune_garbage_collector()
     log.info(

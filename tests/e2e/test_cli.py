@@ -60,7 +60,12 @@ policy:
 def test_check_accepts_the_shipped_examples() -> None:
     root = Path(__file__).resolve().parents[2]
     examples = [*sorted((root / "config").glob("*.yaml")), root / "deploy" / "countersign.yaml"]
-    env = {"CLOUD_TOKEN": "x", "GITHUB_TOKEN": "y", "REDIS_PASSWORD": "z"}
+    env = {
+        "CLOUD_TOKEN": "x",
+        "GITHUB_TOKEN": "y",
+        "REDIS_PASSWORD": "z",
+        "AGENT_7_AWS_SECRET": "0123456789abcdef0123",
+    }
     for example in examples:
         result = cli("check", "-c", str(example), env=env)
         assert result.returncode == 0, (example, result.stderr)

@@ -185,6 +185,14 @@ def render_one(a: dict[str, Any]) -> str:
     ]
     if a.get("actions"):
         lines.append(f"  actions:    {v(', '.join(a['actions']))}")
+    if a.get("earlier_attempt"):
+        lines.append(
+            f"  WARNING:    approved before as {v(a['earlier_attempt'])} and sent, but the "
+            "upstream failed: it may already have run"
+        )
+    if a.get("tool_arguments"):
+        for number, line in enumerate(str(a["tool_arguments"]).splitlines()):
+            lines.append(("  arguments:  " if number == 0 else " " * 14) + v(line))
     if a.get("reason"):
         lines.append(f"  reason:     {v(a['reason'])}")
     for header in a.get("headers", []):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -181,14 +181,26 @@ class Forwarder:
         body: AsyncIterable[bytes] | bytes | None,
         *,
         read_timeout: float | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> UpstreamResponse:
-        """Send a request to `url` (already normalized and encoded: sent as is)."""
+        """Send a request to `url` (already normalized and encoded: sent as is).
+
+        `before_send` runs once a connection is open and before a byte is written: an
+        approval is used (claimed) only when its request can actually leave, so a refused
+        connection leaves it unused. What it raises is raised, nothing sent."""
         origin, target = self._split(url)
         head, chunked = _request_head(method, target, origin.host_header, headers, body)
         timeout = read_timeout or self._read_timeout
         retry = body is None and method in _RETRYABLE
         while True:
             conn, reused = await self._pool.acquire(origin)
+            if before_send is not None:
+                try:
+                    await before_send()
+                except BaseException:
+                    self._pool.discard(conn)
+                    raise
+                before_send = None
             response_head = conn.begin(head_only=method == "HEAD", read_timeout=timeout)
             writer: asyncio.Task[None] | None = None
             try:

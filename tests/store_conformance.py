@@ -871,6 +871,16 @@ class StoreConformance:
 
     # -- notes --------------------------------------------------------------------------------
 
+    async def test_the_last_ambiguous_attempt_is_remembered_by_fingerprint(
+        self, store: Store
+    ) -> None:
+        assert await store.last_ambiguous("f" * 64) is None
+        await store.remember_ambiguous("f" * 64, "apr_first")
+        assert await store.last_ambiguous("f" * 64) == "apr_first"
+        await store.remember_ambiguous("f" * 64, "apr_second")
+        assert await store.last_ambiguous("f" * 64) == "apr_second", "the latest attempt wins"
+        assert await store.last_ambiguous("e" * 64) is None, "other requests know nothing"
+
     async def test_note_round_trips_and_overwrites(self, store: Store) -> None:
         approval = await self.created(store)
         assert await store.get_note(approval.id, "slack.message") is None

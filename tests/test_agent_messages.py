@@ -113,8 +113,8 @@ async def test_too_many_pending_names_the_limit_and_retry_after(
     assert headers["Retry-After"].isdigit() and int(headers["Retry-After"]) > 0
 
 
-async def test_an_approved_request_whose_upstream_fails_may_have_run(make_proxy: Factory) -> None:
-    # The cloud route (and its `exports` rule) points at a closed port.
+async def test_a_refused_connection_leaves_the_approval_unused(make_proxy: Factory) -> None:
+    # The cloud route (and its `exports` rule) points at a closed port: nothing can be sent.
     client, sink = await make_proxy(settings_for("http://127.0.0.1:9", mode="async"))
     _, body, _ = await ask(client)
     approval_id = body["approval_id"]
@@ -124,12 +124,63 @@ async def test_an_approved_request_whose_upstream_fails_may_have_run(make_proxy:
     error = body["error"]
     assert error["code"] == "upstream_unavailable" and error["approval_id"] == approval_id
     message = error["message"]
-    assert message.startswith("The upstream failed on the approved request (")
+    assert message.startswith("The upstream could not be reached (")
     assert message.endswith(
-        "): it may or may not have run. Check its effect before retrying; a retry needs a new "
-        "approval."
+        "); nothing was sent and the approval is still unused: send the identical request again."
     )
-    assert "approved request" in json.dumps(sink.named("request.refused"))
+    shown = await (await client.get(f"{API}/{approval_id}", headers=ALICE)).json()
+    assert shown["state"] == "approved" and shown["outcome"] is None
+    assert "approval is still unused" in json.dumps(sink.named("request.refused"))
+
+
+async def _hang_up_upstream() -> tuple[asyncio.AbstractServer, str, list[bytes]]:
+    """An upstream that reads the request, then closes without answering: it may have run."""
+    received: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read(65536))
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}", received
+
+
+async def test_an_upstream_that_fails_after_receiving_may_have_run_and_a_retry_shows_it(
+    make_proxy: Factory,
+) -> None:
+    server, url, received = await _hang_up_upstream()
+    try:
+        client, _ = await make_proxy(settings_for(url, mode="async"))
+        _, body, _ = await ask(client)
+        first = body["approval_id"]
+        await approve(client, first)
+        status, body, _ = await ask(client, **{"Countersign-Approval": first})
+        assert status == 502 and received, "the request reached the upstream"
+        message = body["error"]["message"]
+        assert message.startswith("The upstream failed on the approved request (")
+        assert message.endswith(
+            "): it may or may not have run. Check its effect before retrying; a retry needs a "
+            "new approval."
+        )
+        for _ in range(100):  # the outcome is recorded in the background
+            shown = await (await client.get(f"{API}/{first}", headers=ALICE)).json()
+            if shown["outcome"] is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert shown["state"] == "executed" and shown["outcome"] == "ambiguous"
+        # The identical retry opens a new approval, which tells approvers of the first attempt.
+        status, body, _ = await ask(client)
+        assert status == 202 and body["approval_id"] != first
+        retry = await (await client.get(f"{API}/{body['approval_id']}", headers=ALICE)).json()
+        assert retry["earlier_attempt"] == first
+        # A different request knows nothing of it.
+        _, other, _ = await ask(client, {"b": 2})
+        shown = await (await client.get(f"{API}/{other['approval_id']}", headers=ALICE)).json()
+        assert shown["earlier_attempt"] is None
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_plain_request_to_a_failed_upstream_keeps_its_message(

@@ -7,6 +7,7 @@ marked. The exact bytes stay available to approvers (`GET …/approvals/{id}/bod
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
@@ -55,3 +56,25 @@ def clean_reason(reason: str | None, redactor: Redactor = DEFAULT_REDACTOR) -> s
         return None
     reason = str(redactor.value(reason.strip()))
     return reason[:REASON_CHARS] if reason else None
+
+
+TOOL_ARGUMENTS_CHARS = 4096
+
+
+def tool_arguments(body: bytes, redactor: Redactor = DEFAULT_REDACTOR) -> str | None:
+    """For an MCP `tools/call`, its arguments pretty-printed (secret fields blanked, cut past
+    `TOOL_ARGUMENTS_CHARS`): what an approver reads first. The raw body stays in the preview."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or message.get("method") != "tools/call":
+        return None
+    params = message.get("params")
+    if not isinstance(params, dict):
+        return None
+    arguments = params.get("arguments", {})
+    text = json.dumps(redactor.value(arguments), indent=2, ensure_ascii=False, sort_keys=True)
+    if len(text) > TOOL_ARGUMENTS_CHARS:
+        text = text[:TOOL_ARGUMENTS_CHARS] + "\n… [cut: download the body to see all]"
+    return text

@@ -38,7 +38,7 @@ from ..model.persons import canonical_email
 from ..model.state import ApprovalNotFound, ReasonRequired
 from ..store.base import Store, StoreUnavailable, cursor_after
 from ..tasks import stop_task
-from .preview import body_preview, clean_reason, header_view
+from .preview import body_preview, clean_reason, header_view, tool_arguments
 from .view import approval_json, requester_log
 
 log = structlog.get_logger("countersign.approvals")
@@ -189,9 +189,10 @@ class ApprovalService:
         approvers = rule.approvers
         content_type = binding.content_type
         preview, cut = body_preview(binding.body, self._redactor)
+        fingerprint_hex = fingerprint_hex or fingerprint(binding)
         candidate = Approval(
             id=new_approval_id(),
-            fingerprint=fingerprint_hex or fingerprint(binding),
+            fingerprint=fingerprint_hex,
             state=ApprovalState.PENDING,
             created_at=now,
             expires_at=now + timeout,
@@ -216,6 +217,12 @@ class ApprovalService:
             body_truncated=cut,
             claim_seconds=float(self._settings.claim_seconds),
             actions=actions,
+            tool_arguments=(
+                tool_arguments(binding.body, self._redactor)
+                if any(action.startswith("tool:") for action in actions)
+                else None
+            ),
+            earlier_attempt=await self.store.last_ambiguous(fingerprint_hex),
         )
         approval, created = await self.store.create_or_join(
             candidate, max_pending=self._settings.max_pending_per_identity
@@ -331,6 +338,9 @@ class ApprovalService:
         self, approval_id: str, outcome: Outcome, upstream_status: int | None
     ) -> Approval:
         approval = await self.store.record_outcome(approval_id, outcome, upstream_status)
+        if outcome is Outcome.AMBIGUOUS:
+            # A retry of this very request opens a new approval: it will show this attempt.
+            await self.store.remember_ambiguous(approval.fingerprint, approval.id)
         self._notify("approval.executed", approval)
         return approval
 

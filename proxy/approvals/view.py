@@ -51,6 +51,8 @@ def approval_json(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) -> 
             for name, value, redacted in approval.headers
         ],
         "actions": list(approval.actions),
+        "tool_arguments": approval.tool_arguments,
+        "earlier_attempt": approval.earlier_attempt,
         "requester": requester_log(approval.requester),
         "owner": approval.requester.owner,
         "reason": approval.reason,

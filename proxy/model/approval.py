@@ -139,6 +139,11 @@ class Approval:
     claim_seconds: float = 600.0
     outcome: Outcome | None = None
     abandoned_at: float | None = None
+    # An MCP tools/call's arguments, pretty-printed and redacted, for approvers.
+    tool_arguments: str | None = None
+    # An earlier approval of this same request that was sent upstream and failed there: it may
+    # have run, and approvers must know before they approve a retry.
+    earlier_attempt: str | None = None
 
     @property
     def approvals_count(self) -> int:

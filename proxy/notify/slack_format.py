@@ -144,6 +144,24 @@ def approval_blocks(
     if approval.actions:
         actions = shown(", ".join(approval.actions))
         blocks.append({"type": "section", "text": _mrkdwn(f"*Actions*\n{actions}")})
+    if approval.earlier_attempt is not None:
+        earlier = shown(approval.earlier_attempt)
+        blocks.append(
+            {
+                "type": "section",
+                "text": _mrkdwn(
+                    f":warning: *This exact request was approved before* ({earlier}) and sent, "
+                    "but the upstream failed: it may already have run. Check before approving."
+                ),
+            }
+        )
+    if approval.tool_arguments is not None:
+        blocks.append(
+            {
+                "type": "section",
+                "text": _mrkdwn(f"*Tool arguments*\n{_code(approval.tool_arguments, redactor)}"),
+            }
+        )
     if approval.headers:
         # Every header the approval binds: what runs carries exactly these.
         listed = "\n".join(

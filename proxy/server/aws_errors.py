@@ -18,7 +18,7 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
-from .responses import error_body
+from .responses import error_body, error_sentence
 
 __all__ = ["aws_error_response"]
 
@@ -53,18 +53,6 @@ def _wants_json(request: web.BaseRequest, service: str | None) -> bool:
     return "json" in request.headers.get("Content-Type", "").lower()
 
 
-def _sentence(body: dict[str, Any]) -> str:
-    """The message, followed by the context an operator needs to find the approval."""
-    error = body["error"]
-    context = [
-        f"{name} {error[name]}"
-        for name in ("approval_id", "rule", "request_id")
-        if error.get(name) is not None
-    ]
-    message = str(error["message"])
-    return f"{message} [countersign {error['code']}: {', '.join(context)}]" if context else message
-
-
 def aws_error_response(
     request: web.BaseRequest,
     status: int,
@@ -82,7 +70,7 @@ def aws_error_response(
         if code == "invalid_signature"
         else _AWS_CODES.get(status, ("AccessDenied", "AccessDeniedException"))
     )
-    sentence = _sentence(body)
+    sentence = error_sentence(body)
     out = {**headers, "Countersign-Error": code, "x-amzn-RequestId": request_id}
     if _wants_json(request, service):
         out["x-amzn-ErrorType"] = json_code

@@ -30,6 +30,7 @@ from ..forward import UpstreamError, UpstreamResponse
 from ..model import Approval, ApprovalState, Outcome, state
 from ..model.binding import binding_of, bound_headers, fingerprint
 from ..store.base import StoreUnavailable
+from .mcp_answers import SSE_CONTENT_TYPE, McpCall, progress_event, sse_data
 from .responses import (
     APPROVAL_HEADER,
     APPROVAL_ID_HEADER,
@@ -98,6 +99,15 @@ def _too_many_message(limit: int) -> str:
     )
 
 
+def _waiting_text(call: McpCall, approval: Approval) -> str:
+    """What an MCP client (and its model) hears while a human decides."""
+    left = max(0, round((approval.expires_at - time.time()) / 60))
+    return (
+        f"Waiting for a human to approve tool {call.tool} (approval {approval.id}, rule "
+        f"{approval.rule}); it expires in about {left} min."
+    )
+
+
 def decision_fields(approval: Approval) -> dict[str, Any]:
     final = approval.final_decision
     return {
@@ -109,6 +119,9 @@ def decision_fields(approval: Approval) -> dict[str, Any]:
 
 
 class ApprovalGate:
+    # How often a held MCP call hears that it is still waiting.
+    mcp_progress_seconds = 4.0  # under the 5 s read timeout of a default httpx client
+
     def __init__(self, service: ApprovalService, max_body_bytes: int, max_held_bytes: int) -> None:
         self._service = service
         self._max_body = max_body_bytes
@@ -235,6 +248,9 @@ class ApprovalGate:
                 asked_async = _prefers_async(request)
                 if asked_async or (rule.mode or service.mode) == "async":
                     return self._accepted(exchange, approval, asked_async)
+                call = exchange.mcp_call
+                if call is not None and call.accepts_sse:
+                    return await self._hold_mcp(proxy, exchange, approval, body, call)
                 approval = await self._wait(approval)
             return await self._conclude(proxy, exchange, approval, body)
         except state.TooManyPending as exc:
@@ -256,6 +272,51 @@ class ApprovalGate:
                 rule=rule.name,
                 message="the approval store cannot be reached; nothing was forwarded",
             )
+
+    async def _hold_mcp(
+        self,
+        proxy: ProxyHandler,
+        exchange: Exchange,
+        approval: Approval,
+        body: bytes,
+        call: McpCall,
+    ) -> web.StreamResponse:
+        """An MCP tools/call held while a human decides: answered at once as an SSE stream
+        that says it is waiting (progress notifications, or comments), then carries the tool's
+        result or the refusal as a tool result. A client that leaves is recorded as abandoned,
+        as for any held request."""
+        stream = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": SSE_CONTENT_TYPE,
+                "Cache-Control": "no-cache",
+                COUNTERSIGN_REQUEST_ID_HEADER: exchange.request_id,
+                APPROVAL_ID_HEADER: approval.id,
+            },
+        )
+        await stream.prepare(exchange.request)
+        waiting = asyncio.ensure_future(self._wait(approval))
+        progress = 0
+        try:
+            while True:
+                progress += 1
+                await stream.write(progress_event(call, progress, _waiting_text(call, approval)))
+                done, _ = await asyncio.wait({waiting}, timeout=self.mcp_progress_seconds)
+                if done:
+                    approval = waiting.result()
+                    break
+        except BaseException:
+            # The client left (a failed write, or the handler cancelled): `_wait`, cancelled,
+            # records the abandonment.
+            waiting.cancel()
+            raise
+        answer = await self._conclude(proxy, exchange, approval, body, into=stream)
+        if answer is not stream:
+            # A refusal, already a JSON-RPC tool result: it goes on as the stream's last event.
+            assert isinstance(answer, web.Response) and isinstance(answer.body, bytes)
+            await stream.write(sse_data(answer.body))
+            await stream.write_eof()
+        return stream
 
     async def _wait(self, approval: Approval) -> Approval:
         """Hold until the decision; a client that leaves meanwhile is recorded as abandoned."""
@@ -293,7 +354,13 @@ class ApprovalGate:
         )
 
     async def _conclude(
-        self, proxy: ProxyHandler, exchange: Exchange, approval: Approval, body: bytes
+        self,
+        proxy: ProxyHandler,
+        exchange: Exchange,
+        approval: Approval,
+        body: bytes,
+        *,
+        into: web.StreamResponse | None = None,
     ) -> web.StreamResponse:
         if approval.state is ApprovalState.DENIED:
             return proxy.refuse(exchange, 403, "approval_denied", **decision_fields(approval))
@@ -319,7 +386,7 @@ class ApprovalGate:
             # claimed), and its connection is released once the answer is in.
             execution.add_done_callback(_close_quietly)
             raise
-        return await proxy.relay(exchange, upstream, started, approval_id=approval.id)
+        return await proxy.relay(exchange, upstream, started, approval_id=approval.id, into=into)
 
     @staticmethod
     def _refused(
@@ -338,15 +405,22 @@ class ApprovalGate:
     async def _execute(
         self, proxy: ProxyHandler, exchange: Exchange, approval: Approval, body: bytes
     ) -> UpstreamResponse:
-        # A store failure here means nothing was sent: the 503 it becomes is the truth.
-        await self._service.claim(approval.id)
-        # From here on the request may have reached the upstream: whatever the store does, the
-        # client gets the upstream's answer, and the outcome is recorded in the background.
+
+        async def claim() -> None:
+            # Once a connection to the upstream is open, and not before: a refused connection
+            # leaves the approval unused. A store failure here means nothing was sent: the 503
+            # it becomes is the truth.
+            await self._service.claim(approval.id)
+            exchange.claimed = True
+
+        # From the claim on the request may have reached the upstream: whatever the store does,
+        # the client gets the upstream's answer, and the outcome is recorded in the background.
         try:
-            upstream = await proxy.open_upstream(exchange, body, held=True)
+            upstream = await proxy.open_upstream(exchange, body, held=True, before_send=claim)
         except UpstreamError:
-            # It may have run: whoever retries needs a new approval, which shows this attempt.
-            self._service.record_outcome_soon(approval.id, Outcome.AMBIGUOUS, None)
+            if exchange.claimed:
+                # It may have run: a retry needs a new approval, which shows this attempt.
+                self._service.record_outcome_soon(approval.id, Outcome.AMBIGUOUS, None)
             raise
         self._service.record_outcome_soon(approval.id, Outcome.COMPLETED, upstream.status)
         return upstream

@@ -20,7 +20,7 @@ import ipaddress
 import itertools
 import os
 import time
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -51,12 +51,15 @@ from ..policy import Policy
 from ..protocols import Message, Recognizer, Unrecognized, recognizer_for
 from ..routing import RouteTable, upstream_path, upstream_target
 from .aws_errors import aws_error_response
+from .mcp_answers import McpCall, json_answer, mcp_tool_call, sse_data, tool_error
 from .metrics import Metrics
 from .responses import (
     APPROVAL_ID_HEADER,
     COUNTERSIGN_REQUEST_ID_HEADER,
     NO_APPROVERS_MESSAGE,
+    error_body,
     error_response,
+    error_sentence,
 )
 
 if TYPE_CHECKING:
@@ -75,6 +78,9 @@ _CLIENT_ONLY = frozenset(
 # Rebuilt by the proxy on every request (extended from a trusted proxy's values).
 _X_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 _NO_BODY_STATUSES = frozenset({204, 304})
+# Refusals of an MCP tools/call answered as a tool result the model reads (401 stays HTTP: the
+# client must see it to authenticate; 400s are about the message itself).
+_MCP_TOOL_REFUSALS = frozenset({403, 409, 429, 502, 503, 504})
 # Checked once per header: what never goes upstream as the client sent it. A route's injected
 # headers replace the client's of the same name.
 _NOT_FORWARDED = HOP_BY_HOP | _CLIENT_ONLY | _X_FORWARDED
@@ -130,6 +136,8 @@ class Exchange:
     # bound into an approval.
     credential_headers: frozenset[str] = frozenset()
     sigv4: SigV4Caller | None = None
+    mcp_call: McpCall | None = None  # a single MCP tools/call: refusals become tool results
+    claimed: bool = False  # its approval was used: the request may have reached the upstream
     _identity_log: dict[str, Any] | None = None
 
     def identity_log(self) -> dict[str, Any] | None:
@@ -229,6 +237,13 @@ class ProxyHandler:
         )
         headers = dict(headers or {})
         route = exchange.route
+        call = exchange.mcp_call
+        if call is not None and status in _MCP_TOOL_REFUSALS:
+            # The model reads tool results, not HTTP statuses: say it as a failed tool call.
+            body = error_body(status, error, request_id=exchange.request_id, **fields)
+            headers[COUNTERSIGN_REQUEST_ID_HEADER] = exchange.request_id
+            headers["Countersign-Error"] = error
+            return json_answer(tool_error(call, error_sentence(body)), headers)
         if route is not None and route.settings.protocol == "aws":
             # AWS SDKs read AWS's error shapes, not ours.
             return aws_error_response(
@@ -374,6 +389,8 @@ class ProxyHandler:
             body=self._body_view(exchange),
             service=exchange.sigv4.service if exchange.sigv4 is not None else None,
         )
+        if route.settings.protocol == "mcp":
+            exchange.mcp_call = mcp_tool_call(request, message.body)
         try:
             exchange.actions = await recognizer.recognize(message)
         except AmbiguousField as exc:
@@ -562,6 +579,7 @@ class ProxyHandler:
         body: AsyncIterable[bytes] | bytes | None,
         *,
         held: bool = False,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> UpstreamResponse:
         """Send the request upstream (streamed, or the buffered bytes read to judge it or
         approved by a human) and return the response with its body unread. A `held` request
@@ -600,6 +618,7 @@ class ProxyHandler:
             headers,
             body,
             read_timeout=route.settings.timeout_seconds or self._read_timeout,
+            before_send=before_send,
         )
 
     def upstream_failed(
@@ -609,7 +628,12 @@ class ProxyHandler:
         agent is told it may have run and that a retry needs a new approval."""
         route = exchange.route.settings.name if exchange.route else None
         message = str(exc)
-        if fields.get("approval_id") is not None:
+        if fields.get("approval_id") is not None and not exchange.claimed:
+            message = (
+                f"The upstream could not be reached ({message or exc.code}); nothing was sent "
+                "and the approval is still unused: send the identical request again."
+            )
+        elif fields.get("approval_id") is not None:
             message = (
                 f"The upstream failed on the approved request ({message or exc.code})"
                 ": it may or may not have run. Check its effect before retrying; a retry needs a "
@@ -650,8 +674,12 @@ class ProxyHandler:
         started: float,
         *,
         approval_id: str | None = None,
+        into: web.StreamResponse | None = None,
     ) -> web.StreamResponse:
-        """Stream the upstream's answer back to the client, then audit `request.forwarded`."""
+        """Stream the upstream's answer back to the client, then audit `request.forwarded`.
+
+        `into` is an SSE answer already under way (an MCP call held while a human decided):
+        the upstream's answer continues it as SSE events."""
         request = exchange.request
         exchange.forwarded = True
         has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
@@ -659,7 +687,24 @@ class ProxyHandler:
         sent = 0
         failure: str | None = None
         try:
-            if has_body and upstream.body_complete:
+            if into is not None:
+                response = into
+                streamed = any(
+                    name.lower() == "content-type" and "text/event-stream" in value
+                    for name, value in upstream.headers
+                )
+                if streamed:  # already SSE: the bytes go on as they come
+                    while chunk := await upstream.read():
+                        await response.write(chunk)
+                        sent += len(chunk)
+                else:
+                    whole = bytearray()
+                    while chunk := await upstream.read():
+                        whole += chunk
+                    await response.write(sse_data(bytes(whole)))
+                    sent = len(whole)
+                await response.write_eof()
+            elif has_body and upstream.body_complete:
                 # The whole (small) answer is in already: status, headers and body leave in
                 # one write, where streaming would take two.
                 body = upstream.read_all()

@@ -123,6 +123,23 @@ def error_body(
     return {"error": detail}
 
 
+def error_sentence(body: dict[str, Any]) -> str:
+    """An error body as one line of text, for clients that show text and no JSON (AWS SDKs,
+    MCP tool results): the message, then what an operator needs to find the approval."""
+    error = body["error"]
+    context = [
+        f"{label} {error[name]}"
+        for name, label in (
+            ("approval_id", "approval"),
+            ("rule", "rule"),
+            ("request_id", "request"),
+        )
+        if error.get(name) is not None
+    ]
+    message = str(error["message"])
+    return f"{message} [countersign {error['code']}: {', '.join(context)}]" if context else message
+
+
 def error_response(
     status: int,
     error: str,

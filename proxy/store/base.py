@@ -125,6 +125,16 @@ class Store(Protocol):
         """The value `set_note` kept, or None (unknown approval or name)."""
         ...
 
+    async def remember_ambiguous(self, fingerprint: str, approval_id: str) -> None:
+        """Remember, for the retention period, that the approved request with `fingerprint`
+        went upstream and its outcome is unknown (`approval_id`): an identical request's new
+        approval shows it to approvers."""
+        ...
+
+    async def last_ambiguous(self, fingerprint: str) -> str | None:
+        """The approval `remember_ambiguous` kept for `fingerprint`, or None."""
+        ...
+
     async def ping(self) -> bool: ...
 
     async def aclose(self) -> None: ...

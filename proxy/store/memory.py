@@ -37,6 +37,8 @@ class MemoryStore:
         self._max_finished = max_finished
         self._finished: dict[str, float] = {}  # id -> when it finished (insertion ordered)
         self._notes: dict[str, dict[str, str]] = {}
+        # fingerprint -> (approval id, until when): approved requests whose outcome is unknown
+        self._ambiguous: dict[str, tuple[str, float]] = {}
         # requester_key -> ids of its pending approvals
         self._pending: dict[str, set[str]] = {}
         # (created_at, id) ascending: every approval, and those in each state
@@ -177,6 +179,21 @@ class MemoryStore:
 
     async def lease(self, name: str, seconds: float) -> bool:
         return True  # one process: always ours
+
+    async def remember_ambiguous(self, fingerprint: str, approval_id: str) -> None:
+        self._ambiguous.pop(fingerprint, None)  # re-inserted last: the oldest go first
+        self._ambiguous[fingerprint] = (approval_id, time.time() + self._retention)
+        while len(self._ambiguous) > self._max_finished:
+            del self._ambiguous[next(iter(self._ambiguous))]
+
+    async def last_ambiguous(self, fingerprint: str) -> str | None:
+        entry = self._ambiguous.get(fingerprint)
+        if entry is None:
+            return None
+        if entry[1] < time.time():
+            del self._ambiguous[fingerprint]
+            return None
+        return entry[0]
 
     async def ping(self) -> bool:
         return True

@@ -10,6 +10,8 @@ Keys (`{p}` is the hash tag `{key_prefix}`), every one with a TTL:
     {p}:apr:<id>           the approval's JSON; TTL: what is left of its window + retention
     {p}:notes:<id>         hash of its notes (`set_note`); the approval's TTL
     {p}:fp:<fingerprint>   id of the open (joinable) approval with that fingerprint
+    {p}:amb:<fingerprint>  id of the last approval of that request whose outcome is ambiguous;
+                           TTL: the retention
     {p}:deadlines          zset id → expires_at of pending and approved (unused) approvals
     {p}:created            zset id → created_at of every approval: the listing of all states
     {p}:state:<state>      zset id → created_at of the approvals in that state: its listing
@@ -297,6 +299,7 @@ class RedisStore:
         self._requester_key = f"{tag}:pending:"
         self._lease_key = f"{tag}:lease:"
         self._notes_key = f"{tag}:notes:"
+        self._ambiguous_key = f"{tag}:amb:"
         self._channel = f"{tag}:changes"
         self._owner = secrets.token_hex(8)
         self._create = self._redis.register_script(_CREATE)
@@ -721,6 +724,15 @@ class RedisStore:
                 self._lease(keys=[self._lease_key + name], args=[self._owner, int(seconds * 1000)])
             )
         )
+
+    async def remember_ambiguous(self, fingerprint: str, approval_id: str) -> None:
+        await self._guard(
+            self._redis.set(self._ambiguous_key + fingerprint, approval_id, px=self._retention_ms)
+        )
+
+    async def last_ambiguous(self, fingerprint: str) -> str | None:
+        value: str | None = await self._guard(self._redis.get(self._ambiguous_key + fingerprint))
+        return value
 
     async def ping(self) -> bool:
         try:

@@ -385,6 +385,9 @@ class RouteSettings(_Model):
     merge_slashes: bool = True
     # true: rules match the case-folded path (for upstreams that ignore case).
     case_insensitive_paths: bool = False
+    # protocol: mcp only: tools/list answers leave out the tools the policy denies this caller
+    # whatever the arguments (calls are judged anyway; this keeps them out of the model's view).
+    hide_denied_tools: bool = False
     # Keep the prefix when forwarding (/cloud/x → upstream/cloud/x) instead of replacing it with
     # the upstream's path (/cloud/x → upstream/x, the default).
     strip_prefix: bool = True
@@ -424,6 +427,8 @@ class RouteSettings(_Model):
                 "a route with caller_credentials [aws_sigv4] needs aws: {region: ..., "
                 "credentials: default} to re-sign what it forwards",
             )
+        if self.hide_denied_tools and self.protocol != "mcp":
+            raise _RefError(("hide_denied_tools",), "only makes sense with protocol: mcp")
         if self.aws is not None and not sigv4:
             raise _RefError(("aws",), "only makes sense with caller_credentials: [aws_sigv4]")
         return self

@@ -19,6 +19,8 @@ answered like any request.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ from ..model import RequestBody
 
 __all__ = [
     "McpCall",
+    "filter_tools",
     "json_answer",
     "mcp_tool_call",
     "progress_event",
@@ -121,3 +124,44 @@ def progress_event(call: McpCall, progress: int, text: str) -> bytes:
 def json_answer(message: dict[str, Any], headers: dict[str, str]) -> web.Response:
     """A JSON-RPC message as a plain `application/json` answer (HTTP 200, as MCP expects)."""
     return web.json_response(message, headers=headers)
+
+
+def filter_tools(body: bytes, keep: Callable[[str], bool]) -> bytes | None:
+    """A tools/list answer (JSON, or SSE events as a legacy server sends them) without the
+    tools `keep` refuses; None when it is not one that can be read (relayed unchanged then:
+    hiding is a courtesy, every call is judged anyway)."""
+    text = body.decode("utf-8", "replace")
+    if text.lstrip().startswith("{"):
+        filtered = _filtered_message(text, keep)
+        return None if filtered is None else filtered.encode()
+    # SSE: rewrite the data of the event that carries the result; the rest stays as it was.
+    out: list[str] = []
+    changed = False
+    for event in re.split(r"(\r?\n\r?\n)", text):
+        lines = event.splitlines()
+        data = [line[5:].lstrip() for line in lines if line.startswith("data:")]
+        filtered = _filtered_message("\n".join(data), keep) if data else None
+        if filtered is None:
+            out.append(event)
+            continue
+        others = [line for line in lines if not line.startswith("data:")]
+        out.append("\n".join([*others, f"data: {filtered}"]))
+        changed = True
+    return "".join(out).encode() if changed else None
+
+
+def _filtered_message(text: str, keep: Callable[[str], bool]) -> str | None:
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    result = message.get("result") if isinstance(message, dict) else None
+    tools = result.get("tools") if isinstance(result, dict) else None
+    if not isinstance(tools, list) or not isinstance(result, dict):
+        return None
+    result["tools"] = [
+        tool
+        for tool in tools
+        if not (isinstance(tool, dict) and isinstance(tool.get("name"), str)) or keep(tool["name"])
+    ]
+    return json.dumps(message)

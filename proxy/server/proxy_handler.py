@@ -51,7 +51,14 @@ from ..policy import Policy
 from ..protocols import Message, Recognizer, Unrecognized, recognizer_for
 from ..routing import RouteTable, upstream_path, upstream_target
 from .aws_errors import aws_error_response
-from .mcp_answers import McpCall, json_answer, mcp_tool_call, sse_data, tool_error
+from .mcp_answers import (
+    McpCall,
+    filter_tools,
+    json_answer,
+    mcp_tool_call,
+    sse_data,
+    tool_error,
+)
 from .metrics import Metrics
 from .responses import (
     APPROVAL_ID_HEADER,
@@ -281,7 +288,84 @@ class ProxyHandler:
             upstream = await self.open_upstream(exchange, body)
         except UpstreamError as exc:
             return self.upstream_failed(exchange, exc)
+        route = exchange.route
+        if (
+            route is not None
+            and route.settings.hide_denied_tools
+            and exchange.actions == ("mcp:tools/list",)
+        ):
+            return await self._relay_tools_list(exchange, upstream)
         return await self.relay(exchange, upstream, time.monotonic())
+
+    def _may_call(self, exchange: Exchange, tool: str) -> bool:
+        """Whether the policy could let this caller run `tool` (allow or approve) for some
+        arguments; False only when it is denied whatever they are."""
+        route = exchange.route
+        identity = exchange.identity
+        assert route is not None and identity is not None
+        info = RequestInfo(
+            "POST",
+            exchange.path,
+            route.settings.name,
+            actions=(f"tool:{tool}",),
+            headers=exchange.request.headers,
+            query=exchange.query,
+            fold_case=route.settings.case_insensitive_paths,
+        )
+        try:
+            if self._policy.needs_body(info, identity):
+                return True  # a rule on its arguments decides: it may be allowed
+            return self._policy.evaluate(info, identity).action is not Action.DENY
+        except AmbiguousField:
+            return True
+
+    async def _relay_tools_list(
+        self, exchange: Exchange, upstream: UpstreamResponse
+    ) -> web.StreamResponse:
+        """A tools/list answer without the tools this caller may never call (the route's
+        `hide_denied_tools`). Read whole: a list of tools is small."""
+        started = time.monotonic()
+        exchange.forwarded = True
+        whole = bytearray()
+        try:
+            while chunk := await upstream.read():
+                whole += chunk
+                if len(whole) > self._max_body:
+                    # Too big to rewrite here: sent as it is, what was read and then the rest.
+                    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                    self._copy_headers(response, exchange, upstream, None)
+                    await response.prepare(exchange.request)
+                    await response.write(bytes(whole))
+                    while chunk := await upstream.read():
+                        await response.write(chunk)
+                    await response.write_eof()
+                    upstream.release()
+                    return response
+        except UpstreamError as exc:
+            upstream.close()
+            return self.upstream_failed(exchange, exc)
+        upstream.release()
+        filtered = filter_tools(bytes(whole), lambda tool: self._may_call(exchange, tool))
+        body = bytes(whole) if filtered is None else filtered
+        response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
+        self._copy_headers(response, exchange, upstream, None)
+        response.headers.popall("Content-Length", None)
+        await response.prepare(exchange.request)
+        await response.write_eof()
+        self._audit.emit(
+            audit.REQUEST_FORWARDED,
+            request_id=exchange.request_id,
+            identity=exchange.identity_log(),
+            method=exchange.request.method,
+            path=exchange.path,
+            route=exchange.route.settings.name if exchange.route else None,
+            rule=exchange.rule,
+            status=upstream.status,
+            bytes_sent=len(body),
+            duration_ms=round((time.monotonic() - started) * 1000, 3),
+            actions=list(exchange.actions),
+        )
+        return response
 
     # -- stages: each returns None to go on, or the answer --------------------------------
 

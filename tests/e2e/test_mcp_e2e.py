@@ -35,19 +35,21 @@ identity:
   issuers: [{{issuer: "{issuer}", audiences: [countersign]}}]
 routes:
   - {{name: tools, prefix: /mcp, upstream: "{upstream}", protocol: mcp}}
+  - {{name: curated, prefix: /curated, upstream: "{upstream}", protocol: mcp,
+     hide_denied_tools: true}}
 approvals:
   timeout_seconds: 60
 policy:
   rules:
-    - {{name: plumbing, route: tools, actions: ["mcp:*"], action: allow}}
-    - {{name: reads, route: tools, actions: ["tool:list_repos"], action: allow}}
+    - {{name: plumbing, actions: ["mcp:*"], action: allow}}
+    - {{name: reads, actions: ["tool:list_repos"], action: allow}}
+    - {{name: no-sleeping, actions: ["tool:slow"], action: deny}}
     - name: deletes-need-a-human
-      route: tools
       actions: ["tool:delete_repo"]
       when: {{json: {{"/params/arguments/name": [alpha, prod]}}}}
       action: approve
       approvers: {{groups: [data-owners]}}
-    - {{name: other-deletes, route: tools, actions: ["tool:delete_repo"], action: deny}}
+    - {{name: other-deletes, actions: ["tool:delete_repo"], action: deny}}
 """
 
 
@@ -146,3 +148,19 @@ async def test_a_policy_denial_is_a_tool_error_too(
     assert result.is_error
     assert result.content[0].text.startswith("the policy denies this request (rule other-deletes)")
     assert len(deletes(tools)) == before
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_a_curated_route_lists_only_the_tools_the_caller_may_call(
+    proxy: Process, idp: TestIdP, mode: str
+) -> None:
+    headers = await agent(idp)
+    everything = await list_tools(f"{proxy.url}/mcp", headers, mode=mode)
+    assert {"list_repos", "delete_repo", "slow"} <= set(everything)
+    curated = await list_tools(f"{proxy.url}/curated", headers, mode=mode)
+    # slow is denied whatever its arguments; delete_repo may be approved for some, so it stays.
+    assert "slow" not in curated
+    assert {"list_repos", "delete_repo"} <= set(curated)
+    # Hidden or not, a call is judged as always.
+    result = await call_tool(f"{proxy.url}/curated", headers, "slow", {"seconds": 0}, mode=mode)
+    assert result.is_error and "no-sleeping" in result.content[0].text

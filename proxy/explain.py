@@ -362,6 +362,8 @@ def explain_request(
         explanation = policy.explain(info, identity)
     except AmbiguousField as exc:
         return refused(400, "ambiguous_request", exc.message, "repeated_field")
+    except UnreadableBody as exc:
+        return refused(400, "invalid_request", exc.message)
     decision = explanation.decision
     rule = None if decision.rule is None else policy.rule(decision.rule)
     refusal: tuple[int, dict[str, Any]] | None = None

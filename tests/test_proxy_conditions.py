@@ -191,6 +191,21 @@ async def test_a_repeated_field_a_condition_reads_is_ambiguous(proxy: Proxy) -> 
     assert (await error_of(resp))["code"] == "ambiguous_request"
 
 
+async def test_a_body_meant_as_json_that_does_not_parse_is_refused(proxy: Proxy) -> None:
+    client, sink = proxy
+    # A byte-order mark: some upstreams read this as {"format": "csv"}, which the rule holds.
+    resp = await client.post(
+        "/data/exports",
+        data=b'\xef\xbb\xbf{"format": "csv"}',
+        headers={**AGENT, "X-Env": "prod", "Content-Type": "application/json"},
+    )
+    assert resp.status == 400
+    error = await error_of(resp)
+    assert error["code"] == "invalid_request"
+    assert error["message"].endswith("a rule judges fields of this body, so it must be JSON")
+    assert not sink.named("request.forwarded")
+
+
 async def test_form_and_query_conditions(proxy: Proxy) -> None:
     client, _ = proxy
     resp = await client.post("/data/items", data={"op": "delete", "id": "7"}, headers=AGENT)

@@ -112,6 +112,8 @@ class RequestBody:
                     self._json = exc
                 except ValueError as exc:
                     self._json = UnreadableBody(f"the body is not JSON ({exc})")
+                except RecursionError:
+                    self._json = UnreadableBody("the body's JSON is nested too deeply to judge")
         if isinstance(self._json, AmbiguousField | UnreadableBody):
             raise self._json
         return self._json

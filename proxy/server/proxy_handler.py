@@ -316,7 +316,7 @@ class ProxyHandler:
             if self._policy.needs_body(info, identity):
                 return True  # a rule on its arguments decides: it may be allowed
             return self._policy.evaluate(info, identity).action is not Action.DENY
-        except AmbiguousField:
+        except (AmbiguousField, UnreadableBody):
             return True
 
     async def _relay_tools_list(
@@ -514,6 +514,14 @@ class ProxyHandler:
             decision = self._policy.evaluate(info, identity)
         except AmbiguousField as exc:
             return self._ambiguous(exchange, "repeated_field", exc.message)
+        except UnreadableBody as exc:
+            return self.refuse(
+                exchange,
+                400,
+                "invalid_request",
+                route=route.settings.name,
+                message=f"{exc.message}; a rule judges fields of this body, so it must be JSON",
+            )
         exchange.rule = decision.rule
         self._audit.emit(
             audit.POLICY_DECIDED,

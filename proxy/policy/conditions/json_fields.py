@@ -3,9 +3,12 @@ request's JSON body is one of those listed.
 
 A pointer to an array passes when any element does (as a list claim); numbers and booleans
 compare by their JSON text (`1` → "1", `true` → "true"); objects and null never pass. A body
-that is not JSON (or not UTF-8), one not read (`request.body` is None) or a pointer leading
-nowhere fails the condition. A key repeated anywhere in the document raises `AmbiguousField`
-(the server answers 400): the upstream might keep the other value. The body is parsed once, the
+that is not meant as JSON (a form, a file, nothing), one not read (`request.body` is None) or a
+pointer leading nowhere fails the condition; a body meant as JSON (a JSON Content-Type, or `{` /
+`[` first) that does not parse raises `UnreadableBody` (the server answers 400), since a more
+lenient upstream might find the fields in it. A key repeated anywhere in the
+document raises `AmbiguousField` (the server answers 400): the upstream might keep the other
+value. The body is parsed once, the
 first time a rule still in the running asks. Pure code: no I/O.
 """
 
@@ -53,6 +56,20 @@ def resolve_pointer(document: Any, tokens: Sequence[str]) -> Any:
     return value
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _looks_like_json(data: bytes, content_type: str | None) -> bool:
+    """Whether a body is meant as JSON: a JSON Content-Type, or an object or array after
+    whitespace and a byte-order mark."""
+    if "json" in (content_type or "").lower():
+        return True
+    head = data[:64].lstrip()
+    if head.startswith(_BOM):
+        head = head[len(_BOM) :].lstrip()
+    return head[:1] in (b"{", b"[")
+
+
 def _text(value: Any) -> str | None:
     """A scalar's JSON text (strings as they are); None for objects, arrays and null."""
     if isinstance(value, str):
@@ -86,7 +103,12 @@ class JsonFieldsCondition(FieldCondition):
         try:
             document = body.json()
         except UnreadableBody:
-            return None
+            if body.data.strip() and _looks_like_json(body.data, body.content_type):
+                # Meant as JSON but not JSON to us: a more lenient upstream (a byte-order mark,
+                # comments, a trailing comma) might read the very fields the rule judges, so
+                # "the condition fails" would let it pass unjudged. The server answers 400.
+                raise
+            return None  # a form, a file, nothing: it has no JSON fields
         value = resolve_pointer(document, entry.parsed)
         if value is _MISSING:
             return None

@@ -28,7 +28,7 @@ from moto.server import ThreadedMotoServer
 from proxy.authn.sigv4 import SIGV4_CREDENTIAL_HEADERS, SigV4Verifier
 from proxy.aws_resign import AwsUpstreamSigner
 from proxy.config import AwsProfileCredentials, AwsRouteSettings, AwsStaticCredentials
-from tests.test_sigv4 import KEYS, ODD_KEYS, Signed, boto_client, capture
+from tests.test_sigv4 import KEYS, ODD_KEYS, Signed, boto_client, capture, unsigned_put
 
 REGION = "us-east-1"
 ADMIN = {
@@ -214,21 +214,7 @@ async def test_s3_streaming_unsigned_trailer_upload(moto: Moto, signer: AwsUpstr
 
 async def test_s3_unsigned_payload_upload(moto: Moto, signer: AwsUpstreamSigner) -> None:
     await forward(moto, signer, capture(boto_client("s3"), "create_bucket", Bucket="unsigned"))
-    client = boto_client(
-        "s3",
-        endpoint="https://127.0.0.1:8443",
-        s3={"payload_signing_enabled": False},
-        request_checksum_calculation="when_required",
-    )
-    put = capture(
-        client,
-        "put_object",
-        Bucket="unsigned",
-        Key="k",
-        Body=b"hello",
-        ContentMD5="XUFAKrxLKna5cZ2REBfFkg==",
-    )
-    assert put.headers["X-Amz-Content-SHA256"] == "UNSIGNED-PAYLOAD"
+    put = unsigned_put("unsigned")
     stored = await forward(moto, signer, put)
     assert stored.status_code == 200, stored.text
 

@@ -251,7 +251,8 @@ async def test_streaming_unsigned_trailer_is_accepted(verifier: SigV4Verifier) -
     assert caller.payload == "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
 
 
-async def test_unsigned_payload_is_accepted(verifier: SigV4Verifier) -> None:
+def unsigned_put(bucket: str) -> Signed:
+    """An S3 PutObject of b"hello" as boto3 signs it with payload signing off (over https)."""
     client = boto_client(
         "s3",
         endpoint="https://127.0.0.1:8443",
@@ -261,12 +262,17 @@ async def test_unsigned_payload_is_accepted(verifier: SigV4Verifier) -> None:
     request = capture(
         client,
         "put_object",
-        Bucket="bkt",
+        Bucket=bucket,
         Key="k",
         Body=b"hello",
         ContentMD5="XUFAKrxLKna5cZ2REBfFkg==",
     )
     assert request.headers["X-Amz-Content-SHA256"] == "UNSIGNED-PAYLOAD"
+    return request
+
+
+async def test_unsigned_payload_is_accepted(verifier: SigV4Verifier) -> None:
+    request = unsigned_put("bkt")
     _, caller = await verify(verifier, request)
     assert caller.payload == "UNSIGNED-PAYLOAD"
     # The body is not signed: another body still verifies (the approval binds the body).

@@ -96,6 +96,21 @@ async def wait_pending(session: aiohttp.ClientSession, base: str, who: dict[str,
     raise AssertionError("no pending approval")
 
 
+async def decide_pending(
+    base: str, idp: TestIdP, verdict: str, reason: str, wait: float = 20
+) -> dict[str, Any]:
+    """bob waits for the one pending approval, reads it, decides it; returns it as shown
+    before the decision."""
+    bob = await Tokens(idp).bob()
+    async with aiohttp.ClientSession() as session:
+        approval_id = await asyncio.wait_for(wait_pending(session, base, bob), wait)
+        async with session.get(f"{base}{API}/{approval_id}", headers=bob) as resp:
+            shown: dict[str, Any] = await resp.json()
+        status, body = await decide(session, base, approval_id, bob, verdict, reason)
+    assert status == 200, body
+    return shown
+
+
 async def decide(
     session: aiohttp.ClientSession,
     base: str,

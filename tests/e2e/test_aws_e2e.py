@@ -13,14 +13,13 @@ import asyncio
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import aiohttp
 import boto3
 import botocore.exceptions
 import pytest
 from botocore.config import Config
 
 from tests.e2e.conftest import Process, free_port
-from tests.e2e.test_approvals_e2e import API, Tokens, decide, wait_pending
+from tests.e2e.test_approvals_e2e import decide_pending
 from tests.idp_fixture import TestIdP
 from tests.moto_fixture import REGION, Moto, moto_server
 
@@ -100,18 +99,6 @@ def agent_client(proxy: Process, service: str, secret: str = AGENT_SECRET) -> An
     )
 
 
-async def decide_pending(proxy: Process, idp: TestIdP, verdict: str, reason: str) -> dict[str, Any]:
-    """bob waits for the one pending approval, reads it, decides it; returns it as shown."""
-    bob = await Tokens(idp).bob()
-    async with aiohttp.ClientSession() as session:
-        approval_id = await asyncio.wait_for(wait_pending(session, proxy.url, bob), WAIT)
-        async with session.get(f"{proxy.url}{API}/{approval_id}", headers=bob) as resp:
-            shown: dict[str, Any] = await resp.json()
-        status, body = await decide(session, proxy.url, approval_id, bob, verdict, reason)
-    assert status == 200, body
-    return shown
-
-
 async def test_iam_reads_pass_and_writes_wait_for_a_human(
     proxy: Process, moto: Moto, idp: TestIdP
 ) -> None:
@@ -125,7 +112,7 @@ async def test_iam_reads_pass_and_writes_wait_for_a_human(
             iam.create_role, RoleName="exporter", AssumeRolePolicyDocument='{"Statement": []}'
         )
     )
-    shown = await decide_pending(proxy, idp, "approve", "ok for the export")
+    shown = await decide_pending(proxy.url, idp, "approve", "ok for the export")
     assert shown["actions"] == ["iam:CreateRole"]
     assert shown["rule"] == "iam-writes"
     assert shown["requester"]["subject"] == "agent-7"
@@ -150,7 +137,7 @@ async def test_dynamodb_delete_denied_keeps_the_table(
     assert described["Table"]["TableName"] == TABLE
 
     delete = asyncio.create_task(asyncio.to_thread(ddb.delete_table, TableName=TABLE))
-    shown = await decide_pending(proxy, idp, "deny", "not this quarter")
+    shown = await decide_pending(proxy.url, idp, "deny", "not this quarter")
     assert shown["actions"] == ["dynamodb:DeleteTable"]
     with pytest.raises(botocore.exceptions.ClientError) as caught:
         await asyncio.wait_for(delete, WAIT)
@@ -185,7 +172,7 @@ async def test_s3_keys_arrive_byte_exact_and_deletes_wait(
     delete = asyncio.create_task(
         asyncio.to_thread(s3.delete_object, Bucket=BUCKET, Key="logs//2024/x.txt")
     )
-    shown = await decide_pending(proxy, idp, "approve", "cleanup")
+    shown = await decide_pending(proxy.url, idp, "approve", "cleanup")
     assert shown["actions"] == ["s3:DeleteObject"]
     assert shown["target"] == "/reports-bucket/logs//2024/x.txt"
     await asyncio.wait_for(delete, WAIT)

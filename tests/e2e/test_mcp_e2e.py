@@ -14,11 +14,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from tests.e2e.conftest import Process, free_port
-from tests.e2e.test_approvals_e2e import API, Tokens, decide, wait_pending
+from tests.e2e.test_approvals_e2e import decide_pending
 from tests.idp_fixture import TestIdP
 from tests.mcp_client import call_tool, list_tools
 from tests.mcp_upstream import McpUpstream, mcp_upstream
@@ -69,18 +68,6 @@ async def agent(idp: TestIdP) -> dict[str, str]:
     return {"Authorization": f"Bearer {await idp.token('agent-7')}"}
 
 
-async def decide_pending(proxy: Process, idp: TestIdP, verdict: str, reason: str) -> dict[str, Any]:
-    """bob waits for the one pending approval, reads it, decides it; returns it as shown."""
-    bob = await Tokens(idp).bob()
-    async with aiohttp.ClientSession() as session:
-        approval_id = await asyncio.wait_for(wait_pending(session, proxy.url, bob), WAIT)
-        async with session.get(f"{proxy.url}{API}/{approval_id}", headers=bob) as resp:
-            shown: dict[str, Any] = await resp.json()
-        status, body = await decide(session, proxy.url, approval_id, bob, verdict, reason)
-    assert status == 200, body
-    return shown
-
-
 def deletes(tools: McpUpstream) -> list[Any]:
     return [call["arguments"] for call in tools.calls() if call["tool"] == "delete_repo"]
 
@@ -112,7 +99,7 @@ async def test_reads_pass_and_a_held_delete_runs_once_approved(
             mode=mode,
         )
     )
-    shown = await decide_pending(proxy, idp, "approve", "cleanup is due")
+    shown = await decide_pending(proxy.url, idp, "approve", "cleanup is due")
     assert shown["actions"] == ["tool:delete_repo"]
     assert shown["tool_arguments"] == '{\n  "name": "alpha"\n}'
     result = await asyncio.wait_for(call, WAIT)
@@ -130,7 +117,7 @@ async def test_a_human_denial_is_a_tool_error_the_model_reads(
     call = asyncio.create_task(
         call_tool(f"{proxy.url}/mcp", headers, "delete_repo", {"name": "prod"}, timeout=WAIT + 10)
     )
-    await decide_pending(proxy, idp, "deny", "prod stays")
+    await decide_pending(proxy.url, idp, "deny", "prod stays")
     result = await asyncio.wait_for(call, WAIT)
     assert result.is_error
     text = result.content[0].text

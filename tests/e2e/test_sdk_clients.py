@@ -10,13 +10,12 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 import httpx
 import openai
 import pytest
 
 from tests.e2e.conftest import Process, free_port
-from tests.e2e.test_approvals_e2e import API, Tokens, decide, wait_pending
+from tests.e2e.test_approvals_e2e import API, decide_pending
 from tests.idp_fixture import TestIdP
 from tests.openai_upstream import COMPLETION, OpenAIUpstream, openai_upstream
 
@@ -72,12 +71,8 @@ async def sdk_client(proxy: Process, idp: TestIdP) -> openai.AsyncOpenAI:
 
 async def decide_when_pending(proxy: Process, idp: TestIdP, verdict: str, reason: str) -> str:
     """bob waits for the one pending approval and decides it; returns its id."""
-    bob = await Tokens(idp).bob()
-    async with aiohttp.ClientSession() as session:
-        approval_id = await asyncio.wait_for(wait_pending(session, proxy.url, bob), WAIT)
-        status, body = await decide(session, proxy.url, approval_id, bob, verdict, reason)
-    assert status == 200, body
-    return approval_id
+    shown = await decide_pending(proxy.url, idp, verdict, reason, WAIT)
+    return str(shown["approval_id"])
 
 
 async def test_openai_sdk_allowed_chat_completion(

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ALL",
     "Condition",
+    "KeyedCondition",
     "MaskFn",
     "first_rule",
     "has_rule",
@@ -113,6 +114,42 @@ class Condition(ABC):
         action: str | None,
     ) -> str:
         """Why rule `index` passed (or failed) this condition, in words."""
+
+
+class KeyedCondition(Condition):
+    """A condition that names keys (methods, a route, subjects, groups) and passes a rule when
+    the request has one of them: compiled to one dict, key → rules accepting it (the rules
+    that name no key included), so a request costs one lookup per key it has."""
+
+    __slots__ = ("_by_key", "_free")
+
+    def __init__(self, rules: Sequence[RuleSettings], by_key: dict[str, int], free: int) -> None:
+        everything = (1 << len(rules)) - 1
+        super().__init__(rules, everything & ~free)
+        self._free = free  # rules that name no key: they pass whatever the request has
+        self._by_key = {key: free | bits for key, bits in by_key.items()}
+
+    @classmethod
+    @abstractmethod
+    def keys_of(cls, rule: RuleSettings) -> tuple[str, ...]:
+        """The keys `rule` accepts (empty: the rule does not state this condition)."""
+
+    @classmethod
+    def compile(cls, rules: Sequence[RuleSettings]) -> Self | None:
+        by_key: dict[str, int] = {}
+        free = 0
+        for index, rule in enumerate(rules):
+            bit = rule_bit(index, len(rules))
+            keys = cls.keys_of(rule)
+            if not keys:
+                free |= bit
+            for key in keys:
+                by_key[key] = by_key.get(key, 0) | bit
+        return cls(rules, by_key, free) if by_key else None
+
+    def lookup(self, key: str | None) -> int:
+        """The rules a request with this one key passes."""
+        return self._free if key is None else self._by_key.get(key, self._free)
 
 
 def listing(items: Iterable[Any]) -> str:

@@ -6,14 +6,11 @@ lookup per group it has) onto the rules without the condition. Pure code: no I/O
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .base import ALL, Condition, listing, rule_bit
+from .base import ALL, KeyedCondition, listing
 
 if TYPE_CHECKING:
-    from typing import Self
-
     from ...config import RuleSettings
     from ...model import Identity, RequestInfo
 
@@ -24,29 +21,14 @@ def _groups(rule: RuleSettings) -> tuple[str, ...]:
     return () if rule.when is None else rule.when.groups
 
 
-class GroupsCondition(Condition):
-    __slots__ = ("_by_group", "_free")
+class GroupsCondition(KeyedCondition):
+    __slots__ = ()
 
     name = "groups"
 
-    def __init__(self, rules: Sequence[RuleSettings], by_group: dict[str, int], free: int) -> None:
-        everything = (1 << len(rules)) - 1
-        super().__init__(rules, everything & ~free)
-        self._free = free  # rules without the condition
-        self._by_group = by_group
-
     @classmethod
-    def compile(cls, rules: Sequence[RuleSettings]) -> Self | None:
-        by_group: dict[str, int] = {}
-        free = 0
-        for index, rule in enumerate(rules):
-            bit = rule_bit(index, len(rules))
-            groups = _groups(rule)
-            if not groups:
-                free |= bit
-            for group in groups:
-                by_group[group] = by_group.get(group, 0) | bit
-        return cls(rules, by_group, free) if by_group else None
+    def keys_of(cls, rule: RuleSettings) -> tuple[str, ...]:
+        return _groups(rule)
 
     def mask(
         self,
@@ -55,8 +37,9 @@ class GroupsCondition(Condition):
         action: str | None,
         candidates: int = ALL,
     ) -> int:
+        # Any of the identity's groups will do: the union of what each of them passes.
         allowed = self._free
-        by_group = self._by_group
+        by_group = self._by_key
         for group in identity.groups:
             bits = by_group.get(group)
             if bits:

@@ -5,14 +5,11 @@ Compiled to subject → rules naming it: one lookup per request. Pure code: no I
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .base import ALL, Condition, listing, rule_bit
+from .base import ALL, KeyedCondition, listing
 
 if TYPE_CHECKING:
-    from typing import Self
-
     from ...config import RuleSettings
     from ...model import Identity, RequestInfo
 
@@ -23,32 +20,15 @@ def _subjects(rule: RuleSettings) -> tuple[str, ...]:
     return () if rule.when is None else rule.when.subjects
 
 
-class SubjectsCondition(Condition):
-    __slots__ = ("_by_subject", "_free")
+class SubjectsCondition(KeyedCondition):
+    __slots__ = ()
 
     name = "subjects"
     cheap = True
 
-    def __init__(
-        self, rules: Sequence[RuleSettings], by_subject: dict[str, int], free: int
-    ) -> None:
-        everything = (1 << len(rules)) - 1
-        super().__init__(rules, everything & ~free)
-        self._free = free  # rules without the condition
-        self._by_subject = {subject: free | bits for subject, bits in by_subject.items()}
-
     @classmethod
-    def compile(cls, rules: Sequence[RuleSettings]) -> Self | None:
-        by_subject: dict[str, int] = {}
-        free = 0
-        for index, rule in enumerate(rules):
-            bit = rule_bit(index, len(rules))
-            subjects = _subjects(rule)
-            if not subjects:
-                free |= bit
-            for subject in subjects:
-                by_subject[subject] = by_subject.get(subject, 0) | bit
-        return cls(rules, by_subject, free) if by_subject else None
+    def keys_of(cls, rule: RuleSettings) -> tuple[str, ...]:
+        return _subjects(rule)
 
     def mask(
         self,
@@ -57,7 +37,7 @@ class SubjectsCondition(Condition):
         action: str | None,
         candidates: int = ALL,
     ) -> int:
-        return self._by_subject.get(identity.subject, self._free)
+        return self.lookup(identity.subject)
 
     def reason(
         self,

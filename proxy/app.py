@@ -7,6 +7,7 @@ other; the server handler receives them ready-made.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import structlog
 from aiohttp import web
 
 from .approvals.service import ApprovalService
@@ -25,7 +27,7 @@ from .authn import Authenticator, SigV4Verifier
 from .authn.apikeys import ApiKeyAuthenticator
 from .authn.oidc import OIDCVerifier
 from .aws_resign import AwsUpstreamSigner
-from .config import Settings
+from .config import ConfigError, Settings, load_settings_text
 from .forward import Forwarder
 from .notify import NotifyHub
 from .notify.webhook import WebhookNotifier
@@ -34,12 +36,21 @@ from .routing import RouteTable
 from .server.api import api_routes
 from .server.errors_middleware import json_errors
 from .server.gate import ApprovalGate
-from .server.internal import internal_routes
+from .server.internal import (
+    ADMIN_SERVER,
+    READINESS,
+    AdminServer,
+    Readiness,
+    health_routes,
+    reserved_routes,
+)
 from .server.keys import AUTHENTICATOR, PROXY, SLACK_ACTIONS
 from .server.metrics import Metrics
 from .server.proxy_handler import ProxyHandler
 from .store.base import Store
 from .store.memory import MemoryStore
+
+_log = structlog.get_logger("countersign")
 
 
 class StartupError(RuntimeError):
@@ -48,6 +59,171 @@ class StartupError(RuntimeError):
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 AUDIT_KEY = web.AppKey("audit", AuditLog)
+# Set on SIGTERM (proxy.server.runner): the process no longer accepts work and is not ready.
+DRAINING = web.AppKey("draining", asyncio.Event)
+# The approval gate, which the SIGTERM drain tells to answer held requests at once.
+GATE = web.AppKey("gate", ApprovalGate)
+# The parts a configuration reload swaps (SIGHUP); present once the app has started.
+RELOADER: web.AppKey[Reloader] = web.AppKey("reloader")
+# What a reload swaps live; any other section that changed waits for a restart.
+RELOADABLE = ("routes", "policy", "identity")
+CONFIG_RELOADED = "config.reloaded"
+CONFIG_RELOAD_FAILED = "config.reload_failed"
+
+
+class Reloader:
+    """Applies a new configuration to a running app: routes, policy, identity and forwarding
+    (upstreams, injected headers, AWS signers).
+
+    A reload builds a new `ProxyHandler` and `Authenticator` around the parts that live for the
+    whole process (forwarder, gate, approvals, audit, metrics) and swaps them in the app:
+    requests already running, held ones included, keep the handler they started with and their
+    approvals; the next request sees the new configuration. Everything is built before anything
+    is swapped, so a configuration that fails to parse or build changes nothing.
+    """
+
+    def __init__(
+        self,
+        app: web.Application,
+        settings: Settings,
+        *,
+        session: aiohttp.ClientSession,
+        forwarder: Forwarder,
+        gate: ApprovalGate,
+        audit_log: AuditLog,
+        metrics: Metrics,
+    ) -> None:
+        self._app = app
+        self.settings = settings  # in force: the swapped sections of the last good reload
+        self._session = session
+        self._forwarder = forwarder
+        self._gate = gate
+        self._audit = audit_log
+        self._metrics = metrics
+        self._lock = asyncio.Lock()  # one reload at a time
+        self._tasks: set[asyncio.Task[Any]] = set()  # the new issuers' key prefetches
+
+    async def build(
+        self, settings: Settings, policy: Policy, routes: RouteTable
+    ) -> tuple[ProxyHandler, Authenticator, OIDCVerifier]:
+        """The request-facing parts for `settings` (signers started); raises `StartupError`
+        for an AWS route that cannot sign. Server settings stay those the process started with.
+        """
+        # AWS routes sign what they forward with real credentials, found before serving: a
+        # route that could never sign is an error now, not a 502 on the first request.
+        signers = {
+            route.name: AwsUpstreamSigner(route.aws) for route in settings.routes if route.aws
+        }
+        for name, signer in signers.items():
+            try:
+                await signer.start()
+            except RuntimeError as exc:
+                raise StartupError(f"route {name}: {exc}") from None
+        oidc = OIDCVerifier(
+            settings.identity.issuers,
+            settings.identity.claims,
+            self._session,
+            cache_size=settings.identity.token_cache_size,
+            refresh_cooldown=settings.identity.jwks_refresh_cooldown_seconds,
+        )
+        authenticator = Authenticator(
+            ApiKeyAuthenticator(settings.identity.api_keys),
+            oidc,
+            SigV4Verifier(settings.identity.aws_keys),
+        )
+        handler = ProxyHandler(
+            server=self.settings.server,
+            authenticator=authenticator,
+            routes=routes,
+            policy=policy,
+            forwarder=self._forwarder,
+            audit_log=self._audit,
+            metrics=self._metrics,
+            gate=self._gate,
+            signers=signers,
+        )
+        return handler, authenticator, oidc
+
+    def install(
+        self, handler: ProxyHandler, authenticator: Authenticator, oidc: OIDCVerifier
+    ) -> None:
+        """Make them the ones new requests use; warm the issuers' keys in the background."""
+        self._app[AUTHENTICATOR] = authenticator
+        self._app[PROXY] = handler
+        task = asyncio.create_task(oidc.prefetch())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload(self, path: str) -> bool:
+        """Read, check and apply the configuration file at `path`; True when applied.
+
+        Refused (logged and audited as `config.reload_failed`, nothing changed) when it does not
+        parse, validate or build. Applied: audited as `config.reloaded` with the SHA-256 of the
+        file's bytes; sections that cannot change live are named in `restart_needed` (and logged
+        as `config.reload_partial`) and keep their running values."""
+        async with self._lock:
+            digest: str | None = None
+            try:
+                raw = await asyncio.to_thread(Path(path).read_bytes)
+                digest = hashlib.sha256(raw).hexdigest()
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"{path}: the file is not UTF-8 text") from None
+                new = load_settings_text(text, path)
+                policy = Policy.compile(new.policy)
+                routes = RouteTable(new.routes)
+                parts = await self.build(new, policy, routes)
+            except (ConfigError, OSError, ValueError, TypeError, StartupError) as exc:
+                errors = str(exc).splitlines() or [type(exc).__name__]
+                _log.error(CONFIG_RELOAD_FAILED, config=path, sha256=digest, errors=errors)
+                self._audit.emit(CONFIG_RELOAD_FAILED, config=path, sha256=digest, errors=errors)
+                return False
+            pending = restart_needed(self.settings, new)
+            self.settings = self.settings.model_copy(
+                update={name: getattr(new, name) for name in RELOADABLE}
+            )
+            self.install(*parts)
+            self._audit.emit(
+                CONFIG_RELOADED,
+                config=path,
+                sha256=digest,
+                routes=len(new.routes),
+                rules=len(new.policy.rules),
+                restart_needed=pending,
+            )
+            _log.info(CONFIG_RELOADED, config=path, sha256=digest, pid=os.getpid())
+            if pending:
+                _log.warning(
+                    "config.reload_partial",
+                    config=path,
+                    restart_needed=pending,
+                    message="these keys changed but take effect only after a restart",
+                )
+            return True
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def restart_needed(running: Settings, new: Settings) -> list[str]:
+    """The keys outside `RELOADABLE` whose values differ (`section.key`, or the section)."""
+    before, after = running.model_dump(), new.model_dump()
+    changed: list[str] = []
+    for section in before.keys() | after.keys():
+        if section in RELOADABLE or before.get(section) == after.get(section):
+            continue
+        old, cur = before.get(section), after.get(section)
+        if isinstance(old, dict) and isinstance(cur, dict):
+            changed += [
+                f"{section}.{key}"
+                for key in old.keys() | cur.keys()
+                if old.get(key) != cur.get(key)
+            ]
+        else:
+            changed.append(section)
+    return sorted(changed)
 
 
 def build_redactor(settings: Settings) -> Redactor:
@@ -200,27 +376,20 @@ def build_app(
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[json_errors])
     app[SETTINGS_KEY] = settings
     app[AUDIT_KEY] = audit_log
+    app[DRAINING] = asyncio.Event()
+    # readyz answers 503 once DRAINING is set.
+    readiness = app[READINESS] = Readiness(drain=app[DRAINING])
     store = build_store(settings)
-    notify = NotifyHub()
+    notify = NotifyHub(on_failure=metrics.notify_failure)
     approvals = ApprovalService(
-        store, settings.approvals, audit_log, redactor=redactor, notify=notify
+        store, settings.approvals, audit_log, redactor=redactor, notify=notify, metrics=metrics
     )
     gate = ApprovalGate(
         approvals, settings.server.max_body_bytes, settings.approvals.max_held_bytes
     )
+    app[GATE] = gate
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        # AWS routes sign what they forward with real credentials, found before serving (and
-        # before anything that would need closing): a route that could never sign is a startup
-        # error, not a 502 on the first request.
-        signers = {
-            route.name: AwsUpstreamSigner(route.aws) for route in settings.routes if route.aws
-        }
-        for name, signer in signers.items():
-            try:
-                await signer.start()
-            except RuntimeError as exc:
-                raise StartupError(f"route {name}: {exc}") from None
         forwarder = Forwarder(
             connect_timeout=settings.server.upstream_connect_timeout_seconds,
             read_timeout=settings.server.upstream_timeout_seconds,
@@ -228,30 +397,23 @@ def build_app(
         # Discovery, JWKS, webhooks and Slack share one general-purpose client; proxied traffic
         # has its own lean one (the forwarder).
         session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-        oidc = OIDCVerifier(
-            settings.identity.issuers,
-            settings.identity.claims,
-            session,
-            cache_size=settings.identity.token_cache_size,
-            refresh_cooldown=settings.identity.jwks_refresh_cooldown_seconds,
-        )
-        authenticator = Authenticator(
-            ApiKeyAuthenticator(settings.identity.api_keys),
-            oidc,
-            SigV4Verifier(settings.identity.aws_keys),
-        )
-        app[AUTHENTICATOR] = authenticator
-        app[PROXY] = ProxyHandler(
-            server=settings.server,
-            authenticator=authenticator,
-            routes=routes,
-            policy=policy,
+        reloader = Reloader(
+            app,
+            settings,
+            session=session,
             forwarder=forwarder,
+            gate=gate,
             audit_log=audit_log,
             metrics=metrics,
-            gate=gate,
-            signers=signers,
         )
+        try:
+            # Signers are started first: a route that could never sign stops the start-up.
+            parts = await reloader.build(settings, policy, routes)
+        except StartupError:
+            await session.close()
+            await forwarder.aclose()
+            raise
+        app[RELOADER] = reloader
         for hook in settings.notify.webhooks:
             notify.add(
                 WebhookNotifier(
@@ -263,12 +425,14 @@ def build_app(
                 )
             )
         slack = await start_slack(settings, approvals, store, notify, session, app)
-        warm_up = asyncio.create_task(oidc.prefetch())
+        reloader.install(*parts)
         approvals.start()
+        readiness.started = True
         try:
             yield
         finally:
-            warm_up.cancel()
+            readiness.started = False
+            await reloader.aclose()
             for part in slack:
                 await part.aclose()
             await approvals.aclose()
@@ -283,14 +447,23 @@ def build_app(
 
     app.cleanup_ctx.append(lifecycle)
 
-    async def ready() -> dict[str, bool]:
-        try:
-            store_ok = await asyncio.wait_for(store.ping(), 2)
-        except Exception:
-            store_ok = False
-        return {"proxy": PROXY in app, "store": store_ok}
+    async def store_state() -> str:
+        # Reported, never failing readiness: every replica shares the store (DESIGN §5).
+        return "ok" if await store.ping() else "down"
 
-    app.router.add_routes(internal_routes(metrics, ready=ready))
+    health = health_routes(metrics, readiness, {"store": store_state})
+    admin = settings.server.admin_address
+    if admin is None:
+        app.router.add_routes(health)
+    else:
+        # Health and metrics on their own listener (runner.start starts it); the public port
+        # answers them 404.
+        admin_app = web.Application()
+        admin_app.router.add_routes(health)
+        admin_app.router.add_routes(reserved_routes())
+        app[ADMIN_SERVER] = AdminServer(admin_app, *admin)
+        app.on_cleanup.append(app[ADMIN_SERVER].stop)
+    app.router.add_routes(reserved_routes())
     app.router.add_routes(api_routes(approvals))
     slack_settings = settings.notify.slack
     if slack_settings is not None and slack_settings.signing_secret:

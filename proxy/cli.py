@@ -1,6 +1,6 @@
 """`countersign` — the command line.
 
-Verbs: run, check, explain, demo, approvals, audit, keys new (README "Running it"). Exit
+Verbs: run, check, explain, demo, reload, approvals, audit, keys new (README "Running it"). Exit
 codes: 0 success, 2 bad configuration or usage, 1 anything else (`explain`: 0 allow, 1 deny,
 3 approve; 141 when stdout was closed early).
 """
@@ -45,23 +45,12 @@ def _load(args: argparse.Namespace) -> Settings:
 
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _load(args)
-    from pathlib import Path
-
-    from .app import check_buildable
+    status = _check_errors(args, settings)
+    if status:
+        return status
     from .check import config_lines, find_issues
 
     path = _config_path(args)
-    # The same composition `run` starts from (policy, routes, store, approvals, Slack, …): what
-    # would stop `run` at start-up stops `check`.
-    try:
-        problems = check_buildable(settings)
-    except (ValueError, TypeError) as exc:
-        print(f"{path}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    if problems:
-        for problem in problems:
-            print(f"{path}: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
     print(f"{path}: OK — {summary(settings)}")
     try:
         lines = config_lines(Path(path).read_text(encoding="utf-8"))
@@ -77,11 +66,69 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_errors(args: argparse.Namespace, settings: Settings) -> int:
+    """What `check` refuses (0 when nothing): the errors go to stderr, status 2."""
+    from .app import check_buildable
+
+    path = _config_path(args)
+    # The same composition `run` starts from (policy, routes, store, approvals, Slack, …): what
+    # would stop `run` at start-up stops `check`.
+    try:
+        problems = check_buildable(settings)
+    except (ValueError, TypeError) as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if problems:
+        for problem in problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args)
     from .server.runner import run
 
-    return run(settings)
+    # An absolute path: SIGHUP re-reads this very file (`countersign reload`).
+    return run(settings, config_path=os.path.abspath(_config_path(args)))
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """`countersign reload`: check the configuration as `check` does (errors: exit 2, nothing
+    sent), then send SIGHUP to the running `countersign run` named by --pid, --pid-file or the
+    configuration's `server.pid_file`; it re-reads its own configuration file."""
+    import signal
+
+    settings = _load(args)
+    status = _check_errors(args, settings)
+    if status:
+        return status
+    pid: int | None = args.pid
+    pid_file = args.pid_file or settings.server.pid_file
+    if pid is None:
+        if pid_file is None:
+            args.usage_error(
+                "which process? give --pid PID or --pid-file FILE, or set server.pid_file"
+            )
+            return EXIT_CONFIG
+        try:
+            pid = int(Path(pid_file).read_text(encoding="ascii").strip())
+        except (OSError, ValueError) as exc:
+            print(
+                f"countersign reload: cannot read a process id from {pid_file}: {exc}",
+                file=sys.stderr,
+            )
+            return 1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"countersign reload: no process {pid}", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(f"countersign reload: not allowed to signal process {pid}", file=sys.stderr)
+        return 1
+    print(f"{_config_path(args)}: OK; sent SIGHUP to process {pid} (it logs config.reloaded)")
+    return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -256,6 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("run", help="serve the proxy"))
     p.set_defaults(func=cmd_run)
+
+    p = with_config(
+        sub.add_parser(
+            "reload",
+            help="check a configuration, then make the running proxy reload it (SIGHUP)",
+            description="Check the configuration as `check` does (errors: exit 2, nothing sent), "
+            "then send SIGHUP to the running `countersign run`, found by --pid, --pid-file, or "
+            "the configuration's server.pid_file. The proxy re-reads the file it was started "
+            "with; a configuration it cannot build is refused there and the old one kept.",
+        )
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--pid", type=int, help="the process id of `countersign run`")
+    group.add_argument(
+        "--pid-file", metavar="FILE", help="a file holding it (default: server.pid_file)"
+    )
+    p.set_defaults(func=cmd_reload, usage_error=p.error)
 
     p = with_config(sub.add_parser("check", help="validate a configuration and exit"))
     p.add_argument(

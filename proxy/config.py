@@ -30,6 +30,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -149,6 +150,8 @@ def check_listen(value: str) -> str:
 
 class ServerSettings(_Model):
     listen: NonEmpty = "127.0.0.1:8080"
+    # When set, metrics, healthz and readyz are served on this host:port only (not on `listen`).
+    admin_listen: str | None = None
     public_url: str | None = None
     max_body_bytes: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
     trusted_proxies: tuple[str, ...] = ()
@@ -160,11 +163,26 @@ class ServerSettings(_Model):
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     upstream_connect_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
     upstream_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # On SIGTERM, how long requests already being forwarded may take to finish (held requests
+    # are answered 503 shutting_down at once).
+    drain_seconds: Annotated[float, Field(ge=0, le=3600)] = 20.0
+    # Where `run` writes its process id (removed at exit), for `countersign reload`.
+    pid_file: str | None = None
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
         return check_listen(v)
+
+    @field_validator("admin_listen")
+    @classmethod
+    def _admin_listen(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        check_listen(v)
+        if v == info.data.get("listen") and not v.endswith(":0"):
+            raise ValueError("must differ from server.listen (metrics and health move there)")
+        return v
 
     @field_validator("public_url")
     @classmethod
@@ -195,6 +213,14 @@ class ServerSettings(_Model):
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """`admin_listen` as (host, port), or None when it is not set."""
+        if self.admin_listen is None:
+            return None
+        host, _, port = self.admin_listen.rpartition(":")
+        return host.strip("[]"), int(port)
 
 
 class IssuerSettings(_Model):

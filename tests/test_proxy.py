@@ -389,7 +389,7 @@ async def test_internal_endpoints(make_proxy: Factory) -> None:
     assert ready.status == 200 and (await ready.json())["status"] == "ready"
     await client.get("/cloud/buckets", headers=AGENT)
     metrics = await (await client.get("/_countersign/metrics")).text()
-    assert 'countersign_requests_total{outcome="forwarded",status="200"} 1' in metrics
+    assert 'countersign_requests_total{decision="allow",route="cloud",status="200"} 1.0' in metrics
     unknown = await client.get("/_countersign/nope")
     assert unknown.status == 404 and (await unknown.json())["error"]["code"] == "no_route"
 

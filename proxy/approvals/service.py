@@ -14,7 +14,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -51,6 +51,16 @@ _OUTAGE_GRACE_SECONDS = 5.0
 _OUTCOME_RETRY_SECONDS = 300.0
 
 
+class ApprovalMetrics(Protocol):
+    """What the service reports to metrics (proxy.server.metrics.Metrics is one)."""
+
+    def held(self, delta: int) -> None:
+        """`delta` more (or fewer) requests wait for a decision in this process."""
+
+    def decided(self, seconds: float) -> None:
+        """An approval was settled `seconds` after it was requested."""
+
+
 def new_approval_id() -> str:
     return ID_PREFIX + secrets.token_urlsafe(18)  # 144 random bits
 
@@ -85,8 +95,10 @@ class ApprovalService:
         sweep_interval: float = 0.5,
         redactor: Redactor = DEFAULT_REDACTOR,
         notify: Callable[[str, Approval], None] | None = None,
+        metrics: ApprovalMetrics | None = None,
     ) -> None:
         self._redactor = redactor
+        self._metrics = metrics
         # Told of every transition (Slack, webhooks); must return at once (it schedules).
         self._notify = notify or (lambda event, approval: None)
         self.store = store
@@ -301,6 +313,15 @@ class ApprovalService:
         stays held, nothing is forwarded) until the approval's deadline has passed; then give up
         with `StoreUnavailable`, since no decision can be read.
         """
+        if self._metrics is not None:
+            self._metrics.held(1)
+        try:
+            return await self._wait_for_decision(approval_id)
+        finally:
+            if self._metrics is not None:
+                self._metrics.held(-1)
+
+    async def _wait_for_decision(self, approval_id: str) -> Approval:
         deadline: float | None = None
         approval: Approval | None = None
         while True:
@@ -472,4 +493,6 @@ class ApprovalService:
             outcome=decided.state.value,
         )
         self._notify("approval.decided", decided)
+        if self._metrics is not None and decided.state is not ApprovalState.PENDING:
+            self._metrics.decided(record.at - decided.created_at)
         return decided

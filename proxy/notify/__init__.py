@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import structlog
@@ -33,10 +33,22 @@ class Notifier(Protocol):
     async def aclose(self) -> None: ...
 
 
+def channel_of(notifier: Notifier) -> str:
+    """The channel a notifier delivers to, as metrics label it: `SlackNotifier` -> "slack"."""
+    return type(notifier).__name__.removesuffix("Notifier").lower() or "unknown"
+
+
 class NotifyHub:
-    def __init__(self, notifiers: Sequence[Notifier] = ()) -> None:
+    def __init__(
+        self,
+        notifiers: Sequence[Notifier] = (),
+        *,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
         self._notifiers = list(notifiers)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Told the channel of every delivery that failed (metrics count them).
+        self._on_failure = on_failure
 
     def add(self, notifier: Notifier) -> None:
         self._notifiers.append(notifier)
@@ -52,6 +64,8 @@ class NotifyHub:
         try:
             await notifier.notify(event, approval)
         except Exception as exc:
+            if self._on_failure is not None:
+                self._on_failure(channel_of(notifier))
             log.warning(
                 "notify.failed",
                 notifier=type(notifier).__name__,

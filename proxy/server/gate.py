@@ -76,6 +76,12 @@ class HeldTooMuch(Exception):
     pass
 
 
+class Draining(Exception):
+    """The process is shutting down while a request is held: it is answered `503 shutting_down`
+    at once and its approval is left as it is, for the client's retry to join (on another
+    replica, with a shared store)."""
+
+
 def _expired_message(approval: Approval) -> str:
     """`approval_expired`'s sentence, naming the decision window when the approval knows it."""
     window = approval.expires_at - approval.created_at
@@ -127,6 +133,35 @@ class ApprovalGate:
         self._max_body = max_body_bytes
         self._max_held = max_held_bytes
         self._held = 0  # bytes of bodies this process holds for approvals right now
+        # Set on SIGTERM: held requests stop waiting and are answered 503 shutting_down.
+        self._draining = asyncio.Event()
+        self._drain_retry_after = 5
+
+    def drain(self, retry_after: int = 5) -> None:
+        """Stop holding: every request waiting for a decision (and any that would start
+        waiting) is answered `503 shutting_down` with `Retry-After: retry_after`. A request
+        already being forwarded after its approval is not touched."""
+        self._drain_retry_after = retry_after
+        self._draining.set()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    def _shutting_down(
+        self, proxy: ProxyHandler, exchange: Exchange, approval: Approval
+    ) -> web.Response:
+        """The refusal of a held request at shutdown; audited, its approval untouched."""
+        return proxy.refuse(
+            exchange,
+            503,
+            "shutting_down",
+            approval_id=approval.id,
+            rule=approval.rule,
+            message="the proxy is shutting down; retry this exact request after the Retry-After "
+            f"seconds: it joins approval {approval.id}, which stays open",
+            headers={"Retry-After": str(self._drain_retry_after)},
+        )
 
     def _too_many(
         self,
@@ -251,7 +286,10 @@ class ApprovalGate:
                 call = exchange.mcp_call
                 if call is not None and call.accepts_sse:
                     return await self._hold_mcp(proxy, exchange, approval, body, call)
-                approval = await self._wait(approval)
+                try:
+                    approval = await self._wait(approval)
+                except Draining:
+                    return self._shutting_down(proxy, exchange, approval)
             return await self._conclude(proxy, exchange, approval, body)
         except state.TooManyPending as exc:
             message = _too_many_message(self._service.max_pending_per_identity)
@@ -295,6 +333,7 @@ class ApprovalGate:
             },
         )
         await stream.prepare(exchange.request)
+        exchange.sent_status = stream.status  # what the client has, whatever comes next
         waiting = asyncio.ensure_future(self._wait(approval))
         progress = 0
         try:
@@ -303,14 +342,19 @@ class ApprovalGate:
                 await stream.write(progress_event(call, progress, _waiting_text(call, approval)))
                 done, _ = await asyncio.wait({waiting}, timeout=self.mcp_progress_seconds)
                 if done:
-                    approval = waiting.result()
                     break
         except BaseException:
             # The client left (a failed write, or the handler cancelled): `_wait`, cancelled,
             # records the abandonment.
             waiting.cancel()
             raise
-        answer = await self._conclude(proxy, exchange, approval, body, into=stream)
+        answer: web.StreamResponse
+        try:
+            approval = waiting.result()
+        except Draining:
+            answer = self._shutting_down(proxy, exchange, approval)
+        else:
+            answer = await self._conclude(proxy, exchange, approval, body, into=stream)
         if answer is not stream:
             # A refusal, already a JSON-RPC tool result: it goes on as the stream's last event.
             assert isinstance(answer, web.Response) and isinstance(answer.body, bytes)
@@ -319,14 +363,29 @@ class ApprovalGate:
         return stream
 
     async def _wait(self, approval: Approval) -> Approval:
-        """Hold until the decision; a client that leaves meanwhile is recorded as abandoned."""
+        """Hold until the decision; a client that leaves meanwhile is recorded as abandoned.
+
+        Raises `Draining` when the process starts shutting down first: the approval is left
+        pending (not abandoned), for the client's retry to join."""
+        if self._draining.is_set():
+            raise Draining
+        deciding = asyncio.ensure_future(self._service.wait_for_decision(approval.id))
+        draining = asyncio.ensure_future(self._draining.wait())
         try:
-            return await self._service.wait_for_decision(approval.id)
+            await asyncio.wait({deciding, draining}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
+            deciding.cancel()
             task = asyncio.ensure_future(self._service.abandon(approval.id))
             _BACKGROUND.add(task)
             task.add_done_callback(_BACKGROUND.discard)
             raise
+        finally:
+            draining.cancel()
+        if deciding.done():
+            # Decided (even at the same moment as the drain): the decision is honoured.
+            return deciding.result()
+        deciding.cancel()
+        raise Draining
 
     def _accepted(self, exchange: Exchange, approval: Approval, asked: bool) -> web.Response:
         """The async answer: not an error, a receipt for a pending approval."""

@@ -59,7 +59,7 @@ from .mcp_answers import (
     sse_data,
     tool_error,
 )
-from .metrics import Metrics
+from .metrics import NO_DECISION, NO_ROUTE, Metrics
 from .responses import (
     APPROVAL_ID_HEADER,
     COUNTERSIGN_REQUEST_ID_HEADER,
@@ -145,6 +145,8 @@ class Exchange:
     sigv4: SigV4Caller | None = None
     mcp_call: McpCall | None = None  # a single MCP tools/call: refusals become tool results
     claimed: bool = False  # its approval was used: the request may have reached the upstream
+    decision: str = NO_DECISION  # the policy's action, for metrics ("none": refused before it)
+    sent_status: int = 0  # the status line the client was sent while relaying (0: none yet)
     _identity_log: dict[str, Any] | None = None
 
     def identity_log(self) -> dict[str, Any] | None:
@@ -213,14 +215,27 @@ class ProxyHandler:
             path=raw_path,
             remote=request.remote,
         )
-        outcome, status = "error", 500
+        status = 0
         try:
             response = await self._handle(exchange)
-            outcome = "forwarded" if exchange.forwarded else "refused"
             status = response.status
             return response
+        except (asyncio.CancelledError, ConnectionError):
+            # The client left. Counted as what it was sent: an answer already relayed (its audit
+            # fsync was still running), or 499 (nginx's "client closed request") when none was.
+            status = exchange.sent_status or 499
+            raise
+        except BaseException:
+            status = exchange.sent_status or 500
+            raise
         finally:
-            self._metrics.observe(outcome, status, time.monotonic() - started)
+            route = exchange.route
+            self._metrics.request(
+                route.settings.name if route is not None else NO_ROUTE,
+                exchange.decision,
+                status,
+                time.monotonic() - started,
+            )
 
     def refuse(
         self,
@@ -523,6 +538,7 @@ class ProxyHandler:
                 message=f"{exc.message}; a rule judges fields of this body, so it must be JSON",
             )
         exchange.rule = decision.rule
+        exchange.decision = decision.action.value
         self._audit.emit(
             audit.POLICY_DECIDED,
             request_id=exchange.request_id,
@@ -719,6 +735,7 @@ class ProxyHandler:
         """The 502/504 for an upstream that failed. After an approved request was sent, the
         agent is told it may have run and that a retry needs a new approval."""
         route = exchange.route.settings.name if exchange.route else None
+        self._metrics.upstream_error(route or NO_ROUTE, exc.code.removeprefix("upstream_"))
         message = str(exc)
         if fields.get("approval_id") is not None and not exchange.claimed:
             message = (
@@ -781,6 +798,7 @@ class ProxyHandler:
         try:
             if into is not None:
                 response = into
+                exchange.sent_status = into.status
                 streamed = any(
                     name.lower() == "content-type" and "text/event-stream" in value
                     for name, value in upstream.headers
@@ -803,6 +821,7 @@ class ProxyHandler:
                 response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
                 self._copy_headers(response, exchange, upstream, approval_id)
                 await response.prepare(request)
+                exchange.sent_status = upstream.status
                 await response.write_eof()
                 sent = len(body)
             else:
@@ -811,6 +830,7 @@ class ProxyHandler:
                 if upstream.content_length is not None:
                     response.content_length = upstream.content_length
                 await response.prepare(request)
+                exchange.sent_status = upstream.status
                 if has_body:
                     while chunk := await upstream.read():
                         await response.write(chunk)
@@ -821,6 +841,8 @@ class ProxyHandler:
             # The status line is already sent, so the only honest signal left is to cut the
             # client's connection: it sees a truncated body, never a complete-looking one.
             failure = exc.code
+            route_name = exchange.route.settings.name if exchange.route else NO_ROUTE
+            self._metrics.upstream_error(route_name, "truncated")
             upstream.close()
             if request.transport is not None:
                 request.transport.abort()

@@ -1,8 +1,14 @@
-"""Serving: start the app on the configured address and stop cleanly on SIGTERM / SIGINT.
+"""Serving: start the app on the configured address; reload on SIGHUP; drain on SIGTERM / SIGINT.
+
+SIGHUP re-reads the configuration file and swaps routes, policy and identity (`proxy.app.
+Reloader`); a bad file is refused and the running configuration kept. SIGTERM drains: the
+listener closes, the process reports not ready, held requests are answered `503 shutting_down`
+with `Retry-After` (their approvals stay open for the retry), requests being forwarded get up to
+`server.drain_seconds` to finish, the audit is flushed, and the process exits 0.
 
 With `server.workers: N > 1`, a supervisor forks N worker processes that all listen on the same
 port (SO_REUSEPORT: the kernel spreads connections among them) and share the Redis store. It
-forwards SIGTERM/SIGINT to them and restarts a worker that dies unexpectedly.
+forwards SIGTERM/SIGINT/SIGHUP to them and restarts a worker that dies unexpectedly.
 """
 
 from __future__ import annotations
@@ -14,19 +20,33 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from ..app import StartupError, build_app, build_redactor
+from ..app import (
+    DRAINING,
+    GATE,
+    RELOADABLE,
+    RELOADER,
+    StartupError,
+    build_app,
+    build_redactor,
+)
 from ..audit.chain import ChainError
-from ..config import Settings
+from ..config import ConfigError, Settings, load_settings
 from ..logs import configure_logging
+from ..policy import Policy
+from ..routing import RouteTable
+from .internal import ADMIN_SERVER
+from .metrics import multiprocess_directory, worker_exited
 from .parse_errors import use_json_parse_errors
 
 log = structlog.get_logger("countersign")
+# What a held request answered `503 shutting_down` at SIGTERM is told to wait before retrying.
+DRAIN_RETRY_AFTER_SECONDS = 5
 
 
 async def start(
@@ -44,7 +64,8 @@ async def start(
         app,
         access_log=None,
         handle_signals=False,
-        shutdown_timeout=10,
+        # On SIGTERM, requests being forwarded get this long to finish (then are cancelled).
+        shutdown_timeout=settings.server.drain_seconds,
         handler_cancellation=True,
         # A header line may be as long as the whole head may be (a large bearer token still
         # gets a 401, not the parser's 400).
@@ -65,15 +86,37 @@ async def start(
         reuse_port=reuse_port or None,
     )
     await site.start()
+    if ADMIN_SERVER in app:  # `server.admin_listen`: health and metrics, after the public port
+        await app[ADMIN_SERVER].start(reuse_port=reuse_port)
     return runner
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False, worker: int | None = None) -> None:
+async def serve(
+    settings: Settings,
+    *,
+    reuse_port: bool = False,
+    worker: int | None = None,
+    config_path: str | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain; reload `config_path` on SIGHUP."""
     configure_logging(redactor=build_redactor(settings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    serving: list[web.Application] = []  # the app, once it has started
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hangup() -> None:
+        if config_path is None or not serving or RELOADER not in serving[0]:
+            reason = "no configuration file known" if config_path is None else "not serving yet"
+            log.warning("config.reload_ignored", reason=reason, pid=os.getpid())
+            return
+        task = loop.create_task(serving[0][RELOADER].reload(config_path))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         app = build_app(settings, worker=worker)
     except (ChainError, OSError) as exc:
@@ -89,6 +132,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: int | N
     except StartupError as exc:
         log.error("server.start_failed", error=str(exc))
         sys.exit(1)
+    serving.append(app)
     _tune_garbage_collector()
     log.info(
         "server.started",
@@ -100,8 +144,23 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: int | N
     try:
         await stop.wait()
     finally:
-        log.info("server.stopping", pid=os.getpid())
-        await runner.cleanup()
+        log.info("server.stopping", pid=os.getpid(), drain_seconds=settings.server.drain_seconds)
+        for task in reloads:
+            task.cancel()
+        await drain(app, runner)
+        log.info("server.stopped", pid=os.getpid())
+
+
+async def drain(app: web.Application, runner: web.AppRunner) -> None:
+    """Stop taking work and finish what is running: close the listeners, report not ready,
+    answer held requests `503 shutting_down` (their approvals stay open, for a retry to join,
+    on another replica with a shared store), give requests being forwarded up to the runner's
+    shutdown timeout (`server.drain_seconds`), then close every part (the audit is flushed)."""
+    app[DRAINING].set()  # readyz answers 503 from now on (the app's Readiness reads it)
+    for site in list(runner.sites):
+        await site.stop()
+    app[GATE].drain(retry_after=DRAIN_RETRY_AFTER_SECONDS)
+    await runner.cleanup()
 
 
 # Collect young objects every this many net allocations (Python's default: 700), gen-1 every
@@ -120,12 +179,44 @@ def _tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def run(settings: Settings) -> int:
-    """`countersign run`: one process, or a supervisor of `server.workers` processes."""
-    if settings.server.workers <= 1:
-        _run_loop(settings, serve(settings))
-        return 0
-    return _supervise(settings)
+def run(settings: Settings, config_path: str | None = None) -> int:
+    """`countersign run`: one process, or a supervisor of `server.workers` processes.
+
+    `config_path`: the file SIGHUP reloads (without it, SIGHUP is logged and ignored). The
+    process id goes to `server.pid_file` when set (for `countersign reload`), removed at exit.
+    """
+    # Until the handlers are in place, a SIGHUP must not end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with _pid_file(settings.server.pid_file):
+        if settings.server.workers <= 1:
+            _run_loop(settings, serve(settings, config_path=config_path))
+            return 0
+        # One metrics view across workers: their values go to files in a fresh directory.
+        with multiprocess_directory():
+            return _supervise(settings, config_path)
+
+
+@contextlib.contextmanager
+def _pid_file(path: str | None) -> Iterator[None]:
+    """Write this process's id to `path` for the duration; remove it after, if still ours."""
+    if path is None:
+        yield
+        return
+    pid = str(os.getpid())
+    try:
+        with open(path, "w", encoding="ascii") as file:
+            file.write(pid + "\n")
+    except OSError as exc:
+        log.error("server.pid_file_failed", pid_file=path, error=str(exc))
+        sys.exit(1)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            with open(path, encoding="ascii") as file:
+                ours = file.read().strip() == pid
+            if ours and os.getpid() == int(pid):
+                os.remove(path)
 
 
 def _run_loop(settings: Settings, main: Coroutine[Any, Any, None]) -> None:
@@ -138,14 +229,17 @@ def _run_loop(settings: Settings, main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
-def _spawn(settings: Settings, worker: int) -> int:
+def _spawn(settings: Settings, worker: int, config_path: str | None = None) -> int:
     pid = os.fork()
     if pid == 0:  # the worker
         code = 0
         try:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _run_loop(settings, serve(settings, reuse_port=True, worker=worker))
+            # Not the supervisor's forwarding handler; `serve` installs the worker's own.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            serving = serve(settings, reuse_port=True, worker=worker, config_path=config_path)
+            _run_loop(settings, serving)
         except SystemExit as exc:
             code = int(exc.code or 0)
         except BaseException:
@@ -157,9 +251,27 @@ def _spawn(settings: Settings, worker: int) -> int:
     return pid
 
 
-def _supervise(settings: Settings) -> int:
+def _supervise(settings: Settings, config_path: str | None = None) -> int:
     configure_logging()
     stopping = False
+
+    def forward_hangup(signum: int, _frame: object) -> None:
+        """Each worker reloads itself; the supervisor keeps the reloaded sections too, so that
+        a worker it restarts later starts from them."""
+        nonlocal settings
+        for pid in list(workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        log.info("supervisor.reload_forwarded", workers=sorted(workers))
+        if config_path is None:
+            return
+        try:
+            new = load_settings(config_path)
+            Policy.compile(new.policy)
+            RouteTable(new.routes)
+        except (ConfigError, ValueError, TypeError):
+            return  # the workers log and audit why they refused it
+        settings = settings.model_copy(update={name: getattr(new, name) for name in RELOADABLE})
 
     def request_stop(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -171,8 +283,9 @@ def _supervise(settings: Settings) -> int:
     workers: dict[int, tuple[int, float]] = {}  # pid -> (worker number, started at)
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, forward_hangup)
     for number in range(settings.server.workers):
-        workers[_spawn(settings, number)] = (number, time.monotonic())
+        workers[_spawn(settings, number, config_path)] = (number, time.monotonic())
     log.info("supervisor.started", workers=sorted(workers), listen=settings.server.listen)
     exit_code = 0
     while workers:
@@ -185,6 +298,7 @@ def _supervise(settings: Settings) -> int:
         entry = workers.pop(pid, None)
         if entry is None:
             continue
+        worker_exited(pid)
         number, started = entry
         code = os.waitstatus_to_exitcode(status)
         if stopping:
@@ -196,6 +310,6 @@ def _supervise(settings: Settings) -> int:
             request_stop(signal.SIGTERM, None)
             continue
         time.sleep(0.5)
-        workers[_spawn(settings, number)] = (number, time.monotonic())
+        workers[_spawn(settings, number, config_path)] = (number, time.monotonic())
     log.info("supervisor.stopped")
     return exit_code

@@ -287,6 +287,10 @@ def build_store(settings: Settings) -> Store:
         retention_seconds=store.retention_seconds,
         timeout_seconds=store.timeout_seconds,
         max_connections=store.max_connections,
+        mode=store.mode,
+        sentinel_master=None if store.sentinel is None else store.sentinel.master,
+        sentinel_nodes=() if store.sentinel is None else store.sentinel.addresses,
+        sentinel_password=None if store.sentinel is None else store.sentinel.password,
     )
 
 

@@ -311,8 +311,39 @@ class IdentitySettings(_Model):
     jwks_refresh_cooldown_seconds: Annotated[float, Field(gt=0)] = 30.0
 
 
+class SentinelSettings(_Model):
+    """`store.sentinel` (with `store.mode: sentinel`): where the sentinels are, and the name
+    they know the master by."""
+
+    master: NonEmpty
+    nodes: Annotated[tuple[NonEmpty, ...], Field(min_length=1)]
+    password: str | None = None  # the sentinels' own (the master's is in store.url)
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for node in v:
+            host, sep, port = node.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{node!r} is not host:port (e.g. 10.0.0.5:26379)")
+        return v
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """`nodes` as (host, port) pairs ([::1] loses its brackets)."""
+        pairs = []
+        for node in self.nodes:
+            host, _, port = node.rpartition(":")
+            pairs.append((host.strip("[]"), int(port)))
+        return pairs
+
+
 class StoreSettings(_Model):
     url: NonEmpty = "memory://"
+    # standalone: one Redis at `url`; cluster: `url` is any node of a Redis Cluster; sentinel:
+    # the master is the one `sentinel` names (`url` gives its password, database and TLS).
+    mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
+    sentinel: SentinelSettings | None = None
     key_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]+$")] = "countersign"
     # How long decided, expired and executed approvals stay readable (API, CLI, audit lookups).
     retention_seconds: Annotated[int, Field(gt=0)] = 7 * 24 * 3600
@@ -323,6 +354,30 @@ class StoreSettings(_Model):
     @classmethod
     def _url(cls, v: str) -> str:
         return v if v == "memory://" else _redis_url(v, store=True)
+
+    @model_validator(mode="after")
+    def _mode(self) -> StoreSettings:
+        if self.mode != "standalone" and not self.url.startswith(("redis://", "rediss://")):
+            raise _RefError(
+                ("url",),
+                f"mode: {self.mode} needs a redis:// (or rediss://) URL"
+                + (
+                    ", any node of the cluster (e.g. redis://redis-1:6379)"
+                    if self.mode == "cluster"
+                    else " for the master's password and database (e.g. redis://:PASSWORD@"
+                    "mymaster/0; its host is not used: Sentinel names the master)"
+                ),
+            )
+        if self.mode == "sentinel" and self.sentinel is None:
+            raise _RefError(
+                ("sentinel",),
+                'mode: sentinel needs sentinel: {master: NAME, nodes: ["host:port", ...]}',
+            )
+        if self.mode != "sentinel" and self.sentinel is not None:
+            raise _RefError(("sentinel",), "only makes sense with mode: sentinel")
+        if self.mode == "cluster" and not re.fullmatch(r"/?|/0", _split_url(self.url).path):
+            raise _RefError(("url",), "a Redis Cluster has only database 0")
+        return self
 
     @property
     def shared(self) -> bool:

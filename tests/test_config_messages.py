@@ -108,7 +108,7 @@ def test_an_unknown_top_level_section_suggests_the_closest_one() -> None:
 
 def test_an_unknown_key_with_no_close_match_lists_the_keys_of_its_mapping() -> None:
     assert issue("store:\n  colour: red\n") == (
-        "c.yaml:2: store.colour: unknown key; the keys here are url, key_prefix, "
+        "c.yaml:2: store.colour: unknown key; the keys here are url, mode, sentinel, key_prefix, "
         "retention_seconds, timeout_seconds, max_connections"
     )
 

@@ -37,10 +37,17 @@ after a bulk decision) goes out in one write on one connection, each command sti
 own. redis-py's per-command overhead (pool checkout, packing, timeouts) was most of the CPU a
 release cost.
 
-All keys share one hash tag (`{prefix}`), so every script runs in one slot and works on Redis
-Cluster; approvals are human-paced, so one slot's throughput is ample. Any Redis failure is
-raised as `StoreUnavailable`: privileged requests fail closed with 503 and nothing is forwarded
-without a decision read from Redis.
+Topologies (`store.mode`): `standalone` (one Redis, or anything behind one address);
+`sentinel`: redis-py's Sentinel client finds the master and follows a failover (connections to
+the old master fail, and the next ones go to the new one); `cluster`: redis-py's cluster client
+(any node as the seed) follows MOVED/ASK and slot moves. All keys share one hash tag
+(`{prefix}`), so every command and script names keys of one slot only; approvals are
+human-paced, so one slot's throughput is ample. On a cluster, commands go one by one through the
+cluster client (no pipelines), and the subscription is on any node (a PUBLISH reaches every node
+of a cluster). Any Redis failure, and any error Redis answers that the code does not expect
+(a cluster down, a failover under way, a read-only replica), is raised as `StoreUnavailable`:
+privileged requests fail closed with 503 and nothing is forwarded without a decision read from
+Redis.
 """
 
 from __future__ import annotations
@@ -52,13 +59,14 @@ import math
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
-from redis.commands.core import AsyncScript
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel, SentinelManagedSSLConnection
 
 from ..model import Approval, ApprovalState, DecisionRecord, Outcome
 from ..model import state as transitions
@@ -211,6 +219,22 @@ return 0
 """
 
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# Everything redis-py raises: what is not expected (a cluster down, a slot not covered, MOVED
+# not followed, READONLY during a failover, a script failing on a failing node) is an
+# unavailable store too, never an error of the request.
+_REDIS_ERRORS = (*_REDIS_DOWN, redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
+
+MODES = ("standalone", "cluster", "sentinel")
+
+
+class _Script:
+    """A Lua script, run by its SHA1 (EVALSHA) and sent whole (EVAL) to a server without it."""
+
+    __slots__ = ("script", "sha")
+
+    def __init__(self, script: str) -> None:
+        self.script = script
+        self.sha = hashlib.sha1(script.encode()).hexdigest()
 
 
 def _unavailable(cause: BaseException) -> StoreUnavailable:
@@ -220,20 +244,27 @@ def _unavailable(cause: BaseException) -> StoreUnavailable:
     return error
 
 
-def _pack(args: tuple[Any, ...]) -> bytes:
-    """One command in the Redis protocol (an array of bulk strings)."""
-    parts = [b"*%d\r\n" % len(args)]
+def _encode(args: tuple[Any, ...]) -> list[bytes]:
+    """The arguments of one command as the bytes Redis receives."""
+    encoded = []
     for arg in args:
         if isinstance(arg, str):
             # surrogateescape: an id taken from a header holds the client's raw bytes this way
             # (aiohttp decodes headers so); they go back as those bytes, a key like any other.
-            data = arg.encode("utf-8", "surrogateescape")
+            encoded.append(arg.encode("utf-8", "surrogateescape"))
         elif isinstance(arg, bytes):
-            data = arg
+            encoded.append(arg)
         elif isinstance(arg, int):
-            data = b"%d" % arg
+            encoded.append(b"%d" % arg)
         else:
             raise TypeError(f"cannot send {type(arg).__name__} to Redis")
+    return encoded
+
+
+def _pack(args: tuple[Any, ...]) -> bytes:
+    """One command in the Redis protocol (an array of bulk strings)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for data in _encode(args):
         parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(parts)
 
@@ -258,7 +289,16 @@ class RedisStore:
         retention_seconds: float = 24 * 3600,
         timeout_seconds: float = 2.0,
         max_connections: int = 64,
+        mode: str = "standalone",
+        sentinel_master: str | None = None,
+        sentinel_nodes: Sequence[tuple[str, int]] = (),
+        sentinel_password: str | None = None,
     ) -> None:
+        """`url`: the Redis (standalone), any node of the cluster (cluster), or with Sentinel
+        what applies to the master found (scheme for TLS, username, password, database; its
+        host is not used)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown store mode {mode!r}; use one of {', '.join(MODES)}")
         self._url = url
         self._timeout = timeout_seconds
         self._retention_ms = int(retention_seconds * 1000)
@@ -274,22 +314,72 @@ class RedisStore:
         # busy pool is never mistaken for Redis being down: only a command that Redis itself
         # does not answer within `timeout_seconds` raises StoreUnavailable.
         self._slots = asyncio.Semaphore(max_connections)
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=None,
-            socket_timeout=timeout_seconds,
-            decode_responses=True,
-            **common,
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        self._cluster: RedisCluster | None = None
+        self._sentinel: Sentinel | None = None
+        self._subscriber: aioredis.Redis | None = None
+        self._subscribed_node = 0  # on a cluster: which node the subscription tries next
+        self._cluster_lock = asyncio.Lock()
+        self._cluster_ready = False
         # The subscription is one bare connection in RESP2, where a notice is a plain array:
         # read directly, it costs a third of what redis-py's PubSub spends per message (every
         # replica receives every notice). It blocks reading for as long as nothing happens: no
         # read timeout (redis-py's 5 s default would tear it down every 5 quiet seconds).
-        self._subscriber = aioredis.Redis.from_url(
-            url, socket_timeout=None, decode_responses=True, protocol=2, **common
-        )
+        if mode == "cluster":
+            self._cluster = RedisCluster.from_url(
+                url,
+                max_connections=max_connections,
+                socket_timeout=timeout_seconds,
+                decode_responses=True,
+                protocol=2,
+                **common,
+            )
+            self._redis: aioredis.Redis | RedisCluster = self._cluster
+        elif mode == "sentinel":
+            if not sentinel_master or not sentinel_nodes:
+                raise ValueError("store.mode sentinel needs store.sentinel.master and nodes")
+            options = aioredis.connection.parse_url(url)
+            master: dict[str, Any] = {
+                key: options[key] for key in ("username", "password", "db") if key in options
+            }
+            if url.startswith("rediss://"):
+                master["connection_class"] = SentinelManagedSSLConnection
+            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                list(sentinel_nodes),
+                sentinel_kwargs={
+                    "password": sentinel_password,
+                    "socket_timeout": timeout_seconds,
+                    "socket_connect_timeout": timeout_seconds,
+                },
+            )
+            self._redis = self._sentinel.master_for(
+                sentinel_master,
+                max_connections=max_connections,
+                socket_timeout=timeout_seconds,
+                decode_responses=True,
+                **master,
+                **common,
+            )
+            self._subscriber = self._sentinel.master_for(
+                sentinel_master,
+                socket_timeout=None,
+                decode_responses=True,
+                protocol=2,
+                **master,
+                **common,
+            )
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=None,
+                socket_timeout=timeout_seconds,
+                decode_responses=True,
+                **common,
+            )
+            self._redis = aioredis.Redis(connection_pool=pool)
+            self._subscriber = aioredis.Redis.from_url(
+                url, socket_timeout=None, decode_responses=True, protocol=2, **common
+            )
         tag = "{" + key_prefix + "}"
         self._approval_key = f"{tag}:apr:"
         self._fingerprint_key = f"{tag}:fp:"
@@ -302,12 +392,12 @@ class RedisStore:
         self._ambiguous_key = f"{tag}:amb:"
         self._channel = f"{tag}:changes"
         self._owner = secrets.token_hex(8)
-        self._create = self._redis.register_script(_CREATE)
-        self._swap = self._redis.register_script(_SWAP)
-        self._lease = self._redis.register_script(_LEASE)
-        self._set_note = self._redis.register_script(_SET_NOTE)
-        self._page = self._redis.register_script(_PAGE)
-        self._forget_gone = self._redis.register_script(_FORGET_GONE)
+        self._create = _Script(_CREATE)
+        self._swap = _Script(_SWAP)
+        self._lease = _Script(_LEASE)
+        self._set_note = _Script(_SET_NOTE)
+        self._page = _Script(_PAGE)
+        self._forget_gone = _Script(_FORGET_GONE)
         self._waiters: dict[str, set[_Waiter]] = {}
         self._recent: OrderedDict[str, tuple[str | bytes, Approval]] = OrderedDict()
         self._subscribed = asyncio.Event()
@@ -323,20 +413,51 @@ class RedisStore:
     async def _guard(self, operation: Awaitable[Any]) -> Any:
         # Any: redis-py types replies loosely (bytes | str | ...); callers annotate what
         # decode_responses=True gives them.
-        """Await a Redis operation; any connection failure becomes `StoreUnavailable`."""
+        """Await a Redis operation; any Redis failure or error becomes `StoreUnavailable`
+        (but NOSCRIPT: `_script` then sends the script itself)."""
         try:
             async with self._slots:
                 return await operation
-        except _REDIS_DOWN as exc:
+        except redis.exceptions.NoScriptError:
+            raise
+        except _REDIS_ERRORS as exc:
             raise _unavailable(exc) from exc
 
-    def _command(self, *args: Any) -> asyncio.Future[Any]:
-        """Queue one command; its reply (or its error) arrives in the future. Commands queued
-        in the same turn of the event loop leave together in one pipeline, and while every
-        connection has a pipeline in flight they keep gathering for the next one: one write,
-        one read and one pool checkout for a whole burst of claims. No MULTI: each command (each
-        script) is atomic on its own, as when sent alone. A Redis failure is `StoreUnavailable`.
-        """
+    async def _command(self, *args: Any) -> Any:
+        """One command; its reply. Commands queued in the same turn of the event loop leave
+        together in one pipeline, and while every connection has a pipeline in flight they keep
+        gathering for the next one: one write, one read and one pool checkout for a whole burst
+        of claims. No MULTI: each command (each script) is atomic on its own, as when sent
+        alone. On a cluster, the cluster client sends each (to the node of the slot, following
+        MOVED and ASK). A Redis failure or error is `StoreUnavailable` (but NOSCRIPT)."""
+        if self._cluster is not None:
+            try:
+                encoded = _encode(args[1:])  # the arguments; the command's name stays a str
+            except (TypeError, UnicodeEncodeError) as exc:
+                raise ValueError(f"cannot send to Redis: {exc}") from exc
+            if not self._cluster_ready:
+                await self._initialize_cluster()
+            return await self._guard(self._cluster.execute_command(args[0], *encoded))
+        try:
+            return await self._enqueue(*args)
+        except redis.exceptions.NoScriptError:
+            raise
+        except _REDIS_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+    async def _initialize_cluster(self) -> None:
+        """Learn the cluster's nodes and slots once before the first command: redis-py
+        initializes lazily in every command that finds it not done, and concurrent first
+        commands then tear down each other's new connections."""
+        assert self._cluster is not None
+        async with self._cluster_lock:
+            if not self._cluster_ready:
+                await self._guard(self._cluster.initialize())
+                self._cluster_ready = True
+
+    def _enqueue(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command for the next pipeline; its reply (or its error) arrives in the
+        future."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((args, future))
@@ -363,6 +484,7 @@ class RedisStore:
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         """Write a batch in one go on one pooled connection, then hand each reply to its caller
         as it is read. Never retried: a script that may have run is not run again."""
+        assert isinstance(self._redis, aioredis.Redis)
         pool = self._redis.connection_pool
         async with self._slots:
             packed: list[bytes] = []
@@ -412,14 +534,13 @@ class RedisStore:
                 if connection is not None:
                     await pool.release(connection)
 
-    async def _script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        """Run a registered script through the pipelines (loading it into Redis if needed)."""
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+    async def _script(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
+        """Run a script by its SHA1; sent whole to a server that does not have it yet (a new
+        master after a failover, a node that just took the slot, a restarted Redis)."""
         try:
-            return await self._command(*command)
+            return await self._command("EVALSHA", script.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
-            await self._guard(self._redis.script_load(script.script))
-            return await self._command(*command)
+            return await self._command("EVAL", script.script, len(keys), *keys, *args)
 
     def _pending_set(self, approval: Approval) -> str:
         """The set of the ids of the requester's pending approvals."""
@@ -429,7 +550,7 @@ class RedisStore:
     async def _forget_gone_pending(self, approval: Approval) -> int:
         """Drop from the requester's pending set the ids whose approval is gone; how many."""
         key = self._pending_set(approval)
-        ids: list[str] = await self._command("SMEMBERS", key)
+        ids: list[str] = list(await self._command("SMEMBERS", key))
         if not ids:
             return 0
         keys = [key, *(self._approval_key + approval_id for approval_id in ids)]
@@ -617,12 +738,12 @@ class RedisStore:
             return await self._transition(approval_id, step)
         except KeyError:
             # Gone (its retention ran out): drop it from the deadline index too.
-            await self._guard(self._redis.zrem(self._deadlines, approval_id))
+            await self._command("ZREM", self._deadlines, approval_id)
             return None
 
     async def due(self, now: float, limit: int = 100) -> list[str]:
-        ids: list[str] = await self._guard(
-            self._redis.zrangebyscore(self._deadlines, "-inf", now, start=0, num=limit)
+        ids: list[str] = await self._command(
+            "ZRANGEBYSCORE", self._deadlines, "-inf", repr(now), "LIMIT", 0, limit
         )
         return ids
 
@@ -709,35 +830,35 @@ class RedisStore:
 
     async def set_note(self, approval_id: str, name: str, value: str) -> None:
         keys = [self._approval_key + approval_id, self._notes_key + approval_id]
-        if not await self._guard(self._set_note(keys=keys, args=[name, value])):
+        if not await self._script(self._set_note, keys, [name, value]):
             raise KeyError(approval_id)
 
     async def get_note(self, approval_id: str, name: str) -> str | None:
-        value: str | None = await self._guard(self._redis.hget(self._notes_key + approval_id, name))
+        value: str | None = await self._command("HGET", self._notes_key + approval_id, name)
         return value
 
     async def lease(self, name: str, seconds: float) -> bool:
         """Hold the named lease for `seconds` (renewable by its holder); one replica at a time
         does periodic work such as sweeping expiries."""
-        return bool(
-            await self._guard(
-                self._lease(keys=[self._lease_key + name], args=[self._owner, int(seconds * 1000)])
-            )
-        )
+        keys = [self._lease_key + name]
+        return bool(await self._script(self._lease, keys, [self._owner, int(seconds * 1000)]))
 
     async def remember_ambiguous(self, fingerprint: str, approval_id: str) -> None:
-        await self._guard(
-            self._redis.set(self._ambiguous_key + fingerprint, approval_id, px=self._retention_ms)
-        )
+        key = self._ambiguous_key + fingerprint
+        await self._command("SET", key, approval_id, "PX", self._retention_ms)
 
     async def last_ambiguous(self, fingerprint: str) -> str | None:
-        value: str | None = await self._guard(self._redis.get(self._ambiguous_key + fingerprint))
+        value: str | None = await self._command("GET", self._ambiguous_key + fingerprint)
         return value
 
     async def ping(self) -> bool:
+        """Whether Redis answers; on a cluster, the node that serves the store's slot."""
         try:
+            if self._cluster is not None:
+                await self._command("EXISTS", self._deadlines)  # a key of the slot
+                return True
             return bool(await self._redis.ping())
-        except (*_REDIS_DOWN, redis.exceptions.RedisError):
+        except (*_REDIS_ERRORS, StoreUnavailable):
             return False
 
     async def aclose(self) -> None:
@@ -748,7 +869,11 @@ class RedisStore:
         if self._pipelines:  # let commands already sent have their answers
             await asyncio.wait(set(self._pipelines), timeout=self._timeout)
         await self._redis.aclose()
-        await self._subscriber.aclose()
+        if self._subscriber is not None:
+            await self._subscriber.aclose()
+        if self._sentinel is not None:
+            for sentinel in self._sentinel.sentinels:
+                await sentinel.aclose()
 
     # -- the subscription ----------------------------------------------------------------------
 
@@ -783,8 +908,9 @@ class RedisStore:
     async def _listen(self) -> None:
         backoff = 0.1
         while True:
-            connection = self._subscriber.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            connection: Any = None
             try:
+                connection = await self._subscription_connection()
                 await connection.connect()
                 await connection.send_command("SUBSCRIBE", self._channel)
                 await connection.read_response(timeout=math.inf)  # ["subscribe", channel, 1]
@@ -806,5 +932,22 @@ class RedisStore:
                 backoff = min(backoff * 2, 2.0)
             finally:
                 self._subscribed.clear()
-                with contextlib.suppress(Exception):
-                    await connection.disconnect()
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await connection.disconnect()
+
+    async def _subscription_connection(self) -> Any:
+        """A new connection for the subscription: to the Redis, to the master Sentinel names,
+        or to a node of the cluster (the next one after each failure)."""
+        if self._cluster is None:
+            assert self._subscriber is not None
+            return self._subscriber.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        if not self._cluster_ready:
+            await self._initialize_cluster()
+        nodes = self._cluster.get_nodes()
+        if not nodes:
+            raise StoreUnavailable("redis: no cluster node known")
+        self._subscribed_node += 1
+        node = nodes[self._subscribed_node % len(nodes)]
+        options = {**node.connection_kwargs, "socket_timeout": None, "protocol": 2}
+        return node.connection_class(**options)

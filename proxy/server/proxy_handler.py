@@ -148,6 +148,14 @@ class Exchange:
     decision: str = NO_DECISION  # the policy's action, for metrics ("none": refused before it)
     sent_status: int = 0  # the status line the client was sent while relaying (0: none yet)
     _identity_log: dict[str, Any] | None = None
+    _body_view: RequestBody | None = None
+
+    def body_view(self) -> RequestBody | None:
+        """The read body with its JSON and form views, one per request: the recognizer, the
+        MCP answer and the policy's conditions share its parses."""
+        if self._body_view is None and self.body is not None:
+            self._body_view = RequestBody(self.body, self.request.headers.get("Content-Type"))
+        return self._body_view
 
     def identity_log(self) -> dict[str, Any] | None:
         """The identity as audit events show it, built once per request."""
@@ -367,6 +375,20 @@ class ProxyHandler:
         response.headers.popall("Content-Length", None)
         await response.prepare(exchange.request)
         await response.write_eof()
+        self._audit_forwarded(exchange, started, upstream.status, len(body))
+        return response
+
+    def _audit_forwarded(
+        self,
+        exchange: Exchange,
+        started: float,
+        status: int,
+        sent: int,
+        *,
+        approval_id: str | None = None,
+        failure: str | None = None,
+    ) -> None:
+        """`request.forwarded`: the upstream's answer went (or began to go) to the client."""
         self._audit.emit(
             audit.REQUEST_FORWARDED,
             request_id=exchange.request_id,
@@ -375,12 +397,13 @@ class ProxyHandler:
             path=exchange.path,
             route=exchange.route.settings.name if exchange.route else None,
             rule=exchange.rule,
-            status=upstream.status,
-            bytes_sent=len(body),
+            approval_id=approval_id,
+            status=status,
+            bytes_sent=sent,
             duration_ms=round((time.monotonic() - started) * 1000, 3),
-            actions=list(exchange.actions),
+            error=failure,
+            **({"actions": list(exchange.actions)} if exchange.actions else {}),
         )
-        return response
 
     # -- stages: each returns None to go on, or the answer --------------------------------
 
@@ -485,7 +508,7 @@ class ProxyHandler:
             raw_path=target.partition("?")[0],
             query=exchange.query,
             headers=request.headers,
-            body=self._body_view(exchange),
+            body=exchange.body_view(),
             service=exchange.sigv4.service if exchange.sigv4 is not None else None,
         )
         if route.settings.protocol == "mcp":
@@ -513,7 +536,7 @@ class ProxyHandler:
             actions=exchange.actions,
             headers=request.headers,
             query=exchange.query,
-            body=self._body_view(exchange),
+            body=exchange.body_view(),
             fold_case=route.settings.case_insensitive_paths,
         )
         try:
@@ -525,7 +548,7 @@ class ProxyHandler:
                 answer = await self._read_body(exchange)
                 if answer is not None:
                     return answer
-                info.body = self._body_view(exchange)
+                info.body = exchange.body_view()
             decision = self._policy.evaluate(info, identity)
         except AmbiguousField as exc:
             return self._ambiguous(exchange, "repeated_field", exc.message)
@@ -577,12 +600,6 @@ class ProxyHandler:
 
     def _ambiguous(self, exchange: Exchange, reason: str, message: str) -> web.Response:
         return self.refuse(exchange, 400, "ambiguous_request", reason=reason, message=message)
-
-    @staticmethod
-    def _body_view(exchange: Exchange) -> RequestBody | None:
-        if exchange.body is None:
-            return None
-        return RequestBody(exchange.body, exchange.request.headers.get("Content-Type"))
 
     async def _read_body(self, exchange: Exchange) -> web.StreamResponse | None:
         """Read the whole body into `exchange.body`, bounded by `server.max_body_bytes`."""
@@ -851,20 +868,8 @@ class ProxyHandler:
             upstream.close()
             raise  # aiohttp drops the connection quietly
         finally:
-            self._audit.emit(
-                audit.REQUEST_FORWARDED,
-                request_id=exchange.request_id,
-                identity=exchange.identity_log(),
-                method=request.method,
-                path=exchange.path,
-                route=exchange.route.settings.name if exchange.route else None,
-                rule=exchange.rule,
-                approval_id=approval_id,
-                status=upstream.status,
-                bytes_sent=sent,
-                duration_ms=round((time.monotonic() - started) * 1000, 3),
-                error=failure,
-                **({"actions": list(exchange.actions)} if exchange.actions else {}),
+            self._audit_forwarded(
+                exchange, started, upstream.status, sent, approval_id=approval_id, failure=failure
             )
         if approval_id is not None:
             # An approved request's execution is on disk before its exchange is over. (The

@@ -189,10 +189,13 @@ def config(
     api_keys: Iterable[ApiKey] = (),
     webhooks: Iterable[Mapping[str, str]] = (),
     trusted_proxies: Iterable[str] = (),
+    extra_routes: Iterable[Mapping[str, Any]] = (),
+    extra_rules: Iterable[Mapping[str, Any]] = (),
 ) -> str:
     """The one config of these tests: route `cloud` (`/cloud/` → `upstream`), reads allowed,
     `exports` (POST /cloud/exports/** by group agents) and `iam` (POST /cloud/iam/**, quorum 2)
-    approved by group data-owners."""
+    approved by group data-owners. `extra_routes` are added after `cloud`, `extra_rules` before
+    the others (first match wins); `{upstream}` in a route's upstream is the recorder's URL."""
     approvals: dict[str, Any] = {"mode": mode, "timeout_seconds": timeout_seconds}
     if claim_seconds is not None:
         approvals["claim_seconds"] = claim_seconds
@@ -210,11 +213,18 @@ def config(
             "issuers": [{"issuer": issuer, "audiences": ["countersign"]}],
             "api_keys": [key.entry() for key in api_keys],
         },
-        "routes": [{"name": "cloud", "prefix": "/cloud/", "upstream": upstream}],
+        "routes": [
+            {"name": "cloud", "prefix": "/cloud/", "upstream": upstream},
+            *(
+                {**route, "upstream": str(route["upstream"]).format(upstream=upstream.rstrip("/"))}
+                for route in extra_routes
+            ),
+        ],
         "approvals": approvals,
         "policy": {
             "default": "deny",
             "rules": [
+                *(dict(rule) for rule in extra_rules),
                 {"name": "reads", "methods": ["GET", "HEAD"], "action": "allow"},
                 {
                     "name": "exports",

@@ -800,6 +800,42 @@ class RedactSettings(_Model):
         return v
 
 
+class AnchorSettings(_Model):
+    """Where signed checkpoints are also sent, out of the reach of whoever administers the
+    audit file: `file:///path` (another disk, a WORM mount), `redis://host:port/db?stream=KEY`
+    (a stream; default key `countersign:checkpoints`) or `https://` (POSTed as JSON, signed like
+    webhooks with `secret`). Written as a bare URL string or as `{url, secret}`."""
+
+    url: NonEmpty
+    secret: str | None = None  # HMAC-SHA256 key of the https:// witness
+
+    @field_validator("url")
+    @classmethod
+    def _anchor_url(cls, v: str) -> str:
+        parts = _split_url(v)
+        scheme = parts.scheme.lower()
+        if scheme == "file":
+            if not parts.path or parts.netloc not in ("", "localhost"):
+                raise ValueError(
+                    f"a file:// anchor needs an absolute path (file:///mnt/worm/checkpoints.jsonl), "
+                    f"got {_shown_url(v)}"
+                )
+        elif scheme in ("http", "https"):
+            _http_url(v)
+        elif scheme in ("redis", "rediss", "unix"):
+            _redis_url(v.split("?", 1)[0], store=False)
+        else:
+            raise ValueError(
+                f"an anchor is a file://, redis:// or https:// URL, got {_shown_url(v)}"
+            )
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_url(cls, data: Any) -> Any:
+        return {"url": data} if isinstance(data, str) else data
+
+
 class AuditSettings(_Model):
     stdout: bool = True
     file: str | None = None  # the hash-chained JSON-lines file
@@ -810,6 +846,20 @@ class AuditSettings(_Model):
     redis_url: str | None = None  # default: store.url when it is a Redis
     redis_stream_maxlen: Annotated[int, Field(gt=0)] = 100_000
     redact: RedactSettings = RedactSettings()
+    # Ed25519 private key (PEM; `countersign keys new --audit`): signs checkpoints and receipts.
+    signing_key: str | None = None
+    checkpoint_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    anchors: tuple[AnchorSettings, ...] = ()
+
+    @model_validator(mode="after")
+    def _signing_needs_file(self) -> AuditSettings:
+        if self.signing_key is not None and not self.file:
+            raise ValueError(
+                "signing_key needs audit.file: checkpoints sign the chain of the audit file"
+            )
+        if self.anchors and self.signing_key is None:
+            raise ValueError("anchors need audit.signing_key: what they keep are signed checkpoints")
+        return self
 
     @field_validator("redis_url")
     @classmethod

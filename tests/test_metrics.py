@@ -189,13 +189,13 @@ async def test_readyz_reports_a_store_that_is_down_and_stays_ready(
     resp = await client.get("/_countersign/readyz")
     assert resp.status == 200
     body = await resp.json()
-    assert body["status"] == "ready" and body["dependencies"] == {"store": "ok"}
+    assert body["status"] == "ready" and body["dependencies"]["store"] == "ok"
     fresh_redis.stop()
     resp = await client.get("/_countersign/readyz")
     assert resp.status == 200
     body = await resp.json()
     assert body["status"] == "ready"
-    assert body["dependencies"] == {"store": "down"}
+    assert body["dependencies"]["store"] == "down"
     assert body["checks"] == {"config": True, "started": True, "draining": False}
 
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
+from slack_sdk.web.async_client import AsyncWebClient
+from structlog.testing import capture_logs
 
 from proxy.config import (
     ApprovalsSettings,
@@ -18,6 +20,10 @@ from proxy.config import (
     Settings,
     SlackSettings,
 )
+from proxy.notify import NotifyHub
+from proxy.notify.slack import SlackHealth, SlackNotifier
+from proxy.server.metrics import Metrics
+from proxy.store.memory import MemoryStore
 from tests.conftest import Client, Factory
 from tests.helpers import AGENT_KEY, ALICE_KEY, bearer, settings_for
 from tests.slack_fake import (
@@ -31,6 +37,8 @@ from tests.slack_fake import (
     signed_request,
     view_submission,
 )
+from tests.store_conformance import make_approval
+from tests.test_metrics import parse, samples
 
 AGENT = bearer(AGENT_KEY)
 EVENTS = "/_countersign/slack/events"
@@ -447,3 +455,64 @@ async def test_message_shows_what_will_run_target_upstream_and_bound_headers(
     assert "x-api-key: [REDACTED] (secret)" in text
     assert "very-secret" not in text
     call.cancel()
+
+
+async def test_a_slack_delivery_that_gives_up_is_counted_and_shown_on_readyz(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    """Slack refusing (400: not retried) fails the delivery at once: counted on /metrics,
+    reported `"slack": "down"` on readyz (from the delivery, without an auth.test), and the
+    approval goes on."""
+    client, sink = await make_proxy(slack_settings(upstream, slack))
+    slack.fail_status = 400
+    call = asyncio.create_task(client.post("/cloud/exports/x", json={"n": 1}, headers=AGENT))
+    await wait_for(lambda: sink.named("approval.requested"))
+
+    async def failures() -> float:
+        text = await (await client.get("/_countersign/metrics")).text()
+        counted = samples(parse(text), "countersign_notify_failures_total")
+        return counted.get((("channel", "slack"),), 0.0)
+
+    for _ in range(100):
+        if await failures():
+            break
+        await asyncio.sleep(0.05)
+    assert await failures() == 1
+    resp = await client.get("/_countersign/readyz")
+    assert resp.status == 200
+    assert (await resp.json())["dependencies"]["slack"] == "down"
+    assert not slack.called("auth.test")
+    approval_id = sink.named("approval.requested")[0]["approval_id"]
+    resp = await client.post(
+        f"/_countersign/api/approvals/{approval_id}/decision",
+        json={"verdict": "approve"},
+        headers=bearer(ALICE_KEY),
+    )
+    assert resp.status == 200
+    assert (await asyncio.wait_for(call, 10)).status == 200
+
+
+async def test_slack_down_past_the_retry_window_is_counted_once_per_delivery(
+    slack: FakeSlack,
+) -> None:
+    """Answering 500 (retried) until `retry_seconds` runs out: one failure counted, one
+    warning logged, and the notifier's health says "down"."""
+    slack.fail_status = 500
+    metrics = Metrics()
+    hub = NotifyHub(on_failure=metrics.notify_failure)
+    client = AsyncWebClient(token=BOT_TOKEN, base_url=slack.api_url, retry_handlers=[])
+    health = SlackHealth(client)
+    hub.add(
+        SlackNotifier(
+            client, CHANNEL, MemoryStore(), retry_seconds=0.3, first_delay=0.05, health=health
+        )
+    )
+    with capture_logs() as logs:
+        hub("approval.requested", make_approval())
+        await hub.aclose()
+    counted = samples(parse(metrics.render().decode()), "countersign_notify_failures_total")
+    assert counted == {(("channel", "slack"),): 1.0}
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["notify.failed"]
+    assert len(slack.called("chat.postMessage")) > 1, "retried before giving up"
+    assert await health.state() == "down"
+    assert not slack.called("auth.test")

@@ -10,13 +10,22 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
 
+from proxy.audit.redact import DEFAULT
 from proxy.config import NotifySettings, WebhookSettings
+from proxy.notify import NotifyHub
+from proxy.notify.webhook import WebhookNotifier
+from proxy.server.metrics import Metrics
 from tests.conftest import Factory
+from tests.e2e.conftest import free_port
 from tests.helpers import AGENT_KEY, ALICE_KEY, bearer, settings_for
+from tests.store_conformance import make_approval
+from tests.test_metrics import parse, samples
 
 SECRET = "webhook-signing-secret-42"
 AGENT = bearer(AGENT_KEY)
@@ -182,5 +191,93 @@ async def test_payloads_redact_query_tokens_and_keys_in_the_reason(
         assert approval["query"] == "format=csv&token=[REDACTED]"
         assert approval["reason"] == "my password is: [REDACTED], use key [REDACTED]"
         call.cancel()
+    finally:
+        await server.close()
+
+
+async def answer(status: int) -> web.Application:
+    async def handle(_: web.Request) -> web.Response:
+        return web.Response(status=status)
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    return app
+
+
+async def test_a_delivery_that_gives_up_is_logged_once_and_counted() -> None:
+    """A dead port and a receiver answering 500, retried briefly: each delivery gives up, is
+    logged once (by the hub) and counted in `countersign_notify_failures_total`; a healthy
+    webhook on the same hub still gets its delivery."""
+    failing = await answer(500)
+    hooks = Receiver()
+    healthy = web.Application()
+    healthy.router.add_post("/hook", hooks.handle)
+    servers = [TestServer(failing), TestServer(healthy)]
+    for server in servers:
+        await server.start_server()
+    metrics = Metrics()
+    hub = NotifyHub(on_failure=metrics.notify_failure)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for url in (f"http://127.0.0.1:{free_port()}/hook", str(servers[0].make_url("/hook"))):
+                hub.add(
+                    WebhookNotifier(
+                        url, SECRET, session, DEFAULT, retry_seconds=0.3, first_delay=0.05
+                    )
+                )
+            hub.add(WebhookNotifier(str(servers[1].make_url("/hook")), SECRET, session, DEFAULT))
+            with capture_logs() as logs:
+                hub("approval.requested", make_approval())
+                await hub.aclose()
+    finally:
+        for server in servers:
+            await server.close()
+    counted = samples(parse(metrics.render().decode()), "countersign_notify_failures_total")
+    assert counted == {(("channel", "webhook"),): 2.0}
+    failed = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert [entry["event"] for entry in failed] == ["notify.failed", "notify.failed"]
+    assert all("attempts" in entry["error"] and "POST http" in entry["error"] for entry in failed)
+    assert [d["event"] for d in hooks.deliveries] == ["approval.requested"]
+
+
+async def test_a_refusing_webhook_is_counted_on_metrics_and_the_request_still_runs(
+    make_proxy: Factory, upstream: TestServer
+) -> None:
+    """Through the app: a receiver answering 410 (not retried) gives up at once; the failure
+    shows on /_countersign/metrics and the approval goes on."""
+    server = TestServer(await answer(410))
+    await server.start_server()
+    try:
+        base = settings_for(str(upstream.make_url("/")))
+        hook = WebhookSettings(url=str(server.make_url("/hook")), secret=SECRET)
+        client, _ = await make_proxy(
+            base.model_copy(update={"notify": NotifySettings(webhooks=(hook,))})
+        )
+        call = asyncio.create_task(client.post("/cloud/exports/x", json={"n": 1}, headers=AGENT))
+        listed: dict[str, Any] = {"approvals": []}
+        for _ in range(100):
+            listed = await (await client.get("/_countersign/api/approvals", headers=ALICE)).json()
+            if listed["approvals"]:
+                break
+            await asyncio.sleep(0.05)
+        approval_id = listed["approvals"][0]["approval_id"]
+        resp = await client.post(
+            f"/_countersign/api/approvals/{approval_id}/decision",
+            json={"verdict": "approve"},
+            headers=ALICE,
+        )
+        assert resp.status == 200
+        assert (await asyncio.wait_for(call, 10)).status == 200
+
+        async def failures() -> float:
+            text = await (await client.get("/_countersign/metrics")).text()
+            counted = samples(parse(text), "countersign_notify_failures_total")
+            return counted.get((("channel", "webhook"),), 0.0)
+
+        for _ in range(100):  # requested, decided, executed: each refused
+            if await failures() >= 3:
+                break
+            await asyncio.sleep(0.05)
+        assert await failures() == 3
     finally:
         await server.close()

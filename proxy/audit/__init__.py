@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from .redact import DEFAULT as DEFAULT_REDACTOR
 from .redact import Redactor
-from .sinks import AuditUnavailable, Sink, StreamSink, render
+from .sinks import AuditUnavailable, ChainPosition, Sink, StreamSink, render
 from .timestamp import IsoUtcStamper
 
 SCHEMA_VERSION: Final = 1
@@ -53,18 +53,24 @@ class AuditLog:
             redactor if redactor is not None else DEFAULT_REDACTOR,
         ]
 
-    def emit(self, event: str, **fields: Any) -> None:
+    def emit(self, event: str, **fields: Any) -> ChainPosition | None:
+        """Send the event to every sink; where it landed in the chained file, if there is one."""
         if not self._sinks:
-            return
+            return None
         data: MutableMapping[str, Any] = {"event": event, **fields}
         for processor in self._processors:
             data = processor(None, "info", data)
+        position = None
         for sink in self._sinks:
-            sink.write(data)
+            written = sink.write(data)
+            if written is not None:
+                position = written
+        return position
 
-    async def emit_durable(self, event: str, **fields: Any) -> None:
-        self.emit(event, **fields)
+    async def emit_durable(self, event: str, **fields: Any) -> ChainPosition | None:
+        position = self.emit(event, **fields)
         await self.sync()
+        return position
 
     async def sync(self) -> None:
         """Wait until everything emitted so far is durable."""
@@ -89,6 +95,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AuditLog",
     "AuditUnavailable",
+    "ChainPosition",
     "Sink",
     "StreamSink",
     "render",

@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 
 from .chain import GENESIS, ChainHead, last_head_of, seal_line
-from .sinks import AuditUnavailable, Sink
+from .sinks import AuditUnavailable, ChainPosition, Sink
 
 log = structlog.get_logger("countersign.audit")
 
@@ -68,6 +68,7 @@ class ChainedFileSink(Sink):
         self._timer: asyncio.TimerHandle | None = None
         self._committing: asyncio.Task[None] | None = None
         self._failed: AuditUnavailable | None = None
+        self._chain: str | None = None  # the chain's id, once it is signed
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -108,20 +109,22 @@ class ChainedFileSink(Sink):
 
     # -- writing -------------------------------------------------------------------------------
 
-    def write(self, event: Mapping[str, Any]) -> None:
+    def write(self, event: Mapping[str, Any]) -> ChainPosition:
         seq = self._seq + 1
         line, self._hash = seal_line(event, seq, self._hash)
         self._seq = seq
         self._pending.append(line)
+        position = ChainPosition(self._chain, seq, self._hash)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self._commit_now_blocking()  # no loop (a CLI command): write through
-            return
+            return position
         if len(self._pending) >= self._commit_lines:
             self._kick(loop)
         elif self._timer is None and self._committing is None:
             self._timer = loop.call_later(self._interval, self._kick, loop)
+        return position
 
     def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._timer is not None:

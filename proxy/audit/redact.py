@@ -228,26 +228,33 @@ class Redactor:
         extra_fields: Iterable[str] = (),
         known_secrets: Iterable[str] = (),
     ) -> None:
+        self._extra_patterns = list(extra_patterns)
+        # The same short strings (subjects, emails, routes, paths) recur in every event of a
+        # busy proxy: remember their redacted form instead of scanning them again. A plain dict
+        # (emptied when full) costs less per hit than functools.lru_cache.
+        self._cache: dict[str, str] = {}
+        self.set_known_secrets(known_secrets)
+        self._fields = SENSITIVE_KEYS | {f.lower() for f in extra_fields}
+        self._fields_norm = frozenset(f.replace("-", "_") for f in self._fields)
+        # Field names known not to be sensitive (`str` only: 1 and True are equal keys with
+        # different names): a mapping whose keys all are takes the fast path.
+        self._plain_keys: set[str] = set()
+        # Names seen in text (query pairs, JSON members) and whether they are sensitive.
+        self._names: dict[str, bool] = {}
+
+    def set_known_secrets(self, known_secrets: Iterable[str]) -> None:
+        """Replace, in place, the configuration's secret values this redactor removes (a
+        reload): every channel holding this redactor redacts the new set from now on."""
         secrets = sorted(
             {s for s in known_secrets if len(s) >= _MIN_KNOWN_SECRET}, key=len, reverse=True
         )
         # `[REDACTED]` itself first, replaced by itself: no pattern matches inside it when a text
         # is redacted again.
         alternatives = [re.escape(REDACTED)] + [re.escape(s) for s in secrets]
-        alternatives += list(SECRET_PATTERNS) + list(extra_patterns)
+        alternatives += list(SECRET_PATTERNS) + self._extra_patterns
         self._pattern = re.compile("|".join(f"(?:{a})" for a in alternatives))
         self._sub = self._pattern.sub
-        self._fields = SENSITIVE_KEYS | {f.lower() for f in extra_fields}
-        self._fields_norm = frozenset(f.replace("-", "_") for f in self._fields)
-        # The same short strings (subjects, emails, routes, paths) recur in every event of a
-        # busy proxy: remember their redacted form instead of scanning them again. A plain dict
-        # (emptied when full) costs less per hit than functools.lru_cache.
-        self._cache: dict[str, str] = {}
-        # Field names known not to be sensitive (`str` only: 1 and True are equal keys with
-        # different names): a mapping whose keys all are takes the fast path.
-        self._plain_keys: set[str] = set()
-        # Names seen in text (query pairs, JSON members) and whether they are sensitive.
-        self._names: dict[str, bool] = {}
+        self._cache.clear()  # redacted forms computed without the new secrets
 
     def _scrub(self, text: str) -> str:
         """`text` with secret-looking substrings and the values of sensitive names replaced."""

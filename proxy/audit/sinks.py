@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import orjson
@@ -18,6 +19,16 @@ def render(event: Mapping[str, Any]) -> str:
     return orjson.dumps(event, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
+@dataclass(frozen=True, slots=True)
+class ChainPosition:
+    """Where an event landed in a hash-chained file: the chain's id (None while the chain is
+    unsigned), the line's `seq` and its `hash`. Receipts cite it."""
+
+    chain: str | None
+    seq: int
+    hash: str
+
+
 class AuditUnavailable(Exception):
     """The durable audit trail cannot be written: privileged steps must not proceed."""
 
@@ -26,7 +37,8 @@ class Sink:
     """Where events go. `write` must not block; `sync` returns once everything written so far
     is durable (for sinks that promise durability); `aclose` flushes what is pending."""
 
-    def write(self, event: Mapping[str, Any]) -> None:
+    def write(self, event: Mapping[str, Any]) -> ChainPosition | None:
+        """Take one event; a chained sink answers where it landed."""
         raise NotImplementedError
 
     async def sync(self) -> None:

@@ -32,6 +32,9 @@ log = structlog.get_logger("countersign.authn")
 _FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
 # After a failed fetch, requests fail fast (503) for this long instead of each retrying the IdP.
 _FAILURE_BACKOFF_SECONDS = 1.0
+# readyz: an issuer's reachability is probed at most this often, each probe this bounded.
+_PROBE_TTL_SECONDS = 10.0
+_PROBE_TIMEOUT_SECONDS = 1.5
 
 
 def claim_at(claims: Mapping[str, Any], path: str) -> Any:
@@ -95,6 +98,8 @@ class _IssuerKeys:
         self._last_miss_refresh = float("-inf")
         self._last_failure = float("-inf")
         self._lock = asyncio.Lock()
+        self._probed: tuple[float, bool] | None = None  # (monotonic time, reachable)
+        self._probe_lock = asyncio.Lock()
 
     async def key_for(self, kid: str | None) -> jwt.PyJWK:
         key = self._lookup(kid)
@@ -127,6 +132,28 @@ class _IssuerKeys:
                 with contextlib.suppress(IdentityUnavailable):
                     await self._refresh()
 
+    async def reachable(self) -> bool:
+        """Whether discovery and the JWKS answer, probed at most every `_PROBE_TTL_SECONDS`
+        (concurrent callers share one probe) and each probe bounded by `_PROBE_TIMEOUT_SECONDS`. The
+        keys in use are not touched: rotation stays `key_for`'s business."""
+        probed = self._probed
+        if probed is not None and time.monotonic() - probed[0] < _PROBE_TTL_SECONDS:
+            return probed[1]
+        async with self._probe_lock:
+            probed = self._probed
+            if probed is not None and time.monotonic() - probed[0] < _PROBE_TTL_SECONDS:
+                return probed[1]
+            try:
+                async with asyncio.timeout(_PROBE_TIMEOUT_SECONDS):
+                    jwks_uri = self._jwks_uri or await self._discover()
+                    jwt.PyJWKSet.from_dict(await self._get_json(jwks_uri))
+            except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWKSetError):
+                ok = False
+            else:
+                ok = True
+            self._probed = (time.monotonic(), ok)
+            return ok
+
     def _lookup(self, kid: str | None) -> jwt.PyJWK | None:
         if kid is None:
             # Without a kid we only accept the token when the issuer has exactly one key.
@@ -136,21 +163,8 @@ class _IssuerKeys:
     async def _refresh(self) -> None:
         issuer = self.settings.issuer
         try:
-            if self._jwks_uri is None:
-                url = self.settings.discovery_url or (
-                    issuer.rstrip("/") + "/.well-known/openid-configuration"
-                )
-                discovery = await self._get_json(url)
-                if discovery.get("issuer") != issuer:
-                    raise ValueError(
-                        f"discovery document at {url} names issuer {discovery.get('issuer')!r}, "
-                        f"expected {issuer!r}"
-                    )
-                jwks_uri = discovery.get("jwks_uri")
-                if not isinstance(jwks_uri, str):
-                    raise ValueError(f"discovery document at {url} has no jwks_uri")
-                self._jwks_uri = jwks_uri
-            jwks = await self._get_json(self._jwks_uri)
+            jwks_uri = self._jwks_uri or await self._discover()
+            jwks = await self._get_json(jwks_uri)
             keyset = jwt.PyJWKSet.from_dict(jwks)
         except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWKSetError) as exc:
             self._last_failure = time.monotonic()
@@ -160,6 +174,24 @@ class _IssuerKeys:
         if len(keyset.keys) == 1 and keyset.keys[0].key_id is None:
             self._keys = {"": keyset.keys[0]}
         log.info("jwks.fetched", issuer=issuer, kids=sorted(self._keys))
+
+    async def _discover(self) -> str:
+        """The issuer's `jwks_uri`, from its discovery document (then remembered)."""
+        issuer = self.settings.issuer
+        url = self.settings.discovery_url or (
+            issuer.rstrip("/") + "/.well-known/openid-configuration"
+        )
+        discovery = await self._get_json(url)
+        if discovery.get("issuer") != issuer:
+            raise ValueError(
+                f"discovery document at {url} names issuer {discovery.get('issuer')!r}, "
+                f"expected {issuer!r}"
+            )
+        jwks_uri = discovery.get("jwks_uri")
+        if not isinstance(jwks_uri, str):
+            raise ValueError(f"discovery document at {url} has no jwks_uri")
+        self._jwks_uri = jwks_uri
+        return jwks_uri
 
     async def _get_json(self, url: str) -> dict[str, Any]:
         async with self._session.get(url, timeout=_FETCH_TIMEOUT, allow_redirects=False) as resp:
@@ -189,6 +221,14 @@ class OIDCVerifier:
     @property
     def configured(self) -> bool:
         return bool(self._issuers)
+
+    async def health(self) -> str:
+        """For readyz: "ok" when every issuer's discovery and JWKS answer, "down" when one does
+        not, "not configured" without issuers. Cached per issuer (see `_IssuerKeys.reachable`)."""
+        if not self._issuers:
+            return "not configured"
+        results = await asyncio.gather(*(i.reachable() for i in self._issuers.values()))
+        return "ok" if all(results) else "down"
 
     async def prefetch(self) -> None:
         """Fetch every issuer's discovery document and JWKS, so the first request is fast."""

@@ -11,12 +11,13 @@ Every text the message shows passes through the notifier's `Redactor` (see `slac
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import structlog
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -28,8 +29,6 @@ from . import REQUESTED
 from .retry import GaveUp
 from .retry import with_retries as _with_retries
 from .slack_format import approval_blocks, fallback_text
-
-log = structlog.get_logger("countersign.notify")
 
 MESSAGE_NOTE = "slack.message"
 # Re-renders after a post or update when the approval changed meanwhile; a bound, not a loop.
@@ -56,6 +55,42 @@ async def with_retries(
     )
 
 
+# Causes of a `GaveUp` that say Slack itself did not answer usefully (not the store).
+_SLACK_UNREACHABLE = (SlackApiError, aiohttp.ClientError, TimeoutError)
+
+
+class SlackHealth:
+    """What readyz reports for Slack: "ok" or "down", from the freshest evidence - the last
+    delivery's outcome or an `auth.test` call. `auth.test` runs only when nothing newer than
+    `ttl` seconds is known, bounded by `timeout`: probes stay cheap and never hammer Slack."""
+
+    def __init__(self, client: AsyncWebClient, *, ttl: float = 30.0, timeout: float = 1.5):
+        self._client = client
+        self._ttl = ttl
+        self._timeout = timeout
+        self._seen: tuple[float, bool] | None = None  # (monotonic time, reachable)
+        self._lock = asyncio.Lock()
+
+    def record(self, ok: bool) -> None:
+        self._seen = (time.monotonic(), ok)
+
+    def _stale(self) -> bool:
+        return self._seen is None or time.monotonic() - self._seen[0] >= self._ttl
+
+    async def state(self) -> str:
+        if self._stale():
+            async with self._lock:  # concurrent probes share one auth.test
+                if self._stale():
+                    try:
+                        async with asyncio.timeout(self._timeout):
+                            await self._client.auth_test()
+                    except Exception:
+                        self.record(False)
+                    else:
+                        self.record(True)
+        return "ok" if self._seen is not None and self._seen[1] else "down"
+
+
 class SlackNotifier:
     def __init__(
         self,
@@ -67,6 +102,7 @@ class SlackNotifier:
         redactor: Redactor = DEFAULT_REDACTOR,
         retry_seconds: float = 300.0,
         first_delay: float = 0.5,
+        health: SlackHealth | None = None,
     ) -> None:
         self._client = client
         self._channel = channel
@@ -74,17 +110,22 @@ class SlackNotifier:
         self._public_url = public_url
         self._redactor = redactor
         self._retry = {"retry_seconds": retry_seconds, "first_delay": first_delay}
+        self._health = health
 
     async def notify(self, event: str, approval: Approval) -> None:
+        """Post or update the approval's message. A call that gives up raises `GaveUp`: the hub
+        logs it once and counts it (`countersign_notify_failures_total{channel="slack"}`)."""
         try:
             if event == REQUESTED:
                 await self._post(approval)
             else:
                 await self._update(approval)
         except GaveUp as exc:
-            log.warning(
-                "slack.gave_up", notify_event=event, approval_id=approval.id, error=str(exc)
-            )
+            if self._health is not None and isinstance(exc.__cause__, _SLACK_UNREACHABLE):
+                self._health.record(False)
+            raise
+        if self._health is not None:
+            self._health.record(True)
 
     async def _latest(self, approval: Approval) -> Approval:
         """The approval as stored now; what we were told if the store cannot say."""
@@ -126,8 +167,10 @@ class SlackNotifier:
                 what="save message ref",
                 **self._retry,
             )
-        except KeyError:
-            return  # the approval is gone from the store: nothing will update it
+        except GaveUp as exc:
+            if isinstance(exc.__cause__, KeyError):
+                return  # the approval is gone from the store: nothing will update it
+            raise
         # A decision made before the note was saved found no message to update: catch up.
         await self._converge(approval.id, str(resp["channel"]), str(resp["ts"]), shown)
 

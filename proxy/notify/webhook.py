@@ -4,7 +4,8 @@ Headers: `X-Countersign-Event`, `X-Countersign-Timestamp` (Unix seconds) and
 `X-Countersign-Signature: v1=<hex HMAC-SHA256 of "<timestamp>.<body>" with the webhook's secret>`.
 A receiver recomputes the HMAC over the exact body bytes and rejects timestamps older than a few
 minutes (replays). Deliveries are retried with exponential backoff on connection errors, timeouts,
-429 and 5xx answers, for up to `retry_seconds`. Payloads are redacted like every other channel.
+429 and 5xx answers, for up to `retry_seconds`; a delivery that gives up raises `GaveUp`, which the
+hub logs and counts. Payloads are redacted like every other channel.
 """
 
 from __future__ import annotations
@@ -16,14 +17,11 @@ import time
 from typing import Any
 
 import aiohttp
-import structlog
 
 from ..approvals.view import approval_json
 from ..audit.redact import Redactor
 from ..model import Approval
-from .retry import GaveUp, with_retries
-
-log = structlog.get_logger("countersign.notify")
+from .retry import with_retries
 
 
 class _Refused(Exception):
@@ -89,22 +87,15 @@ class WebhookNotifier:
                 if resp.status >= 300:
                     raise _Refused(resp.status)
 
-        try:
-            await with_retries(
-                deliver,
-                what=f"POST {self._url}",
-                retry_seconds=self._retry_seconds,
-                first_delay=self._first_delay,
-                retryable=_retryable,
-            )
-        except GaveUp as exc:
-            log.warning(
-                "webhook.gave_up",
-                url=self._url,
-                notify_event=event,
-                approval_id=approval.id,
-                error=str(exc),
-            )
+        # A delivery that gives up raises `GaveUp` (its message names the URL and the attempts):
+        # the hub logs it once and counts it (`countersign_notify_failures_total`).
+        await with_retries(
+            deliver,
+            what=f"POST {self._url}",
+            retry_seconds=self._retry_seconds,
+            first_delay=self._first_delay,
+            retryable=_retryable,
+        )
 
     async def aclose(self) -> None:
         return None

@@ -57,9 +57,17 @@ policy:
 """
 
 
-def test_check_accepts_the_shipped_examples() -> None:
+def test_check_accepts_the_shipped_examples(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
-    examples = [*sorted((root / "config").glob("*.yaml")), root / "deploy" / "countersign.yaml"]
+    # The deployment's audit file lives under /var/log/countersign, writable by its service
+    # user only: `check` would rightly refuse it here unless run as root. A copy with the audit
+    # file moved to a writable place checks everything else, as any user.
+    deploy = (root / "deploy" / "countersign.yaml").read_text()
+    shipped_audit = "file: /var/log/countersign/audit.jsonl"
+    assert shipped_audit in deploy
+    deploy_copy = tmp_path / "countersign.yaml"
+    deploy_copy.write_text(deploy.replace(shipped_audit, f"file: {tmp_path / 'audit.jsonl'}"))
+    examples = [*sorted((root / "config").glob("*.yaml")), deploy_copy]
     env = {
         "CLOUD_TOKEN": "x",
         "GITHUB_TOKEN": "y",

@@ -272,3 +272,31 @@ async def test_workers_each_reload_on_sighup(
         assert await status_of(session, f"{proc.url}/cloud/open") == 200
     assert proc.stop() == 0, proc.stderr()[-4000:]
     assert len(events(proc, "config.reloaded")) == 2
+
+
+async def test_a_route_secret_added_by_sighup_is_redacted_in_the_audit(
+    run_countersign: StartFn, upstream: TestServer
+) -> None:
+    """The reloaded route injects a secret; a request naming it afterwards shows it redacted on
+    stdout (audit) and stderr (logs), as the secrets of the starting configuration are."""
+    secret = "vaultsecret-" + secrets.token_hex(6)  # no built-in pattern knows it
+    port = free_port()
+    origin = str(upstream.make_url("/"))
+    proc = run_countersign(config(port, origin), port)
+    vault = (
+        f'  - {{name: vault, prefix: /vault/, upstream: "{origin}", '
+        f'inject_headers: {{X-Vault-Token: "Bearer {secret}"}}}}\n'
+    )
+    text = config(port, origin).replace("approvals:", vault + "approvals:", 1)
+    async with aiohttp.ClientSession() as session:
+        config_file(proc).write_text(text)
+        proc.proc.send_signal(signal.SIGHUP)
+        await until(lambda: bool(events(proc, "config.reloaded")))
+        async with session.get(f"{proc.url}/vault/{secret}", headers=AGENT) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["headers"]["x-vault-token"] == f"Bearer {secret}"
+    assert proc.stop() == 0
+    decided = [e for e in events(proc, "policy.decided") if e["path"].startswith("/vault/")]
+    assert [e["path"] for e in decided] == ["/vault/[REDACTED]"]
+    assert secret not in proc.stdout()
+    assert secret not in proc.stderr()

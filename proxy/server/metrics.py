@@ -95,6 +95,17 @@ class Metrics:
             ["route", "kind"],
             registry=registry,
         )
+        self.audit_checkpoints = Counter(
+            "countersign_audit_checkpoints",
+            "Signed audit checkpoints written.",
+            registry=registry,
+        )
+        self.audit_anchor_failures = Counter(
+            "countersign_audit_anchor_failures",
+            "Failed attempts to deliver a signed audit checkpoint to an anchor, by anchor.",
+            ["anchor"],
+            registry=registry,
+        )
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def request(self, route: str, decision: str, status: int, seconds: float) -> None:
@@ -114,6 +125,14 @@ class Metrics:
 
     def notify_failure(self, channel: str) -> None:
         self.notify_failures.labels(channel).inc()
+
+    def checkpoint(self) -> None:
+        """A signed checkpoint was written to the audit file."""
+        self.audit_checkpoints.inc()
+
+    def anchor_failure(self, anchor: str) -> None:
+        """An attempt to deliver to `anchor` (its URL without secrets) failed."""
+        self.audit_anchor_failures.labels(anchor).inc()
 
     def held(self, delta: int) -> None:
         """`delta` more (or fewer) requests of this process wait for a decision."""

@@ -7,25 +7,32 @@ approvals; approvers see and decide those they are authorized for. Errors are JS
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from ..approvals.receipts import ReceiptIssuer
 from ..approvals.service import ApprovalService
 from ..audit import AuditUnavailable
+from ..audit.receipts import CONTENT_TYPE as RECEIPT_CONTENT_TYPE
 from ..authn import AuthError, IdentityUnavailable
-from ..model import Approval, ApprovalState, Identity, Verdict, state
+from ..model import Approval, ApprovalState, Identity, Outcome, Verdict, state
 from ..store.base import InvalidCursor, StoreUnavailable, parse_cursor
 from .keys import AUTHENTICATOR
 from .responses import error_response, status_for
 
 PREFIX = "/_countersign/api/"
+# An executed approval without its receipt this long after execution will not get one.
+RECEIPT_GRACE_SECONDS = 60.0
 
 
-def api_routes(service: ApprovalService) -> web.RouteTableDef:
+def api_routes(
+    service: ApprovalService, receipts: ReceiptIssuer | None = None
+) -> web.RouteTableDef:
     """The API's routes; callers authenticate through the app's `AUTHENTICATOR` (built once the
-    server's loop runs)."""
+    server's loop runs). `receipts`: with `audit.signing_key`, executed approvals' receipts."""
     routes = web.RouteTableDef()
 
     async def who(request: web.Request) -> Identity:
@@ -119,6 +126,56 @@ def api_routes(service: ApprovalService) -> web.RouteTableDef:
                 "Countersign-Body-Content-Type": approval.content_type or "",
                 "Countersign-Body-Sha256": approval.body_sha256,
             },
+        )
+
+    @routes.get(PREFIX + "approvals/{approval_id}/receipt")
+    @_json_errors
+    async def approval_receipt(request: web.Request) -> web.Response:
+        """The signed receipt of an executed approval (a compact JWS), for those who may see
+        the approval; 404 `no_receipt` saying why there is none (yet)."""
+        approval = await visible(request)
+        token = await receipts.get(approval.id) if receipts is not None else None
+        if token is not None:
+            return web.Response(
+                text=token,
+                content_type=RECEIPT_CONTENT_TYPE,
+                headers={"X-Content-Type-Options": "nosniff"},
+            )
+        headers: dict[str, str] | None = None
+        if receipts is None:
+            message = "this proxy issues no receipts: receipts need audit.signing_key"
+        elif approval.state in (ApprovalState.PENDING, ApprovalState.APPROVED):
+            message = (
+                f"approval {approval.id} has not executed yet (state is "
+                f"{approval.state.value}): a receipt is issued once its request has run"
+            )
+        elif approval.state is not ApprovalState.EXECUTED:
+            message = (
+                f"approval {approval.id} did not execute (state is {approval.state.value}): "
+                "only an executed approval has a receipt"
+            )
+        elif approval.outcome is Outcome.AMBIGUOUS:
+            message = (
+                f"approval {approval.id} executed but the upstream failed before answering "
+                "(outcome ambiguous): there is no answer to give a receipt for"
+            )
+        elif time.time() - (approval.executed_at or 0.0) < RECEIPT_GRACE_SECONDS:
+            message = (
+                f"approval {approval.id} executed; its receipt is being issued: retry in a second"
+            )
+            headers = {"Retry-After": "1"}
+        else:
+            message = (
+                f"approval {approval.id} executed, but no receipt was issued for it (receipts "
+                "were off then, or issuing failed: see the proxy's log)"
+            )
+        raise _Refusal(
+            404,
+            "no_receipt",
+            headers=headers,
+            message=message,
+            approval_id=approval.id,
+            state=approval.state.value,
         )
 
     @routes.post(PREFIX + "approvals/{approval_id}/decision")

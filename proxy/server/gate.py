@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from ..approvals.receipts import RECEIPT_HEADER, ReceiptIssuer
 from ..approvals.service import ApprovalService
 from ..audit import AuditUnavailable
 from ..config import RuleSettings
@@ -128,8 +129,16 @@ class ApprovalGate:
     # How often a held MCP call hears that it is still waiting.
     mcp_progress_seconds = 4.0  # under the 5 s read timeout of a default httpx client
 
-    def __init__(self, service: ApprovalService, max_body_bytes: int, max_held_bytes: int) -> None:
+    def __init__(
+        self,
+        service: ApprovalService,
+        max_body_bytes: int,
+        max_held_bytes: int,
+        *,
+        receipts: ReceiptIssuer | None = None,
+    ) -> None:
         self._service = service
+        self._receipts = receipts  # with `audit.signing_key`: executed approvals get receipts
         self._max_body = max_body_bytes
         self._max_held = max_held_bytes
         self._held = 0  # bytes of bodies this process holds for approvals right now
@@ -330,6 +339,12 @@ class ApprovalGate:
                 "Cache-Control": "no-cache",
                 COUNTERSIGN_REQUEST_ID_HEADER: exchange.request_id,
                 APPROVAL_ID_HEADER: approval.id,
+                # Sent before the decision: a refused call's receipt URL answers why it has none.
+                **(
+                    {RECEIPT_HEADER: self._receipts.url(approval.id)}
+                    if self._receipts is not None
+                    else {}
+                ),
             },
         )
         await stream.prepare(exchange.request)
@@ -445,7 +460,14 @@ class ApprovalGate:
             # claimed), and its connection is released once the answer is in.
             execution.add_done_callback(_close_quietly)
             raise
-        return await proxy.relay(exchange, upstream, started, approval_id=approval.id, into=into)
+        receipt = (
+            self._receipts.ticket(approval, exchange.request_id)
+            if self._receipts is not None
+            else None
+        )
+        return await proxy.relay(
+            exchange, upstream, started, approval_id=approval.id, into=into, receipt=receipt
+        )
 
     @staticmethod
     def _refused(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import itertools
 import os
@@ -28,7 +29,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from .. import audit
-from ..audit import AuditLog, AuditUnavailable
+from ..approvals.receipts import RECEIPT_HEADER, ReceiptTicket, Relayed
+from ..audit import AuditLog, AuditUnavailable, ChainPosition
 from ..authn import Authenticator, AuthError, IdentityUnavailable, SigV4Caller
 from ..aws_resign import AwsCredentialsUnavailable, AwsUpstreamSigner
 from ..config import RouteSettings, ServerSettings
@@ -387,9 +389,10 @@ class ProxyHandler:
         *,
         approval_id: str | None = None,
         failure: str | None = None,
-    ) -> None:
-        """`request.forwarded`: the upstream's answer went (or began to go) to the client."""
-        self._audit.emit(
+    ) -> ChainPosition | None:
+        """`request.forwarded`: the upstream's answer went (or began to go) to the client.
+        Returns where it landed in the chained audit file (receipts cite it)."""
+        return self._audit.emit(
             audit.REQUEST_FORWARDED,
             request_id=exchange.request_id,
             identity=exchange.identity_log(),
@@ -781,9 +784,11 @@ class ProxyHandler:
         exchange: Exchange,
         upstream: UpstreamResponse,
         approval_id: str | None,
+        receipt_url: str | None = None,
     ) -> None:
         """The upstream's headers as it sent them (its own `X-Request-Id` included), plus ours:
-        `Countersign-Request-Id` and `Countersign-Approval-Id`, never the upstream's."""
+        `Countersign-Request-Id`, `Countersign-Approval-Id` and `Countersign-Receipt`, never
+        the upstream's."""
         headers = response.headers
         headers.extend(upstream.headers)
         headers[COUNTERSIGN_REQUEST_ID_HEADER] = exchange.request_id
@@ -792,6 +797,10 @@ class ProxyHandler:
         elif APPROVAL_ID_HEADER in headers:
             # Only Countersign says which approval an answer ran under.
             del headers[APPROVAL_ID_HEADER]
+        if receipt_url is not None:
+            headers[RECEIPT_HEADER] = receipt_url
+        elif RECEIPT_HEADER in headers:
+            del headers[RECEIPT_HEADER]
 
     async def relay(
         self,
@@ -801,17 +810,22 @@ class ProxyHandler:
         *,
         approval_id: str | None = None,
         into: web.StreamResponse | None = None,
+        receipt: ReceiptTicket | None = None,
     ) -> web.StreamResponse:
         """Stream the upstream's answer back to the client, then audit `request.forwarded`.
 
         `into` is an SSE answer already under way (an MCP call held while a human decided):
-        the upstream's answer continues it as SSE events."""
+        the upstream's answer continues it as SSE events. With a `receipt` (an approved
+        request, receipts on) the answer names its receipt, and the SHA-256 of the body bytes
+        relayed (for `into`: of the upstream's body) goes into it once relayed."""
         request = exchange.request
         exchange.forwarded = True
         has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
         response: web.StreamResponse
         sent = 0
         failure: str | None = None
+        digest = hashlib.sha256() if receipt is not None else None
+        receipt_url = receipt.url if receipt is not None else None
         try:
             if into is not None:
                 response = into
@@ -824,26 +838,32 @@ class ProxyHandler:
                     while chunk := await upstream.read():
                         await response.write(chunk)
                         sent += len(chunk)
+                        if digest is not None:
+                            digest.update(chunk)
                 else:
                     whole = bytearray()
                     while chunk := await upstream.read():
                         whole += chunk
                     await response.write(sse_data(bytes(whole)))
                     sent = len(whole)
+                    if digest is not None:
+                        digest.update(whole)
                 await response.write_eof()
             elif has_body and upstream.body_complete:
                 # The whole (small) answer is in already: status, headers and body leave in
                 # one write, where streaming would take two.
                 body = upstream.read_all()
                 response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
-                self._copy_headers(response, exchange, upstream, approval_id)
+                self._copy_headers(response, exchange, upstream, approval_id, receipt_url)
                 await response.prepare(request)
                 exchange.sent_status = upstream.status
                 await response.write_eof()
                 sent = len(body)
+                if digest is not None:
+                    digest.update(body)
             else:
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                self._copy_headers(response, exchange, upstream, approval_id)
+                self._copy_headers(response, exchange, upstream, approval_id, receipt_url)
                 if upstream.content_length is not None:
                     response.content_length = upstream.content_length
                 await response.prepare(request)
@@ -852,6 +872,8 @@ class ProxyHandler:
                     while chunk := await upstream.read():
                         await response.write(chunk)
                         sent += len(chunk)
+                        if digest is not None:
+                            digest.update(chunk)
                 await response.write_eof()
             upstream.release()  # fully read: the connection goes back to the pool
         except UpstreamError as exc:
@@ -868,9 +890,15 @@ class ProxyHandler:
             upstream.close()
             raise  # aiohttp drops the connection quietly
         finally:
-            self._audit_forwarded(
+            position = self._audit_forwarded(
                 exchange, started, upstream.status, sent, approval_id=approval_id, failure=failure
             )
+            if receipt is not None and digest is not None:
+                # In the background, once the line it cites is on disk (also when the client
+                # left mid-body: the request ran and the upstream answered).
+                receipt.issue(
+                    Relayed(upstream.status, digest.hexdigest(), sent, failure is None, position)
+                )
         if approval_id is not None:
             # An approved request's execution is on disk before its exchange is over. (The
             # answer has been relayed already; a failing disk is logged by the sink.)

@@ -10,24 +10,27 @@ import asyncio
 import hashlib
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 from aiohttp import web
 
+from .approvals.receipts import ReceiptIssuer
 from .approvals.service import ApprovalService
 from .audit import AuditLog, Sink, StreamSink
-from .audit.file_sink import ChainedFileSink
+from .audit.anchors import AnchorSet, build_anchors
+from .audit.file_sink import ChainedFileSink, Signing
 from .audit.redact import Redactor
+from .audit.signing import load_signing_key
 from .authn import Authenticator, SigV4Verifier
 from .authn.apikeys import ApiKeyAuthenticator
 from .authn.oidc import OIDCVerifier
 from .aws_resign import AwsUpstreamSigner
-from .config import ConfigError, Settings, load_settings_text
+from .config import AwsStaticCredentials, ConfigError, Settings, load_settings_text
 from .forward import Forwarder
 from .notify import NotifyHub
 from .notify.webhook import WebhookNotifier
@@ -50,6 +53,9 @@ from .server.proxy_handler import ProxyHandler
 from .store.base import Store
 from .store.memory import MemoryStore
 
+if TYPE_CHECKING:
+    from .notify.slack import SlackHealth
+
 _log = structlog.get_logger("countersign")
 
 
@@ -68,6 +74,8 @@ RELOADER: web.AppKey[Reloader] = web.AppKey("reloader")
 # What a reload swaps live; any other section that changed waits for a restart.
 RELOADABLE = ("routes", "policy", "identity")
 CONFIG_RELOADED = "config.reloaded"
+# What readyz reports for Slack (set when `notify.slack` has a bot token).
+SLACK_HEALTH: web.AppKey[SlackHealth] = web.AppKey("slack_health")
 CONFIG_RELOAD_FAILED = "config.reload_failed"
 
 
@@ -92,6 +100,7 @@ class Reloader:
         gate: ApprovalGate,
         audit_log: AuditLog,
         metrics: Metrics,
+        redactor: Redactor | None = None,
     ) -> None:
         self._app = app
         self.settings = settings  # in force: the swapped sections of the last good reload
@@ -102,6 +111,12 @@ class Reloader:
         self._metrics = metrics
         self._lock = asyncio.Lock()  # one reload at a time
         self._tasks: set[asyncio.Task[Any]] = set()  # the new issuers' key prefetches
+        # The one redactor of every channel (audit, logs, approvals, Slack, webhooks): a reload
+        # adds the new configuration's secrets to it. Old ones stay: held requests still use
+        # the handler (and injected secrets) they started with.
+        self._redactor = redactor
+        self._secrets = set(known_secrets(settings))
+        self.oidc: OIDCVerifier | None = None  # the identity providers in force (readyz)
 
     async def build(
         self, settings: Settings, policy: Policy, routes: RouteTable
@@ -150,6 +165,7 @@ class Reloader:
         """Make them the ones new requests use; warm the issuers' keys in the background."""
         self._app[AUTHENTICATOR] = authenticator
         self._app[PROXY] = handler
+        self.oidc = oidc
         task = asyncio.create_task(oidc.prefetch())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -183,6 +199,11 @@ class Reloader:
             self.settings = self.settings.model_copy(
                 update={name: getattr(new, name) for name in RELOADABLE}
             )
+            if self._redactor is not None:
+                # Before the new handler serves: its injected secrets are redacted from the
+                # first request on.
+                self._secrets.update(known_secrets(self.settings))
+                self._redactor.set_known_secrets(self._secrets)
             self.install(*parts)
             self._audit.emit(
                 CONFIG_RELOADED,
@@ -226,8 +247,8 @@ def restart_needed(running: Settings, new: Settings) -> list[str]:
     return sorted(changed)
 
 
-def build_redactor(settings: Settings) -> Redactor:
-    """Redaction rules, plus every secret value the configuration itself holds."""
+def known_secrets(settings: Settings) -> list[str]:
+    """Every secret value the configuration itself holds (redacted wherever it appears)."""
     known = [value for route in settings.routes for value in route.inject_headers.values()]
     # Header values like "Bearer abc": the credential part alone must go too.
     known += [part for value in list(known) for part in value.split()[1:]]
@@ -235,23 +256,80 @@ def build_redactor(settings: Settings) -> Redactor:
     if slack is not None:
         known += [s for s in (slack.bot_token, slack.signing_secret, slack.app_token) if s]
     known += [w.secret for w in settings.notify.webhooks if w.secret]
-    for url in (settings.store.url, settings.audit.redis_url):
+    for url in (
+        settings.store.url,
+        settings.audit.redis_url,
+        *(a.url for a in settings.audit.anchors),
+    ):
         password = urlsplit(url).password if url else None
         if password:
             known.append(password)
+    if settings.store.sentinel is not None and settings.store.sentinel.password:
+        known.append(settings.store.sentinel.password)
+    known += [a.secret for a in settings.audit.anchors if a.secret]
+    # The agents' AWS secrets (SigV4 needs them) and the routes' real AWS credentials.
+    known += [key.secret for key in settings.identity.aws_keys]
+    for route in settings.routes:
+        credentials = route.aws.credentials if route.aws is not None else None
+        if isinstance(credentials, AwsStaticCredentials):
+            known.append(credentials.secret_access_key)
+            if credentials.session_token:
+                known.append(credentials.session_token)
+    return known
+
+
+def build_redactor(settings: Settings) -> Redactor:
+    """Redaction rules, plus every secret value the configuration itself holds."""
     return Redactor(
         extra_patterns=settings.audit.redact.patterns,
         extra_fields=settings.audit.redact.fields,
-        known_secrets=known,
+        known_secrets=known_secrets(settings),
     )
 
 
+def _closer(anchors: AnchorSet) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        await anchors.aclose()  # the shutdown checkpoint reaches the anchors, within a bound
+
+    return close
+
+
 def build_audit(
-    settings: Settings, redactor: Redactor | None = None, *, worker: int | None = None
+    settings: Settings,
+    redactor: Redactor | None = None,
+    *,
+    worker: int | None = None,
+    metrics: Metrics | None = None,
 ) -> AuditLog:
-    """The configured sinks. Opening the chained file reads its tail: call at start-up."""
+    """The configured sinks. Opening the chained file reads its tail: call at start-up.
+
+    With `audit.signing_key` the chained file signs checkpoints, sent to the anchors (raises
+    SigningKeyError for a key that cannot be used)."""
     audit = settings.audit
     sinks: list[Sink] = []
+    signing: Signing | None = None
+    anchors: AnchorSet | None = None
+    audit_log: AuditLog | None = None  # the anchors report their outages to it, once built
+
+    def anchor_event(name: str, /, **fields: Any) -> None:
+        if audit_log is not None:
+            audit_log.emit(name, **fields)
+
+    if audit.signing_key:
+        key = load_signing_key(audit.signing_key)
+        if audit.anchors:
+            anchors = build_anchors(
+                audit.anchors,
+                session=None,
+                on_event=anchor_event,
+                on_failure=metrics.anchor_failure if metrics is not None else None,
+            )
+        signing = Signing(
+            key,
+            interval=audit.checkpoint_seconds,
+            on_statement=anchors.send if anchors is not None else None,
+            on_checkpoint=metrics.checkpoint if metrics is not None else None,
+        )
     if audit.stdout:
         sinks.append(StreamSink(sys.stdout))
     if audit.file:
@@ -264,6 +342,7 @@ def build_audit(
             commit_interval=audit.commit_interval_ms / 1000,
             commit_lines=audit.commit_max_events,
             max_bytes=audit.file_max_bytes,
+            signing=signing,
         )
         file_sink.open()
         sinks.append(file_sink)
@@ -272,7 +351,13 @@ def build_audit(
 
         url = audit.redis_url or settings.store.url
         sinks.append(RedisStreamSink(url, audit.redis_stream, maxlen=audit.redis_stream_maxlen))
-    return AuditLog(sinks, redactor or build_redactor(settings))
+    audit_log = AuditLog(
+        sinks,
+        redactor or build_redactor(settings),
+        signing_key=signing.key if signing is not None else None,
+        after_close=[] if anchors is None else [_closer(anchors)],
+    )
+    return audit_log
 
 
 def build_store(settings: Settings) -> Store:
@@ -310,13 +395,14 @@ async def start_slack(
         return []
     from slack_sdk.web.async_client import AsyncWebClient
 
-    from .notify.slack import SlackNotifier
+    from .notify.slack import SlackHealth, SlackNotifier
     from .server.slack_actions import SlackActions
 
     # retry_handlers=[]: our own backoff (notify/slack.py) decides what is retried and how long.
     client = AsyncWebClient(
         token=slack.bot_token, base_url=slack.api_url, session=session, retry_handlers=[]
     )
+    app[SLACK_HEALTH] = health = SlackHealth(client)
     if slack.channel:
         notify.add(
             SlackNotifier(
@@ -325,6 +411,7 @@ async def start_slack(
                 store,
                 public_url=settings.server.public_url,
                 redactor=approvals.redactor,
+                health=health,
             )
         )
     actions = SlackActions(client, approvals, settings.approvals.groups)
@@ -339,6 +426,29 @@ async def start_slack(
     return parts
 
 
+def build_receipts(
+    settings: Settings, approvals: ApprovalService, audit_log: AuditLog
+) -> tuple[ReceiptIssuer | None, str | None]:
+    """The receipt issuer when `audit.signing_key` is set, or why its key cannot be used (the
+    start-up fails with that sentence)."""
+    path = settings.audit.signing_key
+    if path is None:
+        return None, None
+    key = audit_log.signing_key  # the one the trail's checkpoints are signed with
+    if key is None:
+        from .audit.signing import SigningKeyError, load_signing_key
+
+        try:
+            key = load_signing_key(path)
+        except SigningKeyError as exc:
+            return None, f"audit.signing_key: {exc}"
+    public_url = settings.server.public_url
+    issuer = ReceiptIssuer(
+        key, approvals, audit_log, issuer=public_url or "countersign", public_url=public_url
+    )
+    return issuer, None
+
+
 def check_buildable(settings: Settings) -> list[str]:
     """Build what `run` builds before it serves, without opening sockets or sinks and without an
     event loop: an error `run` would hit at start-up is raised here, so `countersign check`
@@ -346,6 +456,13 @@ def check_buildable(settings: Settings) -> list[str]:
     `run` on this machine (the audit file's directory, its last line)."""
     build_app(settings, audit_log=AuditLog([]))
     problems: list[str] = []
+    if settings.audit.signing_key:
+        from .audit.signing import SigningKeyError, load_signing_key
+
+        try:
+            load_signing_key(settings.audit.signing_key)
+        except SigningKeyError as exc:
+            problems.append(f"audit.signing_key: {exc}")
     if settings.audit.file:
         path = Path(settings.audit.file)
         directory = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
@@ -362,19 +479,24 @@ def check_buildable(settings: Settings) -> list[str]:
 
 
 def build_app(
-    settings: Settings, *, audit_log: AuditLog | None = None, worker: int | None = None
+    settings: Settings,
+    *,
+    audit_log: AuditLog | None = None,
+    worker: int | None = None,
+    redactor: Redactor | None = None,
 ) -> web.Application:
     """An aiohttp application serving the proxy for `settings`.
 
     Parts that need a running loop (the upstream connection pool) are created on startup and
-    closed on cleanup.
+    closed on cleanup. `redactor` (default: `build_redactor(settings)`) is shared by audit,
+    approvals and notifiers, and a reload updates its secrets; `run` passes its logs' one.
     """
-    redactor = build_redactor(settings)
+    redactor = redactor if redactor is not None else build_redactor(settings)
+    metrics = Metrics()
     if audit_log is None:
-        audit_log = build_audit(settings, redactor, worker=worker)
+        audit_log = build_audit(settings, redactor, worker=worker, metrics=metrics)
     policy = Policy.compile(settings.policy)  # compiled once; errors surface before serving
     routes = RouteTable(settings.routes)
-    metrics = Metrics()
     # client_max_size bounds only bodies the proxy itself reads (API calls); proxied bodies
     # are streamed and never read whole.
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[json_errors])
@@ -388,12 +510,18 @@ def build_app(
     approvals = ApprovalService(
         store, settings.approvals, audit_log, redactor=redactor, notify=notify, metrics=metrics
     )
+    receipts, receipts_error = build_receipts(settings, approvals, audit_log)
     gate = ApprovalGate(
-        approvals, settings.server.max_body_bytes, settings.approvals.max_held_bytes
+        approvals,
+        settings.server.max_body_bytes,
+        settings.approvals.max_held_bytes,
+        receipts=receipts,
     )
     app[GATE] = gate
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        if receipts_error is not None:  # a key that cannot sign stops the start-up
+            raise StartupError(receipts_error)
         forwarder = Forwarder(
             connect_timeout=settings.server.upstream_connect_timeout_seconds,
             read_timeout=settings.server.upstream_timeout_seconds,
@@ -409,6 +537,7 @@ def build_app(
             gate=gate,
             audit_log=audit_log,
             metrics=metrics,
+            redactor=redactor,
         )
         try:
             # Signers are started first: a route that could never sign stops the start-up.
@@ -439,6 +568,8 @@ def build_app(
             await reloader.aclose()
             for part in slack:
                 await part.aclose()
+            if receipts is not None:
+                await receipts.aclose()
             await approvals.aclose()
             await notify.aclose()
             await session.close()
@@ -455,7 +586,21 @@ def build_app(
         # Reported, never failing readiness: every replica shares the store (DESIGN §5).
         return "ok" if await store.ping() else "down"
 
-    health = health_routes(metrics, readiness, {"store": store_state})
+    async def idp_state() -> str:
+        # The identity providers in force (a reload swaps them); probes are cached and bounded.
+        reloader = app.get(RELOADER)
+        oidc = reloader.oidc if reloader is not None else None
+        if oidc is None:  # not started yet
+            return "unknown" if settings.identity.issuers else "not configured"
+        return await oidc.health()
+
+    async def slack_state() -> str:
+        probe = app.get(SLACK_HEALTH)
+        return "not configured" if probe is None else await probe.state()
+
+    health = health_routes(
+        metrics, readiness, {"store": store_state, "idp": idp_state, "slack": slack_state}
+    )
     admin = settings.server.admin_address
     if admin is None:
         app.router.add_routes(health)
@@ -468,7 +613,7 @@ def build_app(
         app[ADMIN_SERVER] = AdminServer(admin_app, *admin)
         app.on_cleanup.append(app[ADMIN_SERVER].stop)
     app.router.add_routes(reserved_routes())
-    app.router.add_routes(api_routes(approvals))
+    app.router.add_routes(api_routes(approvals, receipts))
     slack_settings = settings.notify.slack
     if slack_settings is not None and slack_settings.signing_secret:
         from .server.slack import slack_routes

@@ -1,8 +1,8 @@
 """`countersign` — the command line.
 
-Verbs: run, check, explain, demo, reload, approvals, audit, keys new (README "Running it"). Exit
-codes: 0 success, 2 bad configuration or usage, 1 anything else (`explain`: 0 allow, 1 deny,
-3 approve; 141 when stdout was closed early).
+Verbs: run, check, explain, demo, reload, approvals, audit, receipt, keys new (README "Running
+it"). Exit codes: 0 success, 2 bad configuration or usage, 1 anything else (`explain`: 0 allow,
+1 deny, 3 approve; 141 when stdout was closed early).
 """
 
 from __future__ import annotations
@@ -167,8 +167,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_keys_new(args: argparse.Namespace) -> int:
     from .authn.apikeys import key_digest, new_key
 
-    # Checked here rather than by argparse (`required=True`): a later kind of key (`--audit`)
-    # may need no subject.
+    if args.audit:
+        return _write_audit_key(args)
+    # Checked here rather than by argparse (`required=True`): the audit key needs no subject.
     if args.subject is None or not args.subject.strip():
         example = "agent-7" if args.aws else "agent-ci"
         args.usage_error(
@@ -195,6 +196,40 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     print("        (shown once; give it to the client, it is not stored anywhere)")
     print("config: identity.api_keys entry:")
     print(f"  - {{{', '.join(fields)}}}")
+    return 0
+
+
+def _write_audit_key(args: argparse.Namespace) -> int:
+    """`keys new --audit`: an Ed25519 pair for signing the audit trail, written to files."""
+    from .audit.signing import new_signing_key
+
+    for option in ("aws", "subject", "email", "owner"):
+        if getattr(args, option):
+            args.usage_error(f"--audit takes no --{option}: it is the audit trail's key")
+    if args.groups:
+        args.usage_error("--audit takes no --groups: it is the audit trail's key")
+    private_path = Path(args.out)
+    public_path = private_path.with_name(private_path.name.removesuffix(".pem") + ".pub.pem")
+    for path in (private_path, public_path):
+        if path.exists():
+            print(f"countersign keys new: {path} exists; not overwriting it", file=sys.stderr)
+            return 1
+    key = new_signing_key()
+    try:
+        # Created 0600 from the start: the private key is never readable by others, not even
+        # for a moment.
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_pem())
+        public_path.write_bytes(key.public_pem())
+    except OSError as exc:
+        print(f"countersign keys new: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"key id:      {key.key_id}")
+    print(f"private key: {private_path} (keep it where only Countersign can read it)")
+    print(f"public key:  {public_path} (give it to auditors: audit verify --public-key)")
+    print("config: in audit:")
+    print(f"  signing_key: {json.dumps(str(private_path.resolve()))}")
     return 0
 
 
@@ -382,20 +417,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_audit.add_parser(sub)
 
-    keys = sub.add_parser("keys", help="manage static API keys and agents' AWS access keys")
+    from . import cli_receipt
+
+    cli_receipt.add_parser(sub)
+
+    keys = sub.add_parser(
+        "keys", help="new API keys, agents' AWS access keys, the audit trail's signing key"
+    )
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     p = keys_sub.add_parser(
         "new",
         help="generate a key and print its config line",
-        usage="%(prog)s [--aws] --subject SUBJECT [--groups G1,G2] [--email EMAIL] [--owner EMAIL]",
+        usage="%(prog)s [--aws] --subject SUBJECT [--groups G1,G2] [--email EMAIL] "
+        "[--owner EMAIL]\n       %(prog)s --audit [--out PATH]",
         description="Print a new API key (once) and the identity.api_keys line holding its "
         "SHA-256; with --aws, a new AWS access key id and secret for an agent (once) and the "
-        "identity.aws_keys line that reads the secret from the environment.",
+        "identity.aws_keys line that reads the secret from the environment; with --audit, "
+        "write an Ed25519 key pair for audit.signing_key.",
     )
     p.add_argument(
         "--aws",
         action="store_true",
         help="an AWS access key (SigV4) for an agent, instead of an API key",
+    )
+    p.add_argument(
+        "--audit",
+        action="store_true",
+        help="an Ed25519 key pair that signs the audit trail's checkpoints and receipts, "
+        "written to --out and its .pub.pem sibling",
+    )
+    p.add_argument(
+        "--out",
+        default="audit-ed25519.pem",
+        metavar="PATH",
+        help="with --audit: where to write the private key (default audit-ed25519.pem; the "
+        "public key goes beside it as audit-ed25519.pub.pem)",
     )
     p.add_argument("--subject", help="the subject the key authenticates as (required)")
     p.add_argument("--groups", default="", help="comma-separated groups")

@@ -817,8 +817,8 @@ class AnchorSettings(_Model):
         if scheme == "file":
             if not parts.path or parts.netloc not in ("", "localhost"):
                 raise ValueError(
-                    f"a file:// anchor needs an absolute path (file:///mnt/worm/checkpoints.jsonl), "
-                    f"got {_shown_url(v)}"
+                    "a file:// anchor needs an absolute path "
+                    f"(file:///mnt/worm/checkpoints.jsonl), got {_shown_url(v)}"
                 )
         elif scheme in ("http", "https"):
             _http_url(v)
@@ -858,7 +858,9 @@ class AuditSettings(_Model):
                 "signing_key needs audit.file: checkpoints sign the chain of the audit file"
             )
         if self.anchors and self.signing_key is None:
-            raise ValueError("anchors need audit.signing_key: what they keep are signed checkpoints")
+            raise ValueError(
+                "anchors need audit.signing_key: what they keep are signed checkpoints"
+            )
         return self
 
     @field_validator("redis_url")

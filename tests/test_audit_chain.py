@@ -762,6 +762,8 @@ def test_cli_verify(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == (
         f"OK: 1,234 lines in 2 files, seq 1\u20131234, chain intact (last hash {head.hash})\n"
+        "unsigned: only the hash chain was checked (no --public-key): whoever can write the "
+        "file could have changed it and re-chained it\n"
     )
 
     with open(live, "ab") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -111,9 +112,14 @@ async def test_a_torn_tail_is_set_aside_and_the_chain_goes_on(tmp_path: Path) ->
     audit.emit("request.received", request_id="after-crash")
     await audit.aclose()
     report = verify_files([path])
-    assert report.ok and report.lines == 4 and not report.warnings
+    assert report.ok and report.lines == 5 and not report.warnings
     torn = list(tmp_path.glob("audit.jsonl.torn-*"))
     assert len(torn) == 1 and torn[0].read_bytes() == b'{"event": "request.rec'
+    # What was set aside is in the chain itself, for auditors.
+    set_aside = json.loads(path.read_text().splitlines()[3])
+    assert set_aside["event"] == "audit.tail_set_aside" and set_aside["to"] == str(torn[0])
+    assert set_aside["bytes"] == 22
+    assert set_aside["sha256"] == hashlib.sha256(b'{"event": "request.rec').hexdigest()
 
 
 async def test_an_unwritable_file_fails_privileged_steps(tmp_path: Path) -> None:

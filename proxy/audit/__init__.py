@@ -9,11 +9,12 @@ event loop on allowed traffic.
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any, Final
 
 from .redact import DEFAULT as DEFAULT_REDACTOR
 from .redact import Redactor
+from .signing import SigningKey
 from .sinks import AuditUnavailable, ChainPosition, Sink, StreamSink, render
 from .timestamp import IsoUtcStamper
 
@@ -25,6 +26,7 @@ APPROVAL_REQUESTED: Final = "approval.requested"
 APPROVAL_DECIDED: Final = "approval.decided"
 APPROVAL_EXPIRED: Final = "approval.expired"
 APPROVAL_LAPSED: Final = "approval.lapsed"
+APPROVAL_RECEIPT: Final = "approval.receipt"
 REQUEST_ABANDONED: Final = "request.abandoned"
 REQUEST_FORWARDED: Final = "request.forwarded"
 REQUEST_REFUSED: Final = "request.refused"
@@ -45,8 +47,18 @@ class AuditLog:
     privileged steps use it before the request proceeds.
     """
 
-    def __init__(self, sinks: list[Sink], redactor: Redactor | None = None) -> None:
+    def __init__(
+        self,
+        sinks: list[Sink],
+        redactor: Redactor | None = None,
+        *,
+        signing_key: SigningKey | None = None,
+        after_close: Sequence[Callable[[], Awaitable[None]]] = (),
+    ) -> None:
         self._sinks = sinks
+        # The trail's Ed25519 key (`audit.signing_key`): checkpoints, and receipts that cite it.
+        self.signing_key = signing_key
+        self._after_close = list(after_close)  # the anchors: after the last checkpoint
         self._processors: list[Processor] = [
             IsoUtcStamper("ts"),  # structlog's TimeStamper(fmt="iso", utc=True), cheaper
             _add_schema,
@@ -80,12 +92,15 @@ class AuditLog:
     async def aclose(self) -> None:
         for sink in self._sinks:
             await sink.aclose()
+        for close in self._after_close:
+            await close()
 
 
 __all__ = [
     "APPROVAL_DECIDED",
     "APPROVAL_EXPIRED",
     "APPROVAL_LAPSED",
+    "APPROVAL_RECEIPT",
     "APPROVAL_REQUESTED",
     "POLICY_DECIDED",
     "REQUEST_ABANDONED",

@@ -666,6 +666,22 @@ def verify_files(paths: Sequence[StrPath]) -> VerifyReport:
     return report
 
 
+ChainLine = _Line  # a line as read, for readers that need where it is (`evidence`)
+
+
+def verified_lines(
+    paths: Sequence[StrPath], report: VerifyReport
+) -> Generator[tuple[ChainLine, bool], None, None]:
+    """Every line that is not a torn tail, in order, with whether it belongs to the intact
+    chain (False from the first problem on, which `report` names). Close it when stopping
+    early."""
+    verifier = _Verifier(paths, report)
+    try:
+        yield from verifier.run()
+    finally:
+        verifier.close()
+
+
 def iter_verified(
     paths: Sequence[StrPath], allow_broken: bool = False, report: VerifyReport | None = None
 ) -> Iterator[tuple[dict[str, Any], bool]]:
@@ -752,3 +768,9 @@ def _lines_backwards(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
             buf = buf[: cut + 1]
     if buf:
         yield 0, buf[:-1]
+
+
+# For readers of signed lines (`evidence`): the complete lines of a file from the end, and one
+# line parsed and checked as `verify_files` checks it.
+lines_backwards = _lines_backwards
+parse_line = _parse

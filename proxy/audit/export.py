@@ -34,6 +34,7 @@ COLUMNS = (
     "executed_at",
     "upstream_status",
     "chain_intact",
+    "signed",
 )
 
 
@@ -55,6 +56,9 @@ class ApprovalRow:
     executed_at: str = ""
     upstream_status: int | None = None
     chain_intact: bool = True
+    # Covered by a verified signed checkpoint (`audit export --public-key`); None: not checked.
+    signed: bool | None = None
+    last_seq: int = 0  # the seq of its latest event (not a column)
 
 
 def parse_when(text: str, *, end_of_day: bool = False) -> datetime:
@@ -106,6 +110,9 @@ def collect(
             row = rows.setdefault(approval_id, ApprovalRow(approval_id))
             row.rule = str(event.get("rule") or "")
         row.chain_intact = row.chain_intact and intact
+        seq = event.get("seq")
+        if isinstance(seq, int):
+            row.last_seq = max(row.last_seq, seq)
         if name == "approval.decided":
             approver = event.get("approver") or {}
             who = approver.get("email") or approver.get("subject") or "?"
@@ -144,6 +151,7 @@ def write_csv(rows: Sequence[ApprovalRow], out: TextIO) -> None:
         data["approvers"] = "; ".join(row.approvers)
         data["upstream_status"] = "" if row.upstream_status is None else row.upstream_status
         data["chain_intact"] = "yes" if row.chain_intact else "NO"
+        data["signed"] = {None: "not checked", True: "yes", False: "NO"}[row.signed]
         writer.writerow([_cell(data[c]) for c in COLUMNS])
 
 
@@ -156,7 +164,9 @@ def _cell(value: Any) -> Any:
 
 def write_jsonl(rows: Sequence[ApprovalRow], out: TextIO) -> None:
     for row in rows:
-        out.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+        data = asdict(row)
+        del data["last_seq"]
+        out.write(json.dumps(data, ensure_ascii=False) + "\n")
 
 
 _ROTATED = re.compile(r"^(?P<base>.+?)\.(?P<stamp>\d{8}T\d{6}(?:-\d{3})?)$")

@@ -14,22 +14,42 @@ file (or, if the file is new, from the newest rotated file beside it). A torn la
 a crash is moved aside to `<file>.torn-<time>` (never deleted) and the chain goes on from the last
 complete line. With `max_bytes`, the file is rotated to `<file>.<UTC time>` once it grows past it;
 the next file's first line links to the rotated file's last one.
+
+With a signing key (`Signing`), the sink also writes signed checkpoints (`signing`): every
+`interval` seconds while events arrive, and at close, an `audit.checkpoint` line whose signed
+statement names the head before it; once that line is on disk the statement goes to the anchors.
+At open it finds the chain's id and its last checkpoint (the live file, else the newest rotated
+one) and, if the key changed since, writes an `audit.key_rotated` line. A torn tail set aside at
+open is recorded in the chain too (`audit.tail_set_aside`, with the bytes' SHA-256).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
+import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from .chain import GENESIS, ChainHead, last_head_of, seal_line
+from .evidence import last_signed_in
+from .signing import (
+    CHECKPOINT_EVENT,
+    KEY_ROTATED_EVENT,
+    TAIL_SET_ASIDE_EVENT,
+    SigningKey,
+    checkpoint_statement,
+    rotation_statement,
+)
 from .sinks import AuditUnavailable, ChainPosition, Sink
+from .timestamp import IsoUtcStamper
 
 log = structlog.get_logger("countersign.audit")
 
@@ -45,6 +65,26 @@ def rotated_files(path: Path) -> list[Path]:
     return sorted(found)
 
 
+@dataclass(frozen=True, slots=True)
+class Signing:
+    """How the sink signs its chain: the key, how often, and where statements also go.
+
+    `on_statement` receives every signed statement (checkpoints, key rotations) once the line
+    holding it is on disk: the anchors (it must not block). `on_checkpoint` counts them."""
+
+    key: SigningKey
+    interval: float = 10.0
+    on_statement: Callable[[dict[str, Any]], None] | None = None
+    on_checkpoint: Callable[[], None] | None = None
+
+
+_stamp = IsoUtcStamper("ts")
+
+
+def _now() -> str:
+    return str(_stamp(None, "", {})["ts"])
+
+
 class ChainedFileSink(Sink):
     def __init__(
         self,
@@ -53,6 +93,7 @@ class ChainedFileSink(Sink):
         commit_interval: float = 0.1,
         commit_lines: int = 256,
         max_bytes: int | None = None,
+        signing: Signing | None = None,
     ) -> None:
         self.path = Path(path)
         self._interval = commit_interval
@@ -69,6 +110,12 @@ class ChainedFileSink(Sink):
         self._committing: asyncio.Task[None] | None = None
         self._failed: AuditUnavailable | None = None
         self._chain: str | None = None  # the chain's id, once it is signed
+        self._signing = signing
+        self._checkpointed_seq = 0  # the head seq the last checkpoint signed
+        self._prev_checkpoint = 0  # seq of the last checkpoint line (0: none yet)
+        self._checkpoint_timer: asyncio.TimerHandle | None = None
+        self._unsent: list[dict[str, Any]] = []  # signed, waiting for their line to be on disk
+        self._anchoring: asyncio.Task[None] | None = None
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -76,11 +123,12 @@ class ChainedFileSink(Sink):
         """Find the chain's head and open the file for appending (blocking: call at start)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         head: ChainHead | None = None
+        set_aside: dict[str, Any] | None = None
         if self.path.exists():
             head, end = last_head_of(self.path)
             size = self.path.stat().st_size
             if size > end:
-                self._set_torn_tail_aside(end)
+                set_aside = self._set_torn_tail_aside(end)
         if head is None:
             for older in reversed(rotated_files(self.path)):
                 head, _ = last_head_of(older)
@@ -91,8 +139,44 @@ class ChainedFileSink(Sink):
         self._synced_seq = head.seq
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._size = os.fstat(self._fd).st_size
+        if set_aside is not None:
+            # In the chain itself: a torn tail set aside is evidence an auditor should see.
+            self.write({"event": TAIL_SET_ASIDE_EVENT, "ts": _now(), "v": 1, **set_aside})
+        if self._signing is not None:
+            self._open_signed(self._signing)
 
-    def _set_torn_tail_aside(self, end: int) -> None:
+    def _open_signed(self, signing: Signing) -> None:
+        """Continue the signed chain: its id, its last checkpoint, a rotation if the key changed."""
+        files = [self.path, *reversed(rotated_files(self.path))]
+        last = last_signed_in([f for f in files if f.exists()])
+        if last is None:
+            self._chain = secrets.token_hex(8)
+            self._checkpointed_seq = -1  # the first checkpoint comes at the first chance
+            return
+        self._chain = last.chain
+        self._prev_checkpoint = self._checkpointed_seq = last.checkpoint_seq
+        if last.key_id != signing.key.key_id:
+            head = self.head
+            statement = rotation_statement(
+                signing.key,
+                chain=last.chain,
+                seq=head.seq,
+                head_hash=head.hash,
+                ts=_now(),
+                previous_key_id=last.key_id,
+            )
+            self.write(
+                {"event": KEY_ROTATED_EVENT, "ts": statement["ts"], "v": 1, "rotation": statement}
+            )
+            self._unsent.append(statement)
+            log.info(
+                "audit.key_rotated",
+                file=str(self.path),
+                previous_key_id=last.key_id,
+                key_id=signing.key.key_id,
+            )
+
+    def _set_torn_tail_aside(self, end: int) -> dict[str, Any]:
         torn = self.path.with_name(f"{self.path.name}.torn-{time.strftime('%Y%m%dT%H%M%S')}")
         with open(self.path, "r+b") as f:
             f.seek(end)
@@ -102,6 +186,12 @@ class ChainedFileSink(Sink):
             f.flush()
             os.fsync(f.fileno())
         log.warning("audit.torn_tail_moved", file=str(self.path), bytes=len(tail), to=str(torn))
+        return {
+            "file": str(self.path),
+            "to": str(torn),
+            "bytes": len(tail),
+            "sha256": hashlib.sha256(tail).hexdigest(),
+        }
 
     @property
     def head(self) -> ChainHead:
@@ -124,7 +214,65 @@ class ChainedFileSink(Sink):
             self._kick(loop)
         elif self._timer is None and self._committing is None:
             self._timer = loop.call_later(self._interval, self._kick, loop)
+        if self._signing is not None and self._checkpoint_timer is None:
+            delay = 0 if self._checkpointed_seq < 0 else self._signing.interval
+            self._checkpoint_timer = loop.call_later(delay, self._checkpoint_due, loop)
         return position
+
+    # -- signing -------------------------------------------------------------------------------
+
+    def _checkpoint_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._checkpoint_timer = None
+        if self._failed is None:
+            self.checkpoint()
+            self._anchor_soon(loop)
+
+    def checkpoint(self) -> ChainPosition | None:
+        """Sign the head now (if it moved since the last checkpoint): the checkpoint line is
+        written at once; its statement goes to the anchors once the line is on disk."""
+        signing = self._signing
+        if signing is None or self._chain is None or self._seq == self._checkpointed_seq:
+            return None
+        if self._seq == 0:
+            return None  # nothing to sign yet
+        ts = _now()
+        statement = signing.key.sign_statement(
+            checkpoint_statement(
+                chain=self._chain,
+                seq=self._seq,
+                head_hash=self._hash,
+                ts=ts,
+                prev_checkpoint=self._prev_checkpoint,
+            )
+        )
+        position = self.write(
+            {"event": CHECKPOINT_EVENT, "ts": ts, "v": 1, "checkpoint": statement}
+        )
+        self._checkpointed_seq = self._prev_checkpoint = position.seq
+        self._unsent.append(statement)
+        if signing.on_checkpoint is not None:
+            signing.on_checkpoint()
+        return position
+
+    def _anchor_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._anchoring is None or self._anchoring.done():
+            self._anchoring = loop.create_task(self._anchor_when_synced())
+
+    async def _anchor_when_synced(self) -> None:
+        """Hand the signed statements to the anchors once their lines are durable: an anchor
+        must never hold a checkpoint the file could lose in a crash."""
+        try:
+            await self.sync()
+        except AuditUnavailable:
+            return
+        self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        statements, self._unsent = self._unsent, []
+        signing = self._signing
+        if signing is not None and signing.on_statement is not None:
+            for statement in statements:
+                signing.on_statement(statement)
 
     def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._timer is not None:
@@ -217,6 +365,17 @@ class ChainedFileSink(Sink):
         await future
 
     async def aclose(self) -> None:
+        if self._checkpoint_timer is not None:
+            self._checkpoint_timer.cancel()
+            self._checkpoint_timer = None
+        if self._signing is not None and self._failed is None and self._fd is not None:
+            self.checkpoint()  # at shutdown: the head of everything written
+            with contextlib.suppress(AuditUnavailable):
+                await self.sync()
+                self._send_unsent()
+        if self._anchoring is not None:
+            with contextlib.suppress(Exception):
+                await self._anchoring
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -49,9 +49,7 @@ CHECKPOINT_TYPE: Final = "countersign.checkpoint"
 ROTATION_TYPE: Final = "countersign.key_rotation"
 STATEMENT_VERSION: Final = 1
 
-_PEM_BLOCK: Final = re.compile(
-    rb"-----BEGIN ([A-Z0-9 ]+)-----\s.*?-----END \1-----", re.DOTALL
-)
+_PEM_BLOCK: Final = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\s.*?-----END \1-----", re.DOTALL)
 
 
 class SigningKeyError(ValueError):
@@ -128,7 +126,7 @@ def new_signing_key() -> SigningKey:
 
 
 def load_signing_key(path: str | os.PathLike[str]) -> SigningKey:
-    """The Ed25519 private key in the PEM file at `path` (SigningKeyError if it is anything else)."""
+    """The Ed25519 private key in the PEM file at `path` (SigningKeyError if anything else)."""
     try:
         with open(path, "rb") as f:
             data = f.read()

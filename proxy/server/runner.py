@@ -36,6 +36,7 @@ from ..app import (
     build_redactor,
 )
 from ..audit.chain import ChainError
+from ..audit.signing import SigningKeyError
 from ..config import ConfigError, Settings, load_settings
 from ..logs import configure_logging
 from ..policy import Policy
@@ -99,7 +100,9 @@ async def serve(
     config_path: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain; reload `config_path` on SIGHUP."""
-    configure_logging(redactor=build_redactor(settings))
+    # One redactor for logs and every other channel: a reload adds its new secrets to it.
+    redactor = build_redactor(settings)
+    configure_logging(redactor=redactor)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -118,10 +121,10 @@ async def serve(
 
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
-        app = build_app(settings, worker=worker)
-    except (ChainError, OSError) as exc:
+        app = build_app(settings, worker=worker, redactor=redactor)
+    except (ChainError, OSError, SigningKeyError) as exc:
         # E.g. the audit file's last line is not a sound chain line: continuing would hide
-        # tampering, so refuse to start and say why.
+        # tampering, so refuse to start and say why. Or audit.signing_key is not a usable key.
         log.error("server.start_failed", error=str(exc))
         sys.exit(1)
     try:

@@ -19,10 +19,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from redis.crc import key_slot
 
 from proxy.authn.apikeys import key_digest
 from tests.e2e.conftest import Process, free_port
-from tests.redis_cluster_fixture import RedisSentinelGroup, _command
+from tests.redis_cluster_fixture import RedisClusterServers, RedisSentinelGroup, _command
 from tests.redis_fixture import RedisServer
 
 pytestmark = pytest.mark.timeout(90)
@@ -204,3 +205,36 @@ async def test_a_sentinel_failover_through_the_process(
         # And a new privileged request after the failover.
         await held_then_approved(session, proc, "/cloud/exports/after")
     assert proc.stop() == 0
+
+
+@pytest.fixture
+def cluster() -> Iterator[RedisClusterServers]:
+    servers = RedisClusterServers()
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.cleanup()
+
+
+async def test_a_cluster_through_the_process_from_a_node_that_does_not_own_the_slot(
+    run_countersign: StartFn, upstream: TestServer, cluster: RedisClusterServers
+) -> None:
+    """As a managed cluster's configuration endpoint may be: the node given is not the one that
+    serves the `{prefix}` slot. Privileged requests and the approvals list follow the slot."""
+    prefix = "cluster-" + secrets.token_hex(6)
+    owner = cluster.owner(key_slot(f"{{{prefix}}}".encode()))
+    seed = next(i for i in range(len(cluster.nodes)) if i != owner)
+    port = free_port()
+    store = f'{{url: "{cluster.url(seed)}", mode: cluster, key_prefix: "{prefix}"}}'
+    proc = run_countersign(config(port, str(upstream.make_url("/")), store), port)
+    async with aiohttp.ClientSession() as session:
+        await wait_store(session, proc, "ok")
+        approval_id = await held_then_approved(session, proc, "/cloud/exports/cluster")
+        async with session.get(f"{proc.url}{API}?state=executed", headers=ALICE) as resp:
+            assert resp.status == 200
+            listed = [a["approval_id"] for a in (await resp.json())["approvals"]]
+        assert approval_id in listed
+    assert proc.stop() == 0
+    # Everything the store keeps lives on the slot's owner.
+    assert _command(cluster.ports[owner], "DBSIZE") != b":0\r\n"

@@ -1,11 +1,19 @@
-"""A local fake of the Slack Web API and of Socket Mode, plus signed interaction requests.
+"""A local, strict fake of the Slack Web API and of Socket Mode, plus signed interactions.
 
 Slack cannot be reached from here. `FakeSlack` is a real aiohttp server speaking the parts of
 the Web API Countersign uses (auth.test, chat.postMessage, chat.update, chat.postEphemeral,
-users.info, views.open, apps.connections.open) and recording every call; `apps.connections.open`
-hands out a ws:// URL on the same server that speaks the Socket Mode envelope protocol (`hello`,
-then the envelopes a test pushes; acks are recorded). `signed_request` builds what Slack would
-POST to the proxy, signed with the real v0 scheme.
+users.info, views.open, conversations.info, apps.connections.open) and recording every call;
+`apps.connections.open` hands out a ws:// URL on the same server that speaks the Socket Mode
+envelope protocol (`hello`, then the envelopes a test pushes; acks are recorded).
+`signed_request` builds what Slack would POST to the proxy, signed with the real v0 scheme.
+
+It is strict the way Slack is: every message and view is checked against Block Kit's documented
+limits (`proxy.slack.limits`, the one place they are written down; `block_errors`), and refusals
+are answered exactly as Slack answers them - HTTP 200 with `{"ok": false, "error":
+"invalid_blocks", "errors": [...]}`, `msg_too_long`, `channel_not_found`, `not_in_channel`,
+`invalid_auth` - and a rate limit as HTTP 429 with `Retry-After` and `{"ok": false, "error":
+"ratelimited"}`. Tests can make it fail (`fail_status`, `fail_error`, `refuse_blocks`,
+`rate_limited`), slow (`delays`) or forget the bot (`channels`).
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
+
+from proxy.slack import limits
+from proxy.slack.limits import units
 
 TEAM = "T0COUNTER"
 CHANNEL = "C0APPROVALS"
@@ -50,8 +61,20 @@ USERS = {
 class FakeSlack:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.call_times: list[tuple[str, float]] = []  # (method, monotonic time received)
         self.messages: dict[str, dict[str, Any]] = {}  # ts -> latest params
         self.fail_status: int | None = None  # answer every Web API call with this status
+        self.fail_methods: set[str] | None = None  # ... or only these methods
+        # Answer chat.postMessage / chat.update with {"ok": false, "error": fail_error}.
+        self.fail_error: str | None = None
+        self.refuse_blocks = False  # answer any message with blocks `invalid_blocks`
+        self.rate_limited = 0  # answer this many next calls 429 ratelimited
+        self.retry_after = 1  # ... with this Retry-After
+        self.delays: dict[str, float] = {}  # method -> seconds before answering
+        self.refusals: list[tuple[str, str]] = []  # (method, error) of every refused call
+        self.channels: dict[str, dict[str, Any]] = {
+            CHANNEL: {"id": CHANNEL, "name": "approvals", "is_member": True, "is_archived": False}
+        }
         self.users = dict(USERS)
         self.acks: list[dict[str, Any]] = []
         self.sockets: list[web.WebSocketResponse] = []
@@ -88,24 +111,79 @@ class FakeSlack:
         params = await _params(request)
         params["_token"] = request.headers.get("Authorization", "")
         self.calls.append((method, params))
-        if self.fail_status is not None:
+        self.call_times.append((method, time.monotonic()))
+        delay = self.delays.get(method)
+        if delay:
+            await asyncio.sleep(delay)
+        if self.fail_status is not None and (
+            self.fail_methods is None or method in self.fail_methods
+        ):
             return web.Response(status=self.fail_status, text="slack is having a bad day")
+        if self.rate_limited > 0:
+            self.rate_limited -= 1
+            self.refusals.append((method, "ratelimited"))
+            return web.json_response(
+                {"ok": False, "error": "ratelimited"},
+                status=429,
+                headers={"Retry-After": str(self.retry_after)},
+            )
+        token = APP_TOKEN if method == "apps.connections.open" else BOT_TOKEN
+        if params["_token"] != f"Bearer {token}":
+            return self._refuse(method, "invalid_auth")
         handler = getattr(self, "_" + method.replace(".", "_"), None)
         if handler is None:
-            return web.json_response({"ok": False, "error": "unknown_method"})
+            return self._refuse(method, "unknown_method")
         answer: dict[str, Any] = handler(params)
+        if not answer.get("ok"):
+            self.refusals.append((method, str(answer.get("error"))))
         return web.json_response(answer)
 
+    def _refuse(self, method: str, error: str, **extra: Any) -> web.Response:
+        self.refusals.append((method, error))
+        return web.json_response({"ok": False, "error": error, **extra})
+
+    def _message_error(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        """What Slack answers a chat.postMessage / chat.update it refuses, or None."""
+        if self.fail_error is not None:
+            return {"ok": False, "error": self.fail_error}
+        channel = self.channels.get(str(params.get("channel")))
+        if channel is None:
+            return {"ok": False, "error": "channel_not_found"}
+        if not channel["is_member"]:
+            return {"ok": False, "error": "not_in_channel"}
+        if channel["is_archived"]:
+            return {"ok": False, "error": "is_archived"}
+        blocks = params.get("blocks")
+        text = params.get("text")
+        if not blocks and not text:
+            return {"ok": False, "error": "no_text"}
+        if isinstance(text, str) and units(text) > limits.MESSAGE_TEXT:
+            return {"ok": False, "error": "msg_too_long"}
+        if blocks:
+            errors = block_errors(blocks, limits.MESSAGE_BLOCKS)
+            if self.refuse_blocks:
+                errors.append("refused by the test")
+            if errors:
+                return _invalid_blocks(errors)
+        return None
+
     def _auth_test(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "team_id": TEAM, "user_id": "UCOUNTERSIGN", "bot_id": "B1"}
+        return {"ok": True, "team_id": TEAM, "user_id": "UCOUNTERSIGN", "user": "countersign",
+                "bot_id": "B1"}  # fmt: skip
 
     def _chat_postMessage(self, params: dict[str, Any]) -> dict[str, Any]:
+        refused = self._message_error(params)
+        if refused is not None:
+            return refused
         self._ts += 1
         ts = f"{self._ts}.000100"
         self.messages[ts] = params
         return {"ok": True, "channel": params["channel"], "ts": ts}
 
     def _chat_update(self, params: dict[str, Any]) -> dict[str, Any]:
+        refused = self._message_error(params)
+        if refused is not None:
+            return refused
         if params.get("ts") not in self.messages:
             return {"ok": False, "error": "message_not_found"}
         self.messages[params["ts"]] = params
@@ -120,7 +198,20 @@ class FakeSlack:
             return {"ok": False, "error": "user_not_found"}
         return {"ok": True, "user": found}
 
+    def _conversations_info(self, params: dict[str, Any]) -> dict[str, Any]:
+        channel = self.channels.get(str(params.get("channel")))
+        if channel is None:
+            return {"ok": False, "error": "channel_not_found"}
+        return {"ok": True, "channel": channel}
+
     def _views_open(self, params: dict[str, Any]) -> dict[str, Any]:
+        errors = view_errors(params.get("view"))
+        if errors:
+            return {
+                "ok": False,
+                "error": "invalid_arguments",
+                "response_metadata": {"messages": [f"[ERROR] {e}" for e in errors]},
+            }
         return {"ok": True, "view": {"id": "V" + uuid.uuid4().hex[:8], **params["view"]}}
 
     def _apps_connections_open(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -147,6 +238,122 @@ class FakeSlack:
         finally:
             pumping.cancel()
         return ws
+
+
+def _invalid_blocks(errors: list[str]) -> dict[str, Any]:
+    return {
+        "ok": False,
+        "error": "invalid_blocks",
+        "errors": errors,
+        "response_metadata": {"messages": [f"[ERROR] {e}" for e in errors]},
+    }
+
+
+# -- Block Kit, as strictly as Slack documents it -----------------------------------------------
+
+
+def _text_errors(obj: Any, where: str, limit: int, *, plain_only: bool = False) -> list[str]:
+    if not isinstance(obj, dict):
+        return [f"{where}: a text object is required"]
+    kind = obj.get("type")
+    if kind not in ("plain_text", "mrkdwn") or (plain_only and kind != "plain_text"):
+        return [f"{where}: must be {'plain_text' if plain_only else 'a text object'}"]
+    text = obj.get("text")
+    if not isinstance(text, str) or units(text) < limits.TEXT_MIN:
+        return [f"{where}: must be more than 0 characters"]
+    if units(text) > limit:
+        return [f"{where}: must be less than {limit + 1} characters"]
+    if kind == "plain_text" and "verbatim" in obj:
+        return [f"{where}: verbatim is only allowed on mrkdwn"]
+    if kind == "mrkdwn" and "emoji" in obj:
+        return [f"{where}: emoji is only allowed on plain_text"]
+    return []
+
+
+def _element_errors(element: Any, where: str) -> list[str]:
+    if not isinstance(element, dict):
+        return [f"{where}: must be an object"]
+    kind = element.get("type")
+    errors: list[str] = []
+    if kind == "button":
+        errors += _text_errors(element.get("text"), f"{where}/text", limits.BUTTON_TEXT,
+                               plain_only=True)  # fmt: skip
+        if len(str(element.get("value", ""))) > limits.BUTTON_VALUE:
+            errors.append(f"{where}/value: must be less than {limits.BUTTON_VALUE + 1} characters")
+        if element.get("style") not in (None, "primary", "danger"):
+            errors.append(f"{where}/style: must be primary or danger")
+    elif kind == "plain_text_input":
+        if int(element.get("max_length", 0)) > limits.PLAIN_TEXT_INPUT_MAX:
+            errors.append(f"{where}/max_length: must be at most {limits.PLAIN_TEXT_INPUT_MAX}")
+    else:
+        errors.append(f"{where}: unsupported element type {kind!r}")
+    if len(str(element.get("action_id", ""))) > limits.ACTION_ID:
+        errors.append(f"{where}/action_id: too long")
+    return errors
+
+
+def block_errors(blocks: Any, max_blocks: int) -> list[str]:
+    """Every way `blocks` breaks Block Kit's documented limits (empty: Slack accepts them)."""
+    if not isinstance(blocks, list):
+        return ["blocks: must be an array"]
+    errors: list[str] = []
+    if len(blocks) > max_blocks:
+        errors.append(f"blocks: must have at most {max_blocks} items")
+    for i, block in enumerate(blocks):
+        where = f"/blocks/{i}"
+        if not isinstance(block, dict):
+            errors.append(f"{where}: must be an object")
+            continue
+        if len(str(block.get("block_id", ""))) > limits.BLOCK_ID:
+            errors.append(f"{where}/block_id: too long")
+        kind = block.get("type")
+        if kind == "header":
+            errors += _text_errors(block.get("text"), f"{where}/text", limits.HEADER_TEXT,
+                                   plain_only=True)  # fmt: skip
+        elif kind == "section":
+            if "text" not in block and "fields" not in block:
+                errors.append(f"{where}: must have text or fields")
+            if "text" in block:
+                errors += _text_errors(block["text"], f"{where}/text", limits.SECTION_TEXT)
+            fields = block.get("fields", [])
+            if len(fields) > limits.SECTION_FIELDS:
+                errors.append(f"{where}/fields: must have at most {limits.SECTION_FIELDS} items")
+            for j, f in enumerate(fields):
+                errors += _text_errors(f, f"{where}/fields/{j}", limits.SECTION_FIELD_TEXT)
+        elif kind == "context":
+            elements = block.get("elements") or []
+            if not 1 <= len(elements) <= limits.CONTEXT_ELEMENTS:
+                errors.append(f"{where}/elements: must have 1 to {limits.CONTEXT_ELEMENTS} items")
+            for j, e in enumerate(elements):
+                errors += _text_errors(e, f"{where}/elements/{j}", limits.CONTEXT_TEXT)
+        elif kind == "actions":
+            elements = block.get("elements") or []
+            if not 1 <= len(elements) <= limits.ACTIONS_ELEMENTS:
+                errors.append(f"{where}/elements: must have 1 to {limits.ACTIONS_ELEMENTS} items")
+            for j, e in enumerate(elements):
+                errors += _element_errors(e, f"{where}/elements/{j}")
+        elif kind == "input":
+            errors += _text_errors(block.get("label"), f"{where}/label", limits.INPUT_LABEL,
+                                   plain_only=True)  # fmt: skip
+            errors += _element_errors(block.get("element"), f"{where}/element")
+        elif kind != "divider":
+            errors.append(f"{where}: unsupported block type {kind!r}")
+    return errors
+
+
+def view_errors(view: Any) -> list[str]:
+    if not isinstance(view, dict):
+        return ["view: must be an object"]
+    errors = block_errors(view.get("blocks", []), limits.VIEW_BLOCKS)
+    for name in ("title", "submit", "close"):
+        if name in view or name == "title":
+            errors += _text_errors(view.get(name), f"/view/{name}", limits.VIEW_TITLE,
+                                   plain_only=True)  # fmt: skip
+    if len(str(view.get("private_metadata", ""))) > limits.VIEW_PRIVATE_METADATA:
+        errors.append("/view/private_metadata: too long")
+    if len(str(view.get("callback_id", ""))) > limits.VIEW_CALLBACK_ID:
+        errors.append("/view/callback_id: too long")
+    return errors
 
 
 async def _params(request: web.Request) -> dict[str, Any]:
@@ -210,6 +417,7 @@ def view_submission(
         "user": {"id": user_id, "team_id": TEAM},
         "view": {
             "id": "V" + uuid.uuid4().hex[:8],
+            "type": "modal",
             "callback_id": callback_id,
             "private_metadata": json.dumps({"approval_id": approval_id, "channel": channel}),
             "state": {

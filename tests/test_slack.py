@@ -21,8 +21,8 @@ from proxy.config import (
     SlackSettings,
 )
 from proxy.notify import NotifyHub
-from proxy.notify.slack import SlackHealth, SlackNotifier
 from proxy.server.metrics import Metrics
+from proxy.slack.delivery import SlackHealth, SlackNotifier
 from proxy.store.memory import MemoryStore
 from tests.conftest import Client, Factory
 from tests.helpers import AGENT_KEY, ALICE_KEY, bearer, settings_for
@@ -141,7 +141,7 @@ async def test_message_has_every_field_and_agent_text_is_inert(
         "cloud / exports",  # route / rule
         "0 of 1",  # quorum progress
         "<!date^",  # expiry, in the reader's time zone
-        f"<{PUBLIC_URL}/_countersign/api/approvals/{approval_id}|Open in Countersign>",
+        f"<{PUBLIC_URL}/_countersign/ui/approvals/{approval_id}|Open in Countersign>",
         '\\"format\\": \\"csv\\"',  # the body preview
         "countersign_approve",
         "countersign_approve_note",
@@ -464,6 +464,8 @@ async def test_a_slack_delivery_that_gives_up_is_counted_and_shown_on_readyz(
     reported `"slack": "down"` on readyz (from the delivery, without an auth.test), and the
     approval goes on."""
     client, sink = await make_proxy(slack_settings(upstream, slack))
+    await wait_for(lambda: slack.called("conversations.info"))  # the start-up check is done
+    probes = len(slack.called("auth.test"))
     slack.fail_status = 400
     call = asyncio.create_task(client.post("/cloud/exports/x", json={"n": 1}, headers=AGENT))
     await wait_for(lambda: sink.named("approval.requested"))
@@ -481,7 +483,7 @@ async def test_a_slack_delivery_that_gives_up_is_counted_and_shown_on_readyz(
     resp = await client.get("/_countersign/readyz")
     assert resp.status == 200
     assert (await resp.json())["dependencies"]["slack"] == "down"
-    assert not slack.called("auth.test")
+    assert len(slack.called("auth.test")) == probes, "readyz used the delivery's outcome"
     approval_id = sink.named("approval.requested")[0]["approval_id"]
     resp = await client.post(
         f"/_countersign/api/approvals/{approval_id}/decision",
@@ -495,8 +497,9 @@ async def test_a_slack_delivery_that_gives_up_is_counted_and_shown_on_readyz(
 async def test_slack_down_past_the_retry_window_is_counted_once_per_delivery(
     slack: FakeSlack,
 ) -> None:
-    """Answering 500 (retried) until `retry_seconds` runs out: one failure counted, one
-    warning logged, and the notifier's health says "down"."""
+    """Answering 500 (retried) until `retry_seconds` runs out once the approval is no longer
+    pending (here: it expired): one failure counted, one warning logged, and the notifier's
+    health says "down"."""
     slack.fail_status = 500
     metrics = Metrics()
     hub = NotifyHub(on_failure=metrics.notify_failure)
@@ -508,7 +511,7 @@ async def test_slack_down_past_the_retry_window_is_counted_once_per_delivery(
         )
     )
     with capture_logs() as logs:
-        hub("approval.requested", make_approval())
+        hub("approval.requested", make_approval(expires_at=time.time() - 1))
         await hub.aclose()
     counted = samples(parse(metrics.render().decode()), "countersign_notify_failures_total")
     assert counted == {(("channel", "slack"),): 1.0}
@@ -516,3 +519,163 @@ async def test_slack_down_past_the_retry_window_is_counted_once_per_delivery(
     assert len(slack.called("chat.postMessage")) > 1, "retried before giving up"
     assert await health.state() == "down"
     assert not slack.called("auth.test")
+
+
+# -- delivery that outlasts outages ------------------------------------------------------------
+
+
+def web_client(slack: FakeSlack) -> AsyncWebClient:
+    return AsyncWebClient(token=BOT_TOKEN, base_url=slack.api_url, retry_handlers=[])
+
+
+async def test_a_rate_limit_is_waited_out_as_long_as_slack_asks(slack: FakeSlack) -> None:
+    slack.rate_limited, slack.retry_after = 1, 1
+    notifier = SlackNotifier(web_client(slack), CHANNEL, MemoryStore(), first_delay=0.01)
+    await asyncio.wait_for(notifier.notify("approval.requested", make_approval()), 10)
+    times = [at for method, at in slack.call_times if method == "chat.postMessage"]
+    assert len(times) == 2, "refused once (429), then posted"
+    assert times[1] - times[0] >= 0.95, "Retry-After: 1 honoured (not the 10 ms backoff)"
+    assert len(slack.messages) == 1
+    await notifier.aclose()
+
+
+async def test_a_hung_slack_call_times_out_and_is_retried(slack: FakeSlack) -> None:
+    slack.delays["chat.postMessage"] = 3  # far longer than the call timeout
+    notifier = SlackNotifier(
+        web_client(slack), CHANNEL, MemoryStore(), call_timeout=0.5, first_delay=0.05
+    )
+    started = time.monotonic()
+    delivery = asyncio.create_task(notifier.notify("approval.requested", make_approval()))
+    await wait_for(lambda: len(slack.called("chat.postMessage")) >= 2, seconds=5)
+    assert time.monotonic() - started < 2.5, "the first call gave up after ~0.5 s"
+    del slack.delays["chat.postMessage"]
+    await asyncio.wait_for(delivery, 10)
+    assert slack.messages
+    await notifier.aclose()
+
+
+async def test_a_pending_approval_is_retried_past_the_retry_window(slack: FakeSlack) -> None:
+    """While it can still be decided, a message is never given up (retry_seconds counts only
+    once the approval has left `pending`)."""
+    slack.fail_status = 503
+    notifier = SlackNotifier(
+        web_client(slack), CHANNEL, MemoryStore(), retry_seconds=0.1, first_delay=0.05,
+        max_delay=0.1,
+    )  # fmt: skip
+    delivery = asyncio.create_task(notifier.notify("approval.requested", make_approval()))
+    await asyncio.sleep(1.0)
+    assert not delivery.done() and len(slack.called("chat.postMessage")) > 3
+    slack.fail_status = None
+    await asyncio.wait_for(delivery, 5)
+    assert len(slack.messages) == 1
+    await notifier.aclose()
+
+
+async def test_an_outage_during_the_decision_shows_the_final_state_once_slack_is_back(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    client, _ = await make_proxy(slack_settings(upstream, slack))
+    call, approval_id = await hold(client, slack)
+    slack.fail_status = 503
+    resp = await client.post(
+        f"/_countersign/api/approvals/{approval_id}/decision",
+        json={"verdict": "approve"},
+        headers=bearer(ALICE_KEY),
+    )
+    assert resp.status == 200
+    assert (await asyncio.wait_for(call, 10)).status == 200
+    await wait_for(lambda: slack.called("chat.update"))  # tried during the outage
+    await asyncio.sleep(0.5)
+    assert "countersign_approve" in message_text(slack), "still the old message"
+    slack.fail_status = None
+    await wait_for(lambda: "upstream answered *200*" in message_text(slack), seconds=20)
+    assert "countersign_approve" not in message_text(slack)
+    assert len(slack.messages) == 1
+
+
+async def test_a_refused_message_is_posted_as_the_minimal_one_and_counted(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    client, sink = await make_proxy(slack_settings(upstream, slack))
+    slack.refuse_blocks = True
+    call = asyncio.create_task(client.post("/cloud/exports/x", json={"n": 1}, headers=AGENT))
+    await wait_for(lambda: slack.messages)
+    approval_id = sink.named("approval.requested")[0]["approval_id"]
+    message = next(iter(slack.messages.values()))
+    assert "blocks" not in message
+    assert f"<{PUBLIC_URL}/_countersign/ui/approvals/{approval_id}|" in message["text"]
+    assert ("chat.postMessage", "invalid_blocks") in slack.refusals
+
+    async def fallbacks() -> dict[Any, float]:
+        text = await (await client.get("/_countersign/metrics")).text()
+        return samples(parse(text), "countersign_slack_fallback_messages_total")
+
+    await asyncio.sleep(0.1)
+    assert await fallbacks() == {(): 1.0}
+    call.cancel()
+
+
+async def test_a_slow_users_info_never_fails_a_click(
+    make_proxy: Factory, upstream: TestServer, slack: FakeSlack
+) -> None:
+    """users.info takes 4 s; Slack wants an answer within 3 s: the click is acknowledged at
+    once and decided when the lookup returns. A Deny click still opens its modal in time."""
+    client, sink = await make_proxy(slack_settings(upstream, slack))
+    call, approval_id = await hold(client, slack)
+    slack.delays["users.info"] = 4
+    started = time.monotonic()
+    status, _ = await click(client, block_action("UALICE", approval_id, "countersign_deny"))
+    assert status == 200 and time.monotonic() - started < 3
+    await wait_for(lambda: slack.called("views.open"), seconds=5)
+    opened = next(at for method, at in slack.call_times if method == "views.open")
+    assert opened - started < 3, "the modal opens within Slack's trigger window"
+
+    started = time.monotonic()
+    status, _ = await click(client, block_action("UCAROL", approval_id, "countersign_approve"))
+    assert status == 200 and time.monotonic() - started < 3
+    assert (await asyncio.wait_for(call, 15)).status == 200
+    decided = sink.named("approval.decided")
+    assert [d["approver"]["email"] for d in decided] == ["carol@example.com"]
+
+
+@pytest.mark.parametrize(
+    ("channel", "expected"),
+    [
+        ({"is_member": False}, "the bot is not in channel C0APPROVALS: /invite @countersign"),
+        (None, "channel C0APPROVALS does not exist or the bot cannot see it"),
+    ],
+)
+async def test_the_setup_is_checked_at_start_and_a_problem_logged_in_one_line(
+    make_proxy: Factory,
+    upstream: TestServer,
+    slack: FakeSlack,
+    channel: dict[str, Any] | None,
+    expected: str,
+) -> None:
+    if channel is None:
+        del slack.channels[CHANNEL]
+    else:
+        slack.channels[CHANNEL].update(channel)
+    with capture_logs() as logs:
+        client, _ = await make_proxy(slack_settings(upstream, slack))
+        await wait_for(lambda: any(e["event"] == "slack.setup_problem" for e in logs))
+    problems = [e["problem"] for e in logs if e["event"] == "slack.setup_problem"]
+    assert len(problems) == 1 and expected in problems[0], problems
+    assert (await client.get("/_countersign/readyz")).status == 200, "said, not fatal"
+
+
+async def test_a_channel_the_bot_is_not_in_gives_up_at_once_and_is_counted(
+    slack: FakeSlack,
+) -> None:
+    slack.channels[CHANNEL]["is_member"] = False
+    metrics = Metrics()
+    hub = NotifyHub(on_failure=metrics.notify_failure)
+    hub.add(SlackNotifier(web_client(slack), CHANNEL, MemoryStore(), first_delay=0.05))
+    with capture_logs() as logs:
+        hub("approval.requested", make_approval())
+        await hub.aclose()
+    counted = samples(parse(metrics.render().decode()), "countersign_notify_failures_total")
+    assert counted == {(("channel", "slack"),): 1.0}
+    (failed,) = [e for e in logs if e["event"] == "notify.failed"]
+    assert "the bot is not in channel C0APPROVALS" in failed["error"]
+    assert len(slack.called("chat.postMessage")) == 1, "not retried: it needs a person"

@@ -13,9 +13,9 @@ from aiohttp import web
 
 if TYPE_CHECKING:  # importing them here would pull Slack's SDK into every process
     from ..authn import Authenticator
+    from ..slack.app import SlackApp
     from .proxy_handler import ProxyHandler
-    from .slack_actions import SlackActions
 
 AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 PROXY: web.AppKey[ProxyHandler] = web.AppKey("proxy")
-SLACK_ACTIONS: web.AppKey[SlackActions] = web.AppKey("slack_actions")
+SLACK_APP: web.AppKey[SlackApp] = web.AppKey("slack_app")

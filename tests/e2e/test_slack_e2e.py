@@ -113,3 +113,62 @@ async def test_held_on_a_clicked_on_b_forwarded_by_a_and_the_message_updated(
     decided = events(b, name="approval.decided")
     assert decided[0]["channel"] == "slack"
     assert decided[0]["approver"]["email"] == "carol@example.com"
+
+
+async def test_an_outage_during_the_decision_is_caught_up_once_slack_is_back(
+    run_countersign: StartFn, upstream: TestServer, fresh_redis: RedisServer, slack: FakeSlack
+) -> None:
+    """Held on A, clicked on B while chat.update fails on both: once Slack answers again, the
+    message shows the final state (not live buttons for a request that already ran)."""
+    prefix = "e2e-slack-" + secrets.token_hex(6)
+    a, b = (
+        run_countersign(
+            config(port, str(upstream.make_url("/")), fresh_redis.url, prefix, slack.api_url),
+            port,
+        )
+        for port in (free_port(), free_port())
+    )
+    async with aiohttp.ClientSession() as session:
+
+        async def agent_call() -> int:
+            async with session.post(f"{a.url}/cloud/exports/x", json={"n": 1}, headers=AGENT) as r:
+                return r.status
+
+        held = asyncio.create_task(agent_call())
+        await wait_for(lambda: slack.messages)
+        message = next(iter(slack.messages.values()))
+        approval_id = message["blocks"][-1]["elements"][0]["value"]
+        slack.fail_status, slack.fail_methods = 503, {"chat.update"}
+        body, headers = signed_request(block_action("UCAROL", approval_id, "countersign_approve"))
+        async with session.post(
+            f"{b.url}/_countersign/slack/events", data=body, headers=headers
+        ) as resp:
+            assert resp.status == 200
+        assert await asyncio.wait_for(held, 10) == 200
+        await wait_for(lambda: len(slack.called("chat.update")) >= 2)
+        assert "countersign_approve" in json.dumps(slack.messages), "not updated yet"
+        slack.fail_status = None
+
+    await wait_for(lambda: "upstream answered *200*" in json.dumps(slack.messages), seconds=40)
+    assert "countersign_approve" not in json.dumps(slack.messages)
+    assert len(slack.called("chat.postMessage")) == 1
+
+
+async def test_the_bot_missing_from_its_channel_is_said_at_start_in_one_line(
+    run_countersign: StartFn, upstream: TestServer, fresh_redis: RedisServer, slack: FakeSlack
+) -> None:
+    slack.channels[CHANNEL]["is_member"] = False
+    prefix = "e2e-slack-" + secrets.token_hex(6)
+    port = free_port()
+    proc = run_countersign(
+        config(port, str(upstream.make_url("/")), fresh_redis.url, prefix, slack.api_url), port
+    )
+    await wait_for(lambda: "slack.setup_problem" in proc.stderr())
+    lines = [line for line in proc.stderr().splitlines() if "slack.setup_problem" in line]
+    assert len(lines) == 1
+    assert f"the bot is not in channel {CHANNEL}: /invite @countersign" in lines[0]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{proc.url}/_countersign/readyz") as resp,
+    ):
+        assert resp.status == 200, "said, not fatal"

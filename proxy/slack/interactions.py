@@ -1,14 +1,16 @@
-"""What a click in Slack does: the transport-independent handler of interaction payloads.
+"""What a click in Slack does: acknowledged at once, decided right after.
 
-HTTP mode (`server/slack.py`) and Socket Mode (`server/slack_socket.py`) both hand verified
-payloads here. The clicker becomes an `Identity` from `users.info` (their workspace profile
-email); `ApprovalService.decide` then authorizes them exactly like an API approver (rule users,
-groups from the `approvals.groups` directory, zero self-approval, quorum). A refused click gets
-an ephemeral explanation and changes nothing; the message itself is updated by the notifier,
-from whichever replica made the decision.
+The bolt app (`slack.app`, HTTP and Socket Mode alike) hands each verified interaction here.
+`ack_*` answers Slack at once (within its 3 s) from the payload alone - the only thing a click
+must hear is a modal's validation error - and the work runs after, in the background: the
+clicker becomes an `Identity` from `users.info` (their workspace profile email), and
+`ApprovalService.decide` authorizes them exactly like an API approver (rule users, groups from the
+`approvals.groups` directory, zero self-approval, quorum). A refused click gets an ephemeral
+explanation and changes nothing; the message itself is updated by the notifier, from whichever
+replica made the decision. A slow `users.info` delays the decision, never the acknowledgement.
 
-Duplicate deliveries (Slack retrying, the same payload twice) are acknowledged silently: each
-delivery is remembered as a note on its approval, and the store refuses double decisions anyway.
+Duplicate deliveries (Slack retrying, the same payload twice) are ignored: each delivery is
+remembered as a note on its approval, and the store refuses double decisions anyway.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -27,16 +29,9 @@ from ..approvals.service import ApprovalService
 from ..audit import AuditUnavailable
 from ..model import ApprovalState, Identity, Verdict, state
 from ..notify.retry import GaveUp
-from ..notify.slack import with_retries
-from ..notify.slack_format import (
-    APPROVE,
-    APPROVE_WITH_NOTE,
-    DENY,
-    REASON_BLOCK,
-    REASON_INPUT,
-    reason_modal,
-)
 from ..store.base import StoreUnavailable
+from .blocks import APPROVE, APPROVE_WITH_NOTE, DENY, REASON_BLOCK, REASON_INPUT, reason_modal
+from .delivery import with_retries
 
 log = structlog.get_logger("countersign.slack")
 
@@ -55,30 +50,51 @@ class SlackActions:
         directory: Mapping[str, Sequence[str]],
         *,
         ephemeral_retry_seconds: float = 30.0,
+        modal_wait_seconds: float = 1.5,
     ) -> None:
         self._client = client
         self._service = service
         self._directory = directory
         self._ephemeral_retry = ephemeral_retry_seconds
+        self._modal_wait = modal_wait_seconds
         self._team_id: str | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     async def handle(self, payload: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Handle one interaction; the return value (if any) is the JSON answer to Slack."""
+        """Acknowledge one interaction at once and do its work in the background; the return
+        value (if any) is the JSON answer to Slack."""
         kind = payload.get("type")
         if kind == "block_actions":
-            await self._block_action(payload)
+            self.ack_block_action(payload)
         elif kind == "view_submission":
-            return await self._view_submission(payload)
+            return self.ack_view_submission(payload)
         return None
 
-    # -- the two kinds of interaction -----------------------------------------------------------
-
-    async def _block_action(self, payload: Mapping[str, Any]) -> None:
+    def ack_block_action(self, payload: Mapping[str, Any]) -> None:
+        """A button: nothing to answer; the work runs after."""
         actions = [a for a in payload.get("actions") or () if a.get("action_id") in _ACTIONS]
-        if not actions:
-            return
-        action = actions[0]
+        if actions:
+            self._spawn(self._block_action(payload, actions[0]))
+
+    def ack_view_submission(self, payload: Mapping[str, Any]) -> dict[str, Any] | None:
+        """A modal's submit: a denial without a reason is answered with the modal's error (the
+        one check that needs nothing but the payload); anything else closes the modal and is
+        decided after."""
+        view = payload.get("view") or {}
+        callback = view.get("callback_id")
+        if callback not in (APPROVE_WITH_NOTE, DENY):
+            return None
+        if callback == DENY and not _reason(view):
+            return {
+                "response_action": "errors",
+                "errors": {REASON_BLOCK: "A denial needs a reason."},
+            }
+        self._spawn(self._view_submission(payload))
+        return None  # closes the modal
+
+    # -- the work after the acknowledgement ------------------------------------------------------
+
+    async def _block_action(self, payload: Mapping[str, Any], action: Mapping[str, Any]) -> None:
         approval_id = str(action.get("value", ""))
         user_id = str(payload.get("user", {}).get("id", ""))
         channel = str((payload.get("channel") or {}).get("id", ""))
@@ -86,17 +102,27 @@ class SlackActions:
         try:
             if not await self._first_delivery(approval_id, delivery):
                 return
-            identity = await self.identify(user_id)
             if action["action_id"] == APPROVE:
-                await self._decide(approval_id, identity, Verdict.APPROVE, None)
+                await self._decide(approval_id, await self.identify(user_id), Verdict.APPROVE, None)
                 return
-            # The modals ask for a reason; say "no" before asking when we already know it.
+            # The modals ask for a reason. Say "no" before asking when we know it in time; the
+            # modal must open within Slack's trigger window (3 s), so a slow lookup opens it
+            # anyway and the submission is checked like any decision.
+            identifying = asyncio.ensure_future(self.identify(user_id))
+            identifying.add_done_callback(_consume)
+            try:
+                identity: Identity | None = await asyncio.wait_for(
+                    asyncio.shield(identifying), self._modal_wait
+                )
+            except TimeoutError:
+                identity = None
             approval = await self._service.get(approval_id)
             if approval is None:
                 raise Refused("this approval no longer exists")
             if approval.state is not ApprovalState.PENDING:
                 raise Refused(f"this approval is already {approval.state.value}")
-            state.check_approver(approval, identity, self._directory)
+            if identity is not None:
+                state.check_approver(approval, identity, self._directory)
             metadata = json.dumps({"approval_id": approval_id, "channel": channel})
             view = reason_modal(
                 str(action["action_id"]), approval, metadata, self._service.redactor
@@ -104,32 +130,22 @@ class SlackActions:
             await self._client.views_open(trigger_id=str(payload.get("trigger_id")), view=view)
         except (Refused, state.ApprovalError) as exc:
             self._tell(channel, user_id, _explain(exc))
-        except (StoreUnavailable, AuditUnavailable, SlackApiError, GaveUp) as exc:
+        except (StoreUnavailable, AuditUnavailable, SlackApiError, GaveUp, TimeoutError) as exc:
             log.warning("slack.action_failed", approval_id=approval_id, error=str(exc))
             self._tell(channel, user_id, "Countersign could not record that right now; try again.")
 
-    async def _view_submission(self, payload: Mapping[str, Any]) -> dict[str, Any] | None:
+    async def _view_submission(self, payload: Mapping[str, Any]) -> None:
         view = payload.get("view") or {}
-        callback = view.get("callback_id")
-        if callback not in (APPROVE_WITH_NOTE, DENY):
-            return None
         try:
             metadata = json.loads(view.get("private_metadata") or "{}")
         except ValueError:
-            return None
+            return
         approval_id = str(metadata.get("approval_id", ""))
         channel = str(metadata.get("channel", ""))
         user_id = str(payload.get("user", {}).get("id", ""))
-        values = view.get("state", {}).get("values", {})
-        reason = ((values.get(REASON_BLOCK) or {}).get(REASON_INPUT) or {}).get("value") or ""
-        reason = reason.strip() or None
-        if callback == DENY and not reason:
-            return {
-                "response_action": "errors",
-                "errors": {REASON_BLOCK: "A denial needs a reason."},
-            }
-        verdict = Verdict.DENY if callback == DENY else Verdict.APPROVE
-        # A resubmission after the error above is a new delivery: only remembered once valid.
+        reason = _reason(view)
+        verdict = Verdict.DENY if view.get("callback_id") == DENY else Verdict.APPROVE
+        # A resubmission after a validation error is a new delivery: only remembered once valid.
         delivery = f"{user_id}:view:{view.get('id')}"
         try:
             if await self._first_delivery(approval_id, delivery):
@@ -137,10 +153,20 @@ class SlackActions:
                 await self._decide(approval_id, identity, verdict, reason)
         except (Refused, state.ApprovalError) as exc:
             self._tell(channel, user_id, _explain(exc))
-        except (StoreUnavailable, AuditUnavailable, SlackApiError, GaveUp) as exc:
+        except (StoreUnavailable, AuditUnavailable, SlackApiError, GaveUp, TimeoutError) as exc:
             log.warning("slack.action_failed", approval_id=approval_id, error=str(exc))
             self._tell(channel, user_id, "Countersign could not record that right now; try again.")
-        return None  # closes the modal
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception as exc:  # e.g. Slack unreachable mid-way: said, not raised
+                log.warning("slack.action_failed", error=str(exc) or type(exc).__name__)
+
+        task = asyncio.create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- parts --------------------------------------------------------------------------------
 
@@ -213,13 +239,25 @@ class SlackActions:
             except GaveUp as exc:
                 log.warning("slack.ephemeral_failed", error=str(exc))
 
-        task = asyncio.create_task(send())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(send())
 
     async def aclose(self) -> None:
         if self._background:
             await asyncio.wait(set(self._background), timeout=5)
+        for task in list(self._background):
+            task.cancel()
+
+
+def _reason(view: Mapping[str, Any]) -> str | None:
+    values = view.get("state", {}).get("values", {})
+    reason = ((values.get(REASON_BLOCK) or {}).get(REASON_INPUT) or {}).get("value") or ""
+    return reason.strip() or None
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve a background lookup's error (it is reported where it is awaited, if it is)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _explain(exc: Exception) -> str:

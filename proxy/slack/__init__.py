@@ -1,0 +1,14 @@
+"""Everything Slack, in one package.
+
+- `limits`: Slack's documented Block Kit and message limits, in one place;
+- `mrkdwn`: untrusted text shown literally (escaped, invisible characters made visible, budgeted
+  after escaping);
+- `blocks`: the approval message and the reason modal (pure functions);
+- `delivery`: the notifier (a per-channel queue that outlasts outages), readyz's `SlackHealth`,
+  the start-up `check_setup`;
+- `interactions`: what a click does (acknowledged at once, decided after);
+- `app`: the slack-bolt `AsyncApp`, its HTTP route on the proxy and its Socket Mode adapter.
+
+Importing this package does not import slack_sdk or slack_bolt; `proxy.app` imports the modules
+only when `notify.slack` is configured.
+"""

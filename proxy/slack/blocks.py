@@ -1,0 +1,321 @@
+"""The Slack message for an approval: Block Kit blocks rendered from its current state.
+
+Pure functions, no I/O. Every value that is not ours goes through `mrkdwn.literal` (redacted,
+escaped, shown literally, budgeted after escaping); every block is built within the limits of
+`limits` (the strict fake in the tests enforces the same numbers). The header is ours alone: it
+follows the approval's state and never contains the agent's text. The message is always
+rendered from the whole approval, so rendering it twice, or late, gives the same result.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
+from ..audit.redact import Redactor
+from ..model import Approval, ApprovalState, DecisionRecord, Outcome, Verdict
+from . import limits
+from .mrkdwn import fit, literal, plain
+
+APPROVE = "countersign_approve"
+APPROVE_WITH_NOTE = "countersign_approve_note"
+DENY = "countersign_deny"
+REASON_BLOCK = "reason"
+REASON_INPUT = "reason"
+DECISION_BLOCK = "countersign_decision"
+
+# Budgets of the untrusted parts (UTF-16 units, escaping and code fences included).
+_NAME = 200  # a subject, email, rule or route name
+_REASON = 600  # an approver's note in the decisions list
+# Decisions listed by name; the rest are counted ("and N more").
+MAX_DECISIONS_SHOWN = 10
+
+_HEADERS = {
+    ApprovalState.PENDING: "Approval pending",
+    ApprovalState.APPROVED: "Approved: waiting for the agent to run it",
+    ApprovalState.DENIED: "Denied",
+    ApprovalState.EXPIRED: "Expired",
+    ApprovalState.LAPSED: "Lapsed: approved but not used in time",
+}
+
+
+def header_text(approval: Approval) -> str:
+    """The header, from the state alone (no text of the agent's can fake it)."""
+    if approval.state is ApprovalState.EXECUTED:
+        if approval.outcome is Outcome.AMBIGUOUS:
+            return "Ambiguous: sent, the upstream failed, it may have run"
+        status = approval.upstream_status
+        if status is not None and status >= 500:
+            return f"Failed: the upstream answered {status}"
+        return "Executed"
+    return _HEADERS.get(approval.state, "Approval")
+
+
+def ui_link(public_url: str | None, approval_id: str) -> str | None:
+    """The approval's page in the web inbox, when `server.public_url` is set."""
+    if not public_url:
+        return None
+    return f"{public_url.rstrip('/')}/_countersign/ui/approvals/{approval_id}"
+
+
+def _when(ts: float) -> str:
+    """A date Slack shows in each reader's time zone; the fallback is UTC."""
+    iso = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"<!date^{int(ts)}^{{date_short_pretty}} {{time_secs}}|{iso}>"
+
+
+def _mrkdwn(text: str, budget: int = limits.SECTION_TEXT) -> dict[str, Any]:
+    # verbatim: no auto-linking of URLs or channel names in text we did not write.
+    return {"type": "mrkdwn", "text": fit(text, budget) or "-", "verbatim": True}
+
+
+def _section(text: str) -> dict[str, Any]:
+    return {"type": "section", "text": _mrkdwn(text)}
+
+
+def _labelled(label: str, value: str | None, redactor: Redactor, budget: int) -> str:
+    """`*label*` then the literal value, the whole within `budget`."""
+    head = f"*{label}*\n"
+    return head + literal(value, budget - limits.units(head), redactor)
+
+
+def _decision_line(d: DecisionRecord, redactor: Redactor) -> str:
+    verb = "approved" if d.verdict is Verdict.APPROVE else "denied"
+    icon = ":white_check_mark:" if d.verdict is Verdict.APPROVE else ":no_entry:"
+    who = literal(d.who, _NAME, redactor)
+    line = f"{icon} {who} {verb} via {literal(d.channel, 40, redactor)} at {_when(d.at)}"
+    if d.reason:
+        line += f"\n{literal(d.reason, _REASON, redactor)}"
+    return line
+
+
+def decisions_text(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) -> str:
+    """Who decided, newest last, within one section: at most `MAX_DECISIONS_SHOWN` and what
+    fits, then "and N more"."""
+    shown: list[str] = []
+    used = 0
+    reserve = 80  # room for the "and N more" line
+    total = len(approval.decisions)
+    for d in approval.decisions[:MAX_DECISIONS_SHOWN]:
+        line = _decision_line(d, redactor)
+        size = limits.units(line) + 1
+        if used + size > limits.SECTION_TEXT - reserve:
+            break
+        shown.append(line)
+        used += size
+    if len(shown) < total:
+        more = total - len(shown)
+        shown.append(f"_…and {more} more decision{'s' if more != 1 else ''}: see Countersign_")
+    return "\n".join(shown)
+
+
+def outcome_text(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) -> str:
+    """What replaces the buttons once the approval is no longer pending."""
+    final = approval.final_decision
+    by = f" by {literal(final.who, _NAME, redactor)}" if final else ""
+    if approval.state is ApprovalState.APPROVED:
+        return f":white_check_mark: *Approved*{by}: waiting for the agent to run it"
+    if approval.state is ApprovalState.DENIED:
+        reason = f": {literal(final.reason, 1000, redactor)}" if final and final.reason else ""
+        return f":no_entry: *Denied*{by}{reason}"
+    if approval.state is ApprovalState.EXPIRED:
+        return ":hourglass: *Expired*: not decided in time"
+    if approval.state is ApprovalState.LAPSED:
+        return f":hourglass: *Lapsed*: approved{by}, but not used in time"
+    if approval.state is ApprovalState.EXECUTED and approval.outcome is Outcome.AMBIGUOUS:
+        return (
+            f":warning: *Sent*{by}, but the upstream failed before answering: it may or may not "
+            "have run"
+        )
+    if approval.state is ApprovalState.EXECUTED:
+        status = approval.upstream_status
+        answered = f", upstream answered *{status}*" if status is not None else ""
+        return f":arrow_forward: *Executed*{by}{answered}"
+    return ""
+
+
+def fallback_text(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) -> str:
+    """The notification text (shown where blocks are not, e.g. push notifications)."""
+    path = plain(approval.path, 500, redactor)
+    who = plain(approval.requester.subject, _NAME, redactor)
+    rule = plain(approval.rule, _NAME, redactor)
+    method = plain(approval.method, 20, redactor)
+    return f"{header_text(approval)}: {method} {path} (rule {rule}, requested by {who})"
+
+
+def minimal_text(approval: Approval, public_url: str | None) -> str:
+    """The message posted when Slack refuses the full one: only our words and the link."""
+    link = ui_link(public_url, approval.id)
+    where = (
+        f"<{link}|Open it in Countersign>"
+        if link
+        else f"see `countersign approvals show {approval.id}`"
+    )
+    return (
+        f":warning: *{header_text(approval)}* (approval `{approval.id}`, state "
+        f"*{approval.state.value}*). Slack could not show its details: {where}."
+    )
+
+
+def approval_blocks(
+    approval: Approval, public_url: str | None = None, redactor: Redactor = DEFAULT_REDACTOR
+) -> list[dict[str, Any]]:
+    field_budget = limits.SECTION_FIELD_TEXT
+
+    def field(label: str, value: str | None) -> str:
+        return _labelled(label, value, redactor, field_budget)
+
+    r = approval.requester
+    # An email the IdP did not verify is the agent's claim, and says so.
+    if r.person:
+        requester = f"{r.subject} ({r.person})"
+    elif r.email:
+        requester = f"{r.subject} ({r.email}, unverified)"
+    else:
+        requester = r.subject
+    target = approval.target or (approval.path + (f"?{approval.query}" if approval.query else ""))
+    fields = [
+        field("Requester", requester),
+        field("On behalf of", r.owner),
+        field("Request", f"{approval.method} {target}"),
+        field("Upstream", approval.upstream_url or None),
+        field("Route / rule", f"{approval.route} / {approval.rule}"),
+        f"*Approvals*\n{approval.approvals_count} of {approval.quorum}",
+        f"*Expires*\n{_when(approval.expires_at)}",
+    ]
+    if approval.risk:
+        fields.append(field("Risk", approval.risk))
+    if approval.approver_members:
+        fields.append(field("Who may approve", ", ".join(approval.approver_members)))
+    header = header_text(approval)[: limits.HEADER_TEXT]
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": header, "emoji": False}},
+        {
+            "type": "section",
+            "fields": [_mrkdwn(f, field_budget) for f in fields[: limits.SECTION_FIELDS]],
+        },
+        _section(_labelled("Agent's reason", approval.reason, redactor, limits.SECTION_TEXT)),
+    ]
+    if approval.note:
+        blocks.append(_section(_labelled("Rule note", approval.note, redactor, 1500)))
+    if approval.actions:
+        actions = ", ".join(approval.actions)
+        blocks.append(_section(_labelled("Actions", actions, redactor, limits.SECTION_TEXT)))
+    if approval.earlier_attempt is not None:
+        earlier = literal(approval.earlier_attempt, _NAME, redactor)
+        blocks.append(
+            _section(
+                f":warning: *This exact request was approved before* ({earlier}) and sent, "
+                "but the upstream failed: it may already have run. Check before approving."
+            )
+        )
+    if approval.tool_arguments is not None:
+        head = "*Tool arguments*\n"
+        budget = limits.SECTION_TEXT - limits.units(head)
+        code = literal(approval.tool_arguments, budget, redactor, block=True)
+        blocks.append(_section(head + code))
+    if approval.headers:
+        # Every header the approval binds: what runs carries exactly these.
+        listed = "\n".join(
+            f"{name}: {'[REDACTED] (secret)' if redacted else value}"
+            for name, value, redacted in approval.headers
+        )
+        head = "*Headers*\n"
+        budget = limits.SECTION_TEXT - limits.units(head)
+        blocks.append(_section(head + literal(listed, budget, redactor, block=True)))
+    if approval.body_preview:
+        kind = f", {literal(approval.content_type, 120, redactor)}" if approval.content_type else ""
+        cut = " (preview cut: the whole body is in Countersign)" if approval.body_truncated else ""
+        head = f"*Body* ({approval.body_bytes} bytes{kind}, redacted){cut}\n"
+        budget = limits.SECTION_TEXT - limits.units(head)
+        blocks.append(_section(head + literal(approval.body_preview, budget, redactor, block=True)))
+    context = [f"`{approval.id}`"]
+    link = ui_link(public_url, approval.id)
+    if link:
+        context.append(f"<{link}|Open in Countersign>")
+    blocks.append(
+        {"type": "context", "elements": [_mrkdwn(" · ".join(context), limits.CONTEXT_TEXT)]}
+    )
+    if approval.abandoned_at is not None and approval.state is ApprovalState.PENDING:
+        blocks.append(
+            {
+                "type": "context",
+                "elements": [
+                    _mrkdwn(
+                        f"The agent stopped waiting at {_when(approval.abandoned_at)}; "
+                        "approving lets its identical retry run.",
+                        limits.CONTEXT_TEXT,
+                    )
+                ],
+            }
+        )
+    if approval.decisions:
+        blocks.append(_section(decisions_text(approval, redactor)))
+    last = (
+        _buttons(approval.id)
+        if approval.state is ApprovalState.PENDING
+        else _section(outcome_text(approval, redactor))
+    )
+    # Never more blocks than Slack takes; the buttons (or the outcome) always stay.
+    return [*blocks[: limits.MESSAGE_BLOCKS - 1], last]
+
+
+def _button(text: str, action_id: str, value: str, style: str | None = None) -> dict[str, Any]:
+    button: dict[str, Any] = {
+        "type": "button",
+        "text": {"type": "plain_text", "text": text[: limits.BUTTON_TEXT]},
+        "action_id": action_id,
+        "value": value[: limits.BUTTON_VALUE],
+    }
+    if style:
+        button["style"] = style
+    return button
+
+
+def _buttons(approval_id: str) -> dict[str, Any]:
+    return {
+        "type": "actions",
+        "block_id": DECISION_BLOCK,
+        "elements": [
+            _button("Approve", APPROVE, approval_id, "primary"),
+            _button("Approve with note…", APPROVE_WITH_NOTE, approval_id),
+            _button("Deny", DENY, approval_id, "danger"),
+        ],
+    }
+
+
+def reason_modal(
+    action_id: str, approval: Approval, metadata: str, redactor: Redactor = DEFAULT_REDACTOR
+) -> dict[str, Any]:
+    """The modal behind "Approve with note…" (optional reason) and "Deny" (required reason)."""
+    deny = action_id == DENY
+    target = literal(approval.method + " " + approval.path, 1500, redactor)
+    who = literal(approval.requester.subject, _NAME, redactor)
+    rule = literal(approval.rule, _NAME, redactor)
+    return {
+        "type": "modal",
+        "callback_id": action_id,
+        "private_metadata": metadata[: limits.VIEW_PRIVATE_METADATA],
+        "title": {"type": "plain_text", "text": "Deny request" if deny else "Approve request"},
+        "submit": {"type": "plain_text", "text": "Deny" if deny else "Approve"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [
+            _section(f"{target}\nrequested by {who} (rule {rule})"),
+            {
+                "type": "input",
+                "block_id": REASON_BLOCK,
+                "optional": not deny,
+                "label": {
+                    "type": "plain_text",
+                    "text": "Why do you deny it?" if deny else "Note (optional)",
+                },
+                "element": {
+                    "type": "plain_text_input",
+                    "action_id": REASON_INPUT,
+                    "multiline": True,
+                    "max_length": 1000,
+                },
+            },
+        ],
+    }

@@ -185,6 +185,10 @@ def render_one(a: dict[str, Any]) -> str:
     ]
     if a.get("actions"):
         lines.append(f"  actions:    {v(', '.join(a['actions']))}")
+    if a.get("risk"):
+        lines.append(f"  risk:       {v(a['risk'])}")
+    if a.get("note"):
+        lines.append(f"  note:       {v(a['note'])}")
     if a.get("earlier_attempt"):
         lines.append(
             f"  WARNING:    approved before as {v(a['earlier_attempt'])} and sent, but the "
@@ -219,6 +223,19 @@ def render_one(a: dict[str, Any]) -> str:
         )
     elif a.get("upstream_status") is not None:
         lines.append(f"  executed at {a['executed_at']}, upstream answered {a['upstream_status']}")
+    grant = a.get("grant") or {}
+    if grant.get("grant_id"):
+        left = "" if grant.get("uses_left") is None else f", {grant['uses_left']} left"
+        lines.append(
+            f"  grant:      {v(grant['grant_id'])}: {grant.get('uses')} more like "
+            f"{v(grant.get('pattern'))} until {v(grant.get('expires_at'))}{left}"
+        )
+    elif grant.get("offered") and a.get("state") == "pending":
+        lines.append(
+            f"  grantable:  up to {grant.get('max_uses')} more like {v(grant.get('pattern'))} "
+            f"for up to {(grant.get('max_seconds') or 0) // 60} min (--grant-uses, "
+            "--grant-minutes)"
+        )
     return "\n".join(lines)
 
 
@@ -282,6 +299,11 @@ async def run(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {"verdict": verdict}
     if args.reason:
         payload["reason"] = args.reason
+    uses, minutes = getattr(args, "grant_uses", None), getattr(args, "grant_minutes", None)
+    if (uses is None) != (minutes is None):
+        raise UsageError("a grant needs both --grant-uses and --grant-minutes")
+    if uses is not None:
+        payload["grant"] = {"uses": uses, "minutes": minutes}
     body = await _call("POST", f"{url}{API}/{args.id}/decision", bearer, payload)
     print(json.dumps(body, indent=2) if args.json else render_one(body))
     return 0
@@ -322,6 +344,19 @@ def add_parser(sub: Any, with_config: Any) -> None:
     p = common(actions.add_parser("approve", help="approve (counts towards the quorum)"))
     p.add_argument("id")
     p.add_argument("--reason", help="why (optional for approvals)")
+    p.add_argument(
+        "--grant-uses",
+        type=_positive,
+        metavar="N",
+        help="also approve the next N requests of the same shape by the same agent (where the "
+        "rule allows grants; with --grant-minutes)",
+    )
+    p.add_argument(
+        "--grant-minutes",
+        type=_positive,
+        metavar="M",
+        help="for this many minutes after the approval (with --grant-uses)",
+    )
     p = common(actions.add_parser("deny", help="deny (final); a reason is required"))
     p.add_argument("id")
     p.add_argument("--reason", required=True, help="why (required)")

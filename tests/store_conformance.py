@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from proxy.model import Approval, ApprovalState, DecisionRecord, Outcome, Requester, Verdict
+from proxy.model.grant import Grant, GrantState, scope_of
 from proxy.model.state import DuplicateApprover, NotClaimable, NotPending, TooManyPending
 from proxy.store import codec
 from proxy.store.base import InvalidCursor, Store, cursor_after
@@ -57,6 +58,42 @@ def make_approval(**overrides: Any) -> Approval:
     }
     fields.update(overrides)
     return Approval(**fields)
+
+
+def make_grant(**overrides: Any) -> Grant:
+    """A fresh active grant (random id) of 3 uses for a minute, for REQUESTER on rule
+    "exports": POST /cloud/exports/x on route "cloud"."""
+    now = time.time()
+    fields: dict[str, Any] = {
+        "id": "grt_" + secrets.token_urlsafe(18),
+        "approval_id": "apr_" + secrets.token_urlsafe(18),
+        "scope": scope_of(
+            issuer=REQUESTER.issuer,
+            subject=REQUESTER.subject,
+            client_id=REQUESTER.client_id,
+            owner=REQUESTER.owner,
+            rule="exports",
+            route="cloud",
+            method="POST",
+            path="/cloud/exports/x",
+            actions=(),
+        ),
+        "rule": "exports",
+        "route": "cloud",
+        "method": "POST",
+        "path": "/cloud/exports/x",
+        "actions": (),
+        "requester": REQUESTER,
+        "approver_groups": ("data-owners",),
+        "approver_users": (),
+        "uses": 3,
+        "uses_left": 3,
+        "created_at": now,
+        "expires_at": now + 60,
+        "granted_by": ("bob@example.com",),
+    }
+    fields.update(overrides)
+    return Grant(**fields)
 
 
 def record(
@@ -919,3 +956,145 @@ class StoreConformance:
 
     async def test_ping(self, store: Store) -> None:
         assert await store.ping() is True
+
+    # -- grants ------------------------------------------------------------------------------
+
+    async def test_a_grant_round_trips(self, store: Store) -> None:
+        grant = make_grant(actions=("tool:a", "tool:b"), granted_by=("a@x.io", "b@x.io"))
+        assert await store.add_grant(grant)
+        assert await store.get_grant(grant.id) == grant
+        assert await store.get_grant("grt_unknown") is None
+
+    async def test_a_grant_is_added_once(self, store: Store) -> None:
+        grant = make_grant()
+        assert await store.add_grant(grant)
+        assert not await store.add_grant(make_grant(id=grant.id, uses=99, uses_left=99))
+        stored = await store.get_grant(grant.id)
+        assert stored is not None and stored.uses_left == 3
+
+    async def test_each_use_takes_one_until_none_is_left(self, store: Store) -> None:
+        grant = make_grant()
+        await store.add_grant(grant)
+        now = time.time()
+        lefts = []
+        for _ in range(3):
+            used = await store.use_grant(grant.scope, now)
+            assert used is not None and used.id == grant.id
+            lefts.append(used.uses_left)
+        assert lefts == [2, 1, 0]
+        assert await store.use_grant(grant.scope, now) is None
+        stored = await store.get_grant(grant.id)
+        assert stored is not None and stored.uses_left == 0
+        assert stored.state(now) is GrantState.EXHAUSTED
+
+    async def test_race_a_grant_of_n_is_never_used_n_plus_one_times(self, store: Store) -> None:
+        grant = make_grant(uses=5, uses_left=5)
+        await store.add_grant(grant)
+        now = time.time()
+        results = await asyncio.gather(*(store.use_grant(grant.scope, now) for _ in range(60)))
+        used = [r for r in results if r is not None]
+        assert len(used) == 5
+        assert sorted(r.uses_left for r in used) == [0, 1, 2, 3, 4]
+
+    async def test_only_its_own_scope_uses_a_grant(self, store: Store) -> None:
+        grant = make_grant()
+        await store.add_grant(grant)
+        other = make_grant(scope="0" * 64)
+        await store.add_grant(other)
+        used = await store.use_grant("f" * 64, time.time())
+        assert used is None
+        used = await store.use_grant(other.scope, time.time())
+        assert used is not None and used.id == other.id
+        mine = await store.get_grant(grant.id)
+        assert mine is not None and mine.uses_left == 3
+
+    async def test_an_expired_grant_is_not_used(self, store: Store) -> None:
+        grant = make_grant()
+        await store.add_grant(grant)
+        assert await store.use_grant(grant.scope, grant.expires_at) is None
+        assert await store.use_grant(grant.scope, grant.expires_at + 5) is None
+        used = await store.use_grant(grant.scope, grant.expires_at - 1)
+        assert used is not None and used.uses_left == 2
+
+    async def test_an_expiry_is_reported_once(self, store: Store) -> None:
+        grant = make_grant()
+        await store.add_grant(grant)
+        assert list(await store.expire_grants(grant.expires_at - 1)) == []
+        reports = await asyncio.gather(
+            *(store.expire_grants(grant.expires_at + 1) for _ in range(5))
+        )
+        ended = [g.id for r in reports for g in r]
+        assert ended == [grant.id]
+        assert list(await store.expire_grants(grant.expires_at + 2)) == []
+
+    async def test_exhausted_and_revoked_grants_do_not_expire(self, store: Store) -> None:
+        exhausted = make_grant(uses=1, uses_left=1)
+        revoked = make_grant(scope="1" * 64)
+        await store.add_grant(exhausted)
+        await store.add_grant(revoked)
+        assert await store.use_grant(exhausted.scope, time.time()) is not None
+        await store.revoke_grant(revoked.id, "carol@example.com", time.time())
+        later = max(exhausted.expires_at, revoked.expires_at) + 1
+        assert list(await store.expire_grants(later)) == []
+
+    async def test_a_revoked_grant_is_not_used(self, store: Store) -> None:
+        grant = make_grant()
+        await store.add_grant(grant)
+        now = time.time()
+        revoked, done = await store.revoke_grant(grant.id, "carol@example.com", now)
+        assert done and revoked.revoked_by == "carol@example.com"
+        assert revoked.revoked_at == pytest.approx(now)
+        assert revoked.state(now) is GrantState.REVOKED
+        assert await store.use_grant(grant.scope, now) is None
+        again, done_again = await store.revoke_grant(grant.id, "dave@example.com", now + 1)
+        assert not done_again and again.revoked_by == "carol@example.com"
+        stored = await store.get_grant(grant.id)
+        assert stored is not None and stored.uses_left == 3 and stored.revoked_at is not None
+
+    async def test_revoking_an_unknown_grant(self, store: Store) -> None:
+        with pytest.raises(KeyError):
+            await store.revoke_grant("grt_unknown", "carol@example.com", time.time())
+
+    async def test_race_revocation_and_uses(self, store: Store) -> None:
+        grant = make_grant(uses=50, uses_left=50)
+        await store.add_grant(grant)
+        now = time.time()
+        uses = [store.use_grant(grant.scope, now) for _ in range(20)]
+        results = await asyncio.gather(
+            *uses[:10], store.revoke_grant(grant.id, "carol@example.com", now), *uses[10:]
+        )
+        used = sum(1 for r in results if isinstance(r, Grant))
+        stored = await store.get_grant(grant.id)
+        assert stored is not None and stored.revoked_at is not None
+        assert stored.uses_left == 50 - used
+        assert await store.use_grant(grant.scope, now) is None
+
+    async def test_a_second_grant_of_the_same_scope_is_used_after_the_first(
+        self, store: Store
+    ) -> None:
+        first = make_grant(uses=1, uses_left=1)
+        second = make_grant(scope=first.scope, uses=1, uses_left=1)
+        await store.add_grant(first)
+        await store.add_grant(second)
+        now = time.time()
+        a = await store.use_grant(first.scope, now)
+        b = await store.use_grant(first.scope, now)
+        assert a is not None and b is not None and {a.id, b.id} == {first.id, second.id}
+        assert await store.use_grant(first.scope, now) is None
+
+    async def test_grants_are_listed_newest_first(self, store: Store) -> None:
+        now = time.time()
+        grants = [make_grant(created_at=now + i) for i in range(3)]
+        for grant in grants:
+            await store.add_grant(grant)
+        listed_ids = [g.id for g in await store.list_grants()]
+        assert listed_ids == [g.id for g in reversed(grants)]
+        assert [g.id for g in await store.list_grants(limit=2)] == listed_ids[:2]
+
+    async def test_a_grants_listing_shows_uses_left_and_revocation(self, store: Store) -> None:
+        grant = make_grant()
+        await store.add_grant(grant)
+        await store.use_grant(grant.scope, time.time())
+        await store.revoke_grant(grant.id, "carol@example.com", time.time())
+        [listed_grant] = await store.list_grants()
+        assert listed_grant.uses_left == 2 and listed_grant.revoked_by == "carol@example.com"

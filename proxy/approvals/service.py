@@ -34,12 +34,13 @@ from ..model import (
     state,
 )
 from ..model.binding import Binding, fingerprint
+from ..model.grant import Grant, scope_of
 from ..model.persons import canonical_email
 from ..model.state import ApprovalNotFound, ReasonRequired
 from ..store.base import Store, StoreUnavailable, cursor_after
 from ..tasks import stop_task
 from .preview import body_preview, clean_reason, header_view, tool_arguments
-from .view import approval_json, requester_log
+from .view import approval_json, grant_json, requester_log
 
 log = structlog.get_logger("countersign.approvals")
 
@@ -81,6 +82,24 @@ def _about(approval: Approval) -> dict[str, Any]:
     }
     if approval.actions:
         about["actions"] = list(approval.actions)
+    return about
+
+
+def _about_grant(grant: Grant) -> dict[str, Any]:
+    """The fields every grant event carries."""
+    about: dict[str, Any] = {
+        "grant_id": grant.id,
+        "approval_id": grant.approval_id,  # the approval that created it
+        "rule": grant.rule,
+        "route": grant.route,
+        "requester": requester_log(grant.requester),
+        "pattern": grant.pattern,
+        "uses": grant.uses,
+        "uses_left": grant.uses_left,
+        "expires_at": grant.expires_at,
+    }
+    if grant.actions:
+        about["actions"] = list(grant.actions)
     return about
 
 
@@ -162,6 +181,8 @@ class ApprovalService:
         for approval_id in await self.store.due(now):
             if await self._expire(approval_id, now) is not None:
                 count += 1
+        for grant in await self.store.expire_grants(now):
+            await self._audit.emit_durable(audit.GRANT_EXPIRED, **_about_grant(grant))
         return count
 
     async def _expire(self, approval_id: str, now: float) -> Approval | None:
@@ -235,6 +256,11 @@ class ApprovalService:
                 else None
             ),
             earlier_attempt=await self.store.last_ambiguous(fingerprint_hex),
+            risk=rule.risk,
+            note=rule.note,
+            approver_members=self._members(approvers.groups if approvers else ()),
+            grant_max_uses=rule.grant.max_uses if rule.grant else None,
+            grant_max_seconds=rule.grant.max_seconds if rule.grant else None,
         )
         approval, created = await self.store.create_or_join(
             candidate, max_pending=self._settings.max_pending_per_identity
@@ -250,6 +276,14 @@ class ApprovalService:
                     await self.store.expire(approval.id, approval.expires_at)
                 raise
         return approval, created
+
+    def _members(self, groups: Sequence[str]) -> tuple[str, ...]:
+        """The people `approvals.groups` lists in `groups`, each once, in order."""
+        seen: dict[str, None] = {}
+        for group in groups:
+            for member in self._directory.get(group, ()):
+                seen.setdefault(canonical_email(member) or member, None)
+        return tuple(seen)
 
     async def _announce(self, approval: Approval, body: bytes) -> None:
         """Keep the body, audit the request durably and tell the channels: a new approval."""
@@ -299,9 +333,16 @@ class ApprovalService:
             self._audit.emit(audit.REQUEST_ABANDONED, **_about(approval), at=now)
             self._notify("request.abandoned", approval)
 
-    def view(self, approval: Approval) -> dict[str, Any]:
-        """The approval's JSON for approvers (API, CLI), through this proxy's redactor."""
-        return approval_json(approval, self._redactor)
+    def view(self, approval: Approval, grant: Grant | None = None) -> dict[str, Any]:
+        """The approval's JSON for approvers (API, CLI), through this proxy's redactor; with
+        `grant` (the grant it created, read from the store) its live uses left and state."""
+        return approval_json(approval, self._redactor, grant=grant, now=self._clock())
+
+    async def view_live(self, approval: Approval) -> dict[str, Any]:
+        """`view` with the grant the approval created read from the store (one read, only for
+        an approval that created a grant)."""
+        grant = await self.store.get_grant(approval.grant_id) if approval.grant_id else None
+        return self.view(approval, grant)
 
     async def get(self, approval_id: str) -> Approval | None:
         return await self.store.get(approval_id)
@@ -448,7 +489,15 @@ class ApprovalService:
         verdict: Verdict,
         reason: str | None,
         channel: str,
+        *,
+        grant_uses: int | None = None,
+        grant_seconds: int | None = None,
     ) -> Approval:
+        """Record one approver's verdict. With `grant_uses` and `grant_seconds` (approve only,
+        where the rule allows grants, within its limits, else `InvalidGrant`), the approver
+        also approves that many more requests of the same shape for that long: the grant is
+        made when the approval reaches its quorum, and only if every approving decision asked
+        for one (the smallest uses and seconds win)."""
         reason = (reason or "").strip() or None
         if verdict is Verdict.DENY and not reason:
             raise ReasonRequired("a denial needs a reason")
@@ -456,6 +505,7 @@ class ApprovalService:
         if approval is None:
             raise ApprovalNotFound("approval not found")
         person = state.check_approver(approval, approver, self._directory)
+        state.check_grant_request(approval, verdict, grant_uses, grant_seconds)
         record = DecisionRecord(
             verdict=verdict,
             approver_subject=approver.subject,
@@ -465,6 +515,8 @@ class ApprovalService:
             at=self._clock(),
             approver_issuer=approver.issuer,
             person=person,
+            grant_uses=grant_uses,
+            grant_seconds=grant_seconds,
         )
         try:
             decided = await self.store.decide(approval_id, record, record.at)
@@ -491,8 +543,155 @@ class ApprovalService:
             approvals=decided.approvals_count,
             quorum=decided.quorum,
             outcome=decided.state.value,
+            **({"grant": {"uses": grant_uses, "seconds": grant_seconds}} if grant_uses else {}),
         )
+        if decided.state is ApprovalState.APPROVED and decided.grant_id is not None:
+            # Only the decision that reached the quorum sees `approved`: the grant is made once.
+            await self._create_grant(decided)
         self._notify("approval.decided", decided)
         if self._metrics is not None and decided.state is not ApprovalState.PENDING:
             self._metrics.decided(record.at - decided.created_at)
         return decided
+
+    # -- grants ------------------------------------------------------------------------------
+
+    async def _create_grant(self, approval: Approval) -> Grant | None:
+        """Store and audit the grant an approval just approved with; its time runs from the
+        decision that approved it."""
+        final = approval.final_decision
+        if (
+            approval.grant_id is None
+            or approval.grant_uses is None
+            or approval.grant_expires_at is None
+            or final is None
+        ):
+            return None
+        requester = approval.requester
+        grant = Grant(
+            id=approval.grant_id,
+            approval_id=approval.id,
+            scope=scope_of(
+                issuer=requester.issuer,
+                subject=requester.subject,
+                client_id=requester.client_id,
+                owner=requester.owner,
+                rule=approval.rule,
+                route=approval.route,
+                method=approval.method,
+                path=approval.path,
+                actions=approval.actions,
+            ),
+            rule=approval.rule,
+            route=approval.route,
+            method=approval.method,
+            path=approval.path,
+            actions=tuple(sorted(set(approval.actions))),
+            requester=requester,
+            approver_groups=approval.approver_groups,
+            approver_users=approval.approver_users,
+            uses=approval.grant_uses,
+            uses_left=approval.grant_uses,
+            created_at=final.at,
+            expires_at=approval.grant_expires_at,
+            granted_by=tuple(d.who for d in approval.decisions if d.verdict is Verdict.APPROVE),
+        )
+        if not await self.store.add_grant(grant):
+            return None
+        await self._audit.emit_durable(
+            audit.GRANT_CREATED, **_about_grant(grant), granted_by=list(grant.granted_by)
+        )
+        return grant
+
+    async def use_grant(
+        self,
+        *,
+        identity: Identity,
+        rule: RuleSettings,
+        route: str,
+        method: str,
+        path: str,
+        actions: tuple[str, ...],
+        request_id: str,
+    ) -> Grant | None:
+        """Take one use of a live grant covering this request, if any: the caller forwards it
+        without a human. Only for a request the policy judged `approve` under `rule`, and only
+        while the rule (as configured now) still allows grants. Audited durably (`grant.used`,
+        and `grant.exhausted` for the last use) before the request goes on."""
+        if rule.grant is None:
+            return None
+        scope = scope_of(
+            issuer=identity.issuer,
+            subject=identity.subject,
+            client_id=identity.client_id,
+            owner=identity.owner,
+            rule=rule.name,
+            route=route,
+            method=method,
+            path=path,
+            actions=actions,
+        )
+        grant = await self.store.use_grant(scope, self._clock())
+        if grant is None:
+            return None
+        await self._audit.emit_durable(
+            audit.GRANT_USED, **_about_grant(grant), request_id=request_id
+        )
+        if grant.uses_left <= 0:
+            await self._audit.emit_durable(
+                audit.GRANT_EXHAUSTED, **_about_grant(grant), request_id=request_id
+            )
+        return grant
+
+    def may_see_grant(self, grant: Grant, identity: Identity) -> bool:
+        """Like approvals: its requester, the owner the agent acts for, the rule's approvers."""
+        requester = grant.requester
+        if (requester.issuer, requester.subject) == (identity.issuer, identity.subject):
+            return True
+        if identity.person is not None and identity.person == canonical_email(requester.owner):
+            return True
+        return self.may_revoke(grant, identity)
+
+    def may_revoke(self, grant: Grant, identity: Identity) -> bool:
+        """Any approver of the grant's rule (a revocation only ever takes permission away)."""
+        return state.listed_in(
+            grant.approver_groups, grant.approver_users, identity, self._directory
+        )
+
+    async def get_grant(self, grant_id: str) -> Grant | None:
+        return await self.store.get_grant(grant_id)
+
+    async def grants_for(self, identity: Identity, limit: int = 100) -> list[Grant]:
+        """Up to `limit` kept grants `identity` may see, newest first."""
+        grants = await self.store.list_grants(max(limit, 100))
+        return [g for g in grants if self.may_see_grant(g, identity)][:limit]
+
+    async def revoke_grant(self, grant_id: str, approver: Identity) -> Grant:
+        """End a grant at once (audited `grant.revoked`). `ApprovalNotFound` for an unknown
+        grant (or one the caller may not see), `NotAnApprover` for others."""
+        grant = await self.store.get_grant(grant_id)
+        if grant is None or not self.may_see_grant(grant, approver):
+            raise ApprovalNotFound("grant not found")
+        if not self.may_revoke(grant, approver):
+            raise state.NotAnApprover(
+                f"only an approver of rule {grant.rule!r} may revoke its grants"
+            )
+        by = approver.person or approver.email or approver.subject
+        try:
+            revoked, done = await self.store.revoke_grant(grant_id, by, self._clock())
+        except KeyError:
+            raise ApprovalNotFound("grant not found") from None
+        if done:
+            await self._audit.emit_durable(
+                audit.GRANT_REVOKED,
+                **_about_grant(revoked),
+                revoked_by={
+                    "subject": approver.subject,
+                    "issuer": approver.issuer,
+                    "email": approver.email,
+                    "person": approver.person,
+                },
+            )
+        return revoked
+
+    def grant_view(self, grant: Grant) -> dict[str, Any]:
+        return grant_json(grant, self._redactor, now=self._clock())

@@ -9,12 +9,14 @@ what was stored being clean).
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
 from ..audit.redact import Redactor
-from ..model import Approval, Requester
+from ..model import Approval, Requester, state_label
+from ..model.grant import Grant, pattern_of
 
 BODY_PATH = "/_countersign/api/approvals/{id}/body"
 
@@ -34,12 +36,77 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
 
 
-def approval_json(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) -> dict[str, Any]:
+def grant_json(
+    grant: Grant, redactor: Redactor = DEFAULT_REDACTOR, now: float | None = None
+) -> dict[str, Any]:
+    """A grant as approvers and the API see it: what it covers, for whom, how much is left."""
+    data: dict[str, Any] = {
+        "grant_id": grant.id,
+        "approval_id": grant.approval_id,
+        "state": grant.state(time.time() if now is None else now).value,
+        "rule": grant.rule,
+        "route": grant.route,
+        "method": grant.method,
+        "path": grant.path,
+        "actions": list(grant.actions),
+        "pattern": grant.pattern,
+        "requester": requester_log(grant.requester),
+        "owner": grant.requester.owner,
+        "uses": grant.uses,
+        "uses_left": grant.uses_left,
+        "created_at": _iso(grant.created_at),
+        "expires_at": _iso(grant.expires_at),
+        "granted_by": list(grant.granted_by),
+        "revoked_at": _iso(grant.revoked_at),
+        "revoked_by": grant.revoked_by,
+    }
+    scrubbed: dict[str, Any] = redactor.value(data)
+    return scrubbed
+
+
+def _grant_part(approval: Approval, grant: Grant | None, now: float | None) -> dict[str, Any]:
+    """What the approval says about grants: whether its rule offers them (and up to how much),
+    and the grant it created (uses left and state only when the live grant is at hand)."""
+    offered = approval.grant_max_uses is not None
+    part: dict[str, Any] = {
+        "offered": offered,
+        "max_uses": approval.grant_max_uses,
+        "max_seconds": approval.grant_max_seconds,
+        "pattern": pattern_of(approval.method, approval.path, approval.actions)
+        if offered
+        else None,
+        "grant_id": approval.grant_id,
+    }
+    if approval.grant_id is not None:
+        part.update(
+            uses=approval.grant_uses,
+            seconds=approval.grant_seconds,
+            expires_at=_iso(approval.grant_expires_at),
+            uses_left=grant.uses_left if grant is not None else None,
+            state=grant.state(time.time() if now is None else now).value
+            if grant is not None
+            else None,
+        )
+    return part
+
+
+def approval_json(
+    approval: Approval,
+    redactor: Redactor = DEFAULT_REDACTOR,
+    *,
+    grant: Grant | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The approval's JSON. `grant`: the grant it created, as the store has it now (for its
+    uses left); without it the grant part says what the approval itself knows."""
     final = approval.final_decision
     data: dict[str, Any] = {
         "approval_id": approval.id,
         "state": approval.state.value,
+        "state_label": state_label(approval),
         "rule": approval.rule,
+        "risk": approval.risk,
+        "note": approval.note,
         "route": approval.route,
         "method": approval.method,
         "path": approval.path,
@@ -67,7 +134,11 @@ def approval_json(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) -> 
         "approvers": {
             "groups": list(approval.approver_groups),
             "users": list(approval.approver_users),
+            # Members of those groups that `approvals.groups` lists (a token's groups claim
+            # may make others approvers too).
+            "members": list(approval.approver_members),
         },
+        "grant": _grant_part(approval, grant, now),
         "decisions": [
             {
                 "verdict": d.verdict.value,

@@ -14,6 +14,7 @@ from .approval import (
     Requester,
     Verdict,
     distinct_persons,
+    state_label,
 )
 from .identity import Action, Decision, Identity
 from .request import AmbiguousField, RequestBody, RequestInfo, UnreadableBody
@@ -33,4 +34,5 @@ __all__ = [
     "UnreadableBody",
     "Verdict",
     "distinct_persons",
+    "state_label",
 ]

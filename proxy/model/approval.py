@@ -70,6 +70,10 @@ class DecisionRecord:
     at: float  # unix time
     approver_issuer: str = ""
     person: str | None = None  # the approver's canonical email: who decided
+    # A grant this approver asked for with an approving verdict ("and the next N like it for T
+    # seconds"); both set or both None. See `proxy.model.grant` and `state.decide`.
+    grant_uses: int | None = None
+    grant_seconds: int | None = None
 
     @property
     def who(self) -> str:
@@ -144,6 +148,29 @@ class Approval:
     # An earlier approval of this same request that was sent upstream and failed there: it may
     # have run, and approvers must know before they approve a retry.
     earlier_attempt: str | None = None
+    # What approvers see besides the request (the rule's `risk` and `note`), and who may decide:
+    # the members of the rule's groups that `approvals.groups` lists (a token's groups claim may
+    # add others nobody can list in advance).
+    risk: str | None = None
+    note: str | None = None
+    approver_members: tuple[str, ...] = ()
+    # The rule's `grant` limits when the approval was opened (None: the rule offers no grants);
+    # once approved with a grant, the grant's id and its uses and seconds (the smallest every
+    # approving decision asked for).
+    grant_max_uses: int | None = None
+    grant_max_seconds: int | None = None
+    grant_id: str | None = None
+    grant_uses: int | None = None
+    grant_seconds: int | None = None
+
+    @property
+    def grant_expires_at(self) -> float | None:
+        """When the grant this approval created runs out: `grant_seconds` after the decision
+        that approved it."""
+        final = self.final_decision
+        if self.grant_id is None or self.grant_seconds is None or final is None:
+            return None
+        return final.at + self.grant_seconds
 
     @property
     def approvals_count(self) -> int:
@@ -166,3 +193,29 @@ class Approval:
         ):
             return self.decisions[-1] if self.decisions else None
         return None
+
+
+_LABELS = {
+    ApprovalState.PENDING: "Pending",
+    ApprovalState.APPROVED: "Approved",
+    ApprovalState.DENIED: "Denied",
+    ApprovalState.EXPIRED: "Expired",
+    ApprovalState.LAPSED: "Lapsed",
+}
+
+
+def state_label(approval: Approval) -> str:
+    """The header every channel (Slack, the inbox, Teams, webhooks) shows for an approval.
+
+    Pending, Approved, Denied, Expired, Lapsed follow the state. An executed approval reads
+    Executed, or Failed when the upstream answered with a 5xx status (it ran, and the upstream
+    reported a failure), or Ambiguous when the upstream failed after the request was sent (it
+    may or may not have run). Executed with no outcome recorded yet reads Executed.
+    """
+    if approval.state is not ApprovalState.EXECUTED:
+        return _LABELS[approval.state]
+    if approval.outcome is Outcome.AMBIGUOUS:
+        return "Ambiguous"
+    if approval.upstream_status is not None and approval.upstream_status >= 500:
+        return "Failed"
+    return "Executed"

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from .approval import Approval, ApprovalState, DecisionRecord, Outcome, Verdict
+from .grant import grant_id_for
 from .identity import Identity
 from .persons import canonical_email, same_person
 
@@ -70,6 +71,12 @@ class ReasonRequired(ApprovalError):
     code = "reason_required"
 
 
+class InvalidGrant(ApprovalError):
+    """A grant asked for that the rule does not allow (none at all, or more than its limits)."""
+
+    code = "invalid_request"
+
+
 class TooManyPending(ApprovalError):
     """The identity has too many pending approvals, or the process holds too many bytes."""
 
@@ -121,17 +128,70 @@ def is_listed_approver(
 ) -> bool:
     """Whether the approver's person is one of the rule's users (by canonical email) or in one
     of its groups, through the token's groups claim or the `approvals.groups` directory."""
+    return listed_in(approval.approver_groups, approval.approver_users, approver, directory)
+
+
+def listed_in(
+    groups: Sequence[str],
+    users: Sequence[str],
+    approver: Identity,
+    directory: Mapping[str, Sequence[str]],
+) -> bool:
+    """`is_listed_approver` for any approvers list (an approval's, a grant's)."""
     person = approver.person
     if person is None:
         return False
-    if any(canonical_email(u) == person for u in approval.approver_users):
+    if any(canonical_email(u) == person for u in users):
         return True
-    if approver.groups.intersection(approval.approver_groups):
+    if approver.groups.intersection(groups):
         return True
     return any(
-        canonical_email(member) == person
-        for group in approval.approver_groups
-        for member in directory.get(group, ())
+        canonical_email(member) == person for group in groups for member in directory.get(group, ())
+    )
+
+
+def check_grant_request(
+    approval: Approval, verdict: Verdict, uses: int | None, seconds: int | None
+) -> None:
+    """Raise `InvalidGrant` unless a decision may ask for this grant: only with an approving
+    verdict, only where the approval's rule allows grants, and within its limits."""
+    if uses is None and seconds is None:
+        return
+    if uses is None or seconds is None:
+        raise InvalidGrant("a grant needs both a number of uses and a number of seconds")
+    if verdict is not Verdict.APPROVE:
+        raise InvalidGrant("a grant goes with an approval, not with a denial")
+    if approval.grant_max_uses is None or approval.grant_max_seconds is None:
+        raise InvalidGrant(f"grants are not allowed for rule {approval.rule!r}")
+    if uses < 1 or seconds < 1:
+        raise InvalidGrant("a grant needs at least 1 use and at least 1 second")
+    if uses > approval.grant_max_uses or seconds > approval.grant_max_seconds:
+        raise InvalidGrant(
+            f"rule {approval.rule!r} allows a grant of at most {approval.grant_max_uses} uses "
+            f"for at most {approval.grant_max_seconds} seconds "
+            f"({approval.grant_max_seconds // 60} minutes); asked for {uses} uses for "
+            f"{seconds} seconds"
+        )
+
+
+def _granted(approval: Approval) -> Approval:
+    """An approval that just reached its quorum, with the grant its approvers asked for: only
+    when the rule allows grants and every approving decision asked for one; the smallest uses
+    and the smallest seconds win (and never beyond the rule's limits)."""
+    approving = [d for d in approval.decisions if d.verdict is Verdict.APPROVE]
+    if (
+        approval.grant_max_uses is None
+        or approval.grant_max_seconds is None
+        or not approving
+        or any(d.grant_uses is None or d.grant_seconds is None for d in approving)
+    ):
+        return approval
+    uses = min(min(d.grant_uses or 0 for d in approving), approval.grant_max_uses)
+    seconds = min(min(d.grant_seconds or 0 for d in approving), approval.grant_max_seconds)
+    if uses < 1 or seconds < 1:
+        return approval
+    return replace(
+        approval, grant_id=grant_id_for(approval.id), grant_uses=uses, grant_seconds=seconds
     )
 
 
@@ -187,8 +247,8 @@ def decide(approval: Approval, record: DecisionRecord, now: float) -> Approval:
     updated = replace(approval, decisions=(*approval.decisions, record))
     if updated.approvals_count >= approval.quorum:
         # From now on the deadline is the claim window: use it, or it lapses.
-        updated = replace(
-            updated, state=ApprovalState.APPROVED, expires_at=now + approval.claim_seconds
+        updated = _granted(
+            replace(updated, state=ApprovalState.APPROVED, expires_at=now + approval.claim_seconds)
         )
     return updated
 

@@ -30,6 +30,7 @@ from ..config import RuleSettings
 from ..forward import UpstreamError, UpstreamResponse
 from ..model import Approval, ApprovalState, Outcome, state
 from ..model.binding import binding_of, bound_headers, fingerprint
+from ..model.grant import Grant
 from ..store.base import StoreUnavailable
 from .mcp_answers import SSE_CONTENT_TYPE, McpCall, progress_event, sse_data
 from .responses import (
@@ -276,6 +277,19 @@ class ApprovalGate:
                         message=_REFUSALS["approval_mismatch"],
                     )
             else:
+                if rule.grant is not None:
+                    # A live grant for this identity, rule and shape replaces the human step.
+                    grant = await service.use_grant(
+                        identity=identity,
+                        rule=rule,
+                        route=route.settings.name,
+                        method=request.method,
+                        path=exchange.path,
+                        actions=exchange.actions,
+                        request_id=exchange.request_id,
+                    )
+                    if grant is not None:
+                        return await self._forward_granted(proxy, exchange, grant, body)
                 approval, _ = await service.open(
                     identity=identity,
                     rule=rule,
@@ -319,6 +333,20 @@ class ApprovalGate:
                 rule=rule.name,
                 message="the approval store cannot be reached; nothing was forwarded",
             )
+
+    @staticmethod
+    async def _forward_granted(
+        proxy: ProxyHandler, exchange: Exchange, grant: Grant, body: bytes
+    ) -> web.StreamResponse:
+        """Forward a request a grant covers (one use already taken and audited): exactly the
+        buffered bytes, as an approved request is, answered with `Countersign-Grant-Id`. The
+        use is spent even if the upstream cannot be reached."""
+        started = time.monotonic()
+        try:
+            upstream = await proxy.open_upstream(exchange, body, held=True)
+        except UpstreamError as exc:
+            return proxy.upstream_failed(exchange, exc, grant_id=grant.id)
+        return await proxy.relay(exchange, upstream, started, grant_id=grant.id)
 
     async def _hold_mcp(
         self,

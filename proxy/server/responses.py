@@ -24,6 +24,7 @@ from aiohttp import web
 COUNTERSIGN_REQUEST_ID_HEADER = "Countersign-Request-Id"
 REQUEST_ID_HEADER = "X-Request-Id"
 APPROVAL_ID_HEADER = "Countersign-Approval-Id"  # on the answer to an approved request
+GRANT_ID_HEADER = "Countersign-Grant-Id"  # on the answer to a request a grant let through
 APPROVAL_HEADER = "Countersign-Approval"  # async mode: the client names the approval to use
 REASON_HEADER = "Countersign-Reason"  # the agent's stated intent, shown to approvers
 
@@ -181,6 +182,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "reason_required": 400,
     "invalid_request": 400,
     "approval_not_found": 404,
+    "grant_not_found": 404,
     "approval_not_pending": 409,
     "already_approved": 409,
     "too_many_pending": 429,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import math
+from collections.abc import Sequence
 from typing import Protocol
 
 from ..model import Approval, ApprovalState, DecisionRecord, Outcome
+from ..model.grant import Grant
 
 
 class StoreUnavailable(Exception):
@@ -133,6 +135,38 @@ class Store(Protocol):
 
     async def last_ambiguous(self, fingerprint: str) -> str | None:
         """The approval `remember_ambiguous` kept for `fingerprint`, or None."""
+        ...
+
+    # -- grants (`proxy.model.grant`) ------------------------------------------------------
+    # A grant is kept (listed, readable) until `retention` after it expires; it can only be
+    # used while it has uses left, is not revoked and has not expired.
+
+    async def add_grant(self, grant: Grant) -> bool:
+        """Store a new grant (indexed by its scope); False, storing nothing, when a grant with
+        its id exists already."""
+        ...
+
+    async def use_grant(self, scope: str, now: float) -> Grant | None:
+        """Take one use of a usable grant of `scope` (uses left, not revoked, `now` before its
+        expiry), atomically: a grant of N uses is never used N+1 times, whatever the
+        concurrency and however many replicas. The grant as it is after this use (its
+        `uses_left`), or None when no grant of that scope is usable."""
+        ...
+
+    async def get_grant(self, grant_id: str) -> Grant | None: ...
+
+    async def list_grants(self, limit: int = 100) -> Sequence[Grant]:
+        """Up to `limit` kept grants, newest first."""
+        ...
+
+    async def revoke_grant(self, grant_id: str, by: str, now: float) -> tuple[Grant, bool]:
+        """Revoke a grant: no further use. The grant, and True when this call revoked it (False:
+        it was revoked already). KeyError for an unknown grant."""
+        ...
+
+    async def expire_grants(self, now: float, limit: int = 100) -> Sequence[Grant]:
+        """The grants whose time ran out (at or before `now`) with uses left and not revoked,
+        each returned by exactly one call, ever (so its expiry is audited once)."""
         ...
 
     async def ping(self) -> bool: ...

@@ -15,9 +15,12 @@ import asyncio
 import bisect
 import contextlib
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 
 from ..model import Approval, ApprovalState, DecisionRecord, Outcome
 from ..model import state as transitions
+from ..model.grant import Grant
 from .base import cursor_after, parse_cursor
 
 _FINISHED = (
@@ -46,6 +49,11 @@ class MemoryStore:
         self._by_state: dict[ApprovalState, list[tuple[float, str]]] = {
             s: [] for s in ApprovalState
         }
+        # Grants (insertion ordered: oldest first), their scope index, and the usable ones'
+        # deadlines (left when exhausted, revoked or reported expired).
+        self._grants: dict[str, Grant] = {}
+        self._grant_scopes: dict[str, list[str]] = {}
+        self._grant_deadlines: dict[str, float] = {}
 
     def _save(self, approval: Approval) -> Approval:
         previous = self._approvals.get(approval.id)
@@ -194,6 +202,64 @@ class MemoryStore:
             del self._ambiguous[fingerprint]
             return None
         return entry[0]
+
+    # -- grants: no await between reading and writing, so each is atomic ---------------------
+
+    def _prune_grants(self) -> None:
+        cutoff = time.time() - self._retention
+        for grant in [g for g in self._grants.values() if g.expires_at < cutoff]:
+            del self._grants[grant.id]
+            self._grant_deadlines.pop(grant.id, None)
+            ids = self._grant_scopes.get(grant.scope, [])
+            if grant.id in ids:
+                ids.remove(grant.id)
+            if not ids:
+                self._grant_scopes.pop(grant.scope, None)
+
+    async def add_grant(self, grant: Grant) -> bool:
+        self._prune_grants()
+        if grant.id in self._grants:
+            return False
+        self._grants[grant.id] = grant
+        self._grant_scopes.setdefault(grant.scope, []).append(grant.id)
+        if grant.usable(grant.created_at):
+            self._grant_deadlines[grant.id] = grant.expires_at
+        return True
+
+    async def use_grant(self, scope: str, now: float) -> Grant | None:
+        for grant_id in self._grant_scopes.get(scope, ()):
+            grant = self._grants[grant_id]
+            if grant.scope == scope and grant.usable(now):
+                used = replace(grant, uses_left=grant.uses_left - 1)
+                self._grants[grant_id] = used
+                if used.uses_left <= 0:
+                    self._grant_deadlines.pop(grant_id, None)
+                return used
+        return None
+
+    async def get_grant(self, grant_id: str) -> Grant | None:
+        return self._grants.get(grant_id)
+
+    async def list_grants(self, limit: int = 100) -> Sequence[Grant]:
+        self._prune_grants()
+        return list(reversed(self._grants.values()))[: max(limit, 1)]
+
+    async def revoke_grant(self, grant_id: str, by: str, now: float) -> tuple[Grant, bool]:
+        grant = self._grants.get(grant_id)
+        if grant is None:
+            raise KeyError(grant_id)
+        if grant.revoked_at is not None:
+            return grant, False
+        revoked = replace(grant, revoked_at=now, revoked_by=by)
+        self._grants[grant_id] = revoked
+        self._grant_deadlines.pop(grant_id, None)
+        return revoked, True
+
+    async def expire_grants(self, now: float, limit: int = 100) -> Sequence[Grant]:
+        ended = [g for g, at in self._grant_deadlines.items() if at <= now][:limit]
+        for grant_id in ended:
+            del self._grant_deadlines[grant_id]
+        return [self._grants[grant_id] for grant_id in ended]
 
     async def ping(self) -> bool:
         return True

@@ -18,6 +18,11 @@ Keys (`{p}` is the hash tag `{key_prefix}`), every one with a TTL:
     {p}:pending:<sha256>   set of the ids of one requester's pending approvals (sha256 of
                            `requester_key`), for `max_pending`
     {p}:lease:<name>       holder of a lease;  {p}:changes is the pub/sub channel (not a key)
+    {p}:grant:<id>         hash of one grant: data (JSON), left (uses), expires_at, revoked_*;
+                           TTL: what is left of its time + retention
+    {p}:gscope:<scope>     set of the ids of the grants of one scope (`model.grant.scope_of`)
+    {p}:grant-deadlines    zset id → expires_at of the grants still usable
+    {p}:grants             zset id → created_at of every grant kept: their listing
 
 A shared index gets at least the TTL of each approval written into it, so it outlives all it
 names; the listing zsets are also trimmed by age on every write, and of entries whose approval
@@ -60,6 +65,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -70,6 +76,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelManagedSSLConnection
 
 from ..model import Approval, ApprovalState, DecisionRecord, Outcome
 from ..model import state as transitions
+from ..model.grant import Grant
 from ..tasks import stop_task
 from . import codec
 from .base import StoreUnavailable, encode_cursor, parse_cursor
@@ -218,6 +225,53 @@ end
 return 0
 """
 
+# Grants (`proxy.model.grant`): one hash each, `data` (the grant's JSON as created), `left` (uses
+# left: the one counter a use decrements), `expires_at`, and `revoked_at` / `revoked_by` once
+# revoked. A use is one script: check and decrement in one atomic step, so a grant of N uses is
+# never used N+1 times, whatever the replicas.
+# KEYS: grant, scope set, grant deadlines, grant listing
+# ARGV: id, json, uses, expires_at, created_at, ttl ms, oldest creation time worth listing
+_ADD_GRANT = (
+    _KEEP
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local ttl = tonumber(ARGV[6])
+redis.call('HSET', KEYS[1], 'data', ARGV[2], 'left', ARGV[3], 'expires_at', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('SADD', KEYS[2], ARGV[1])
+keep(KEYS[2], ttl)
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+keep(KEYS[3], ttl)
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[7])
+keep(KEYS[4], ttl)
+return 1
+"""
+)
+
+# KEYS: grant, grant deadlines; ARGV: id, now
+# Returns -2 (gone), -1 (revoked or exhausted: for good), -3 (expired by `now`'s clock) or
+# {uses left after this use, json}.
+_USE_GRANT = """
+local left = redis.call('HGET', KEYS[1], 'left')
+if not left then return -2 end
+if redis.call('HEXISTS', KEYS[1], 'revoked_at') == 1 then return -1 end
+if tonumber(ARGV[2]) >= tonumber(redis.call('HGET', KEYS[1], 'expires_at')) then return -3 end
+if tonumber(left) <= 0 then return -1 end
+local now_left = redis.call('HINCRBY', KEYS[1], 'left', -1)
+if now_left <= 0 then redis.call('ZREM', KEYS[2], ARGV[1]) end
+return {now_left, redis.call('HGET', KEYS[1], 'data')}
+"""
+
+# KEYS: grant, grant deadlines; ARGV: id, now, by. Returns -1 (unknown), 0 (already), 1.
+_REVOKE_GRANT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HEXISTS', KEYS[1], 'revoked_at') == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'revoked_at', ARGV[2], 'revoked_by', ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 # Everything redis-py raises: what is not expected (a cluster down, a slot not covered, MOVED
 # not followed, READONLY during a failover, a script failing on a failing node) is an
@@ -235,6 +289,15 @@ class _Script:
     def __init__(self, script: str) -> None:
         self.script = script
         self.sha = hashlib.sha1(script.encode()).hexdigest()
+
+
+def _as_dict(reply: Any) -> dict[str, str]:
+    """A HGETALL reply as a dict (RESP3 answers a map, RESP2 a flat list)."""
+    if isinstance(reply, dict):
+        return reply
+    if isinstance(reply, list):
+        return dict(zip(reply[::2], reply[1::2], strict=True))
+    return {}
 
 
 def _unavailable(cause: BaseException) -> StoreUnavailable:
@@ -391,6 +454,13 @@ class RedisStore:
         self._notes_key = f"{tag}:notes:"
         self._ambiguous_key = f"{tag}:amb:"
         self._channel = f"{tag}:changes"
+        self._grant_key = f"{tag}:grant:"
+        self._grant_scope_key = f"{tag}:gscope:"
+        self._grant_deadlines = f"{tag}:grant-deadlines"
+        self._grants = f"{tag}:grants"
+        self._add_grant = _Script(_ADD_GRANT)
+        self._use_grant = _Script(_USE_GRANT)
+        self._revoke_grant = _Script(_REVOKE_GRANT)
         self._owner = secrets.token_hex(8)
         self._create = _Script(_CREATE)
         self._swap = _Script(_SWAP)
@@ -850,6 +920,110 @@ class RedisStore:
     async def last_ambiguous(self, fingerprint: str) -> str | None:
         value: str | None = await self._command("GET", self._ambiguous_key + fingerprint)
         return value
+
+    # -- grants --------------------------------------------------------------------------------
+
+    def _grant_ttl_ms(self, grant: Grant) -> int:
+        return max(int((grant.expires_at - time.time()) * 1000), 0) + self._retention_ms
+
+    def _grant_of(self, fields: dict[str, str] | None) -> Grant | None:
+        """A grant from its hash (None when the hash is gone)."""
+        if not fields or "data" not in fields:
+            return None
+        grant = codec.loads_grant(fields["data"])
+        revoked_at = fields.get("revoked_at")
+        return replace(
+            grant,
+            uses_left=int(fields.get("left", grant.uses_left)),
+            revoked_at=float(revoked_at) if revoked_at is not None else None,
+            revoked_by=fields.get("revoked_by"),
+        )
+
+    async def add_grant(self, grant: Grant) -> bool:
+        added = await self._script(
+            self._add_grant,
+            [
+                self._grant_key + grant.id,
+                self._grant_scope_key + grant.scope,
+                self._grant_deadlines,
+                self._grants,
+            ],
+            [
+                grant.id,
+                codec.dumps_grant(grant),
+                grant.uses_left,
+                repr(grant.expires_at),
+                repr(grant.created_at),
+                self._grant_ttl_ms(grant),
+                repr(grant.created_at - self._max_age_seconds),
+            ],
+        )
+        return bool(added)
+
+    async def use_grant(self, scope: str, now: float) -> Grant | None:
+        scope_key = self._grant_scope_key + scope
+        ids: list[str] = sorted(await self._command("SMEMBERS", scope_key))
+        for grant_id in ids:
+            reply = await self._script(
+                self._use_grant,
+                [self._grant_key + grant_id, self._grant_deadlines],
+                [grant_id, repr(now)],
+            )
+            if isinstance(reply, list):
+                grant = codec.loads_grant(reply[1])
+                if grant.scope != scope:  # never: the index names only grants of its scope
+                    continue
+                return replace(grant, uses_left=int(reply[0]))
+            if reply in (-1, -2):
+                # Gone, or never usable again (exhausted or revoked): the next lookup of this
+                # scope need not try it. (Expired is left to its retention: clocks differ.)
+                await self._command("SREM", scope_key, grant_id)
+        return None
+
+    async def get_grant(self, grant_id: str) -> Grant | None:
+        fields: dict[str, str] = await self._command("HGETALL", self._grant_key + grant_id)
+        return self._grant_of(_as_dict(fields))
+
+    async def list_grants(self, limit: int = 100) -> Sequence[Grant]:
+        ids: list[str] = await self._command("ZREVRANGE", self._grants, 0, max(limit, 1) - 1)
+        replies = await asyncio.gather(
+            *(self._command("HGETALL", self._grant_key + grant_id) for grant_id in ids)
+        )
+        grants: list[Grant] = []
+        gone: list[str] = []
+        for grant_id, fields in zip(ids, replies, strict=True):
+            grant = self._grant_of(_as_dict(fields))
+            if grant is None:
+                gone.append(grant_id)
+            else:
+                grants.append(grant)
+        if gone:
+            await self._command("ZREM", self._grants, *gone)
+        return grants
+
+    async def revoke_grant(self, grant_id: str, by: str, now: float) -> tuple[Grant, bool]:
+        done = await self._script(
+            self._revoke_grant,
+            [self._grant_key + grant_id, self._grant_deadlines],
+            [grant_id, repr(now), by],
+        )
+        grant = await self.get_grant(grant_id)
+        if done == -1 or grant is None:
+            raise KeyError(grant_id)
+        return grant, done == 1
+
+    async def expire_grants(self, now: float, limit: int = 100) -> Sequence[Grant]:
+        ids: list[str] = await self._command(
+            "ZRANGEBYSCORE", self._grant_deadlines, "-inf", repr(now), "LIMIT", 0, limit
+        )
+        ended: list[Grant] = []
+        for grant_id in ids:
+            # ZREM answers 1 to exactly one caller: that one reports the expiry.
+            if await self._command("ZREM", self._grant_deadlines, grant_id):
+                grant = await self.get_grant(grant_id)
+                if grant is not None:
+                    ended.append(grant)
+        return ended
 
     async def ping(self) -> bool:
         """Whether Redis answers; on a cluster, the node that serves the store's slot."""

@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_CLIENTS",
     "DEFAULT_USERS",
     "IDP_DIR",
+    "INBOX_REDIRECT_URI",
     "PEOPLE_CLIENT_ID",
     "PEOPLE_REDIRECT_URI",
     "IdPError",
@@ -66,6 +67,8 @@ NPM_CI_TIMEOUT: Final = 300.0
 PEOPLE_CLIENT_ID: Final = "people"
 #: Never contacted: the helper stops following redirects when it reaches this URI.
 PEOPLE_REDIRECT_URI: Final = "http://127.0.0.1:9/callback"
+#: The web inbox's callback; the people client is "native", so any port of 127.0.0.1 matches.
+INBOX_REDIRECT_URI: Final = "http://127.0.0.1/_countersign/ui/callback"
 
 
 def _client(client_id: str, **claims: Any) -> dict[str, Any]:
@@ -120,6 +123,11 @@ DEFAULT_USERS: Final[list[dict[str, Any]]] = [
             "email_verified": True,
             "groups": ["data-owners"],
         },
+    },
+    # A person who approves nothing (the inbox's tests).
+    {
+        "sub": "mallory@example.com",
+        "claims": {"email": "mallory@example.com", "email_verified": True},
     },
 ]
 
@@ -426,7 +434,7 @@ def _spawn(
         "clients": client_configs,
         "people": {
             "client_id": PEOPLE_CLIENT_ID,
-            "redirect_uris": [PEOPLE_REDIRECT_URI],
+            "redirect_uris": [PEOPLE_REDIRECT_URI, INBOX_REDIRECT_URI],
             "users": list(users),
         },
     }

@@ -115,6 +115,9 @@ function clientMetadata() {
       grant_types: ['authorization_code'],
       response_types: ['code'],
       redirect_uris: people.redirect_uris,
+      // native: a loopback redirect URI matches on any port (RFC 8252 section 7.3), so the
+      // inbox of a proxy on a free port can log people in.
+      application_type: 'native',
       token_endpoint_auth_method: 'none', // public client => PKCE required
       scope: `openid email profile ${RESOURCE_SCOPE}`,
     });
@@ -253,6 +256,10 @@ async function interaction(req, res) {
 
   if (prompt.name === 'login') {
     const hint = params.login_hint;
+    if (!hint && req.method === 'GET') {
+      loginForm(res, details.uid);
+      return;
+    }
     if (!hint || !users.has(hint)) {
       await provider.interactionFinished(req, res, {
         error: 'access_denied',
@@ -288,6 +295,31 @@ async function interaction(req, res) {
   sendJson(res, 400, { error: `unsupported prompt ${prompt.name}` });
 }
 
+// A browser without login_hint gets a form: type a user's sub, press "Log in".
+function loginForm(res, uid) {
+  const page = `<!doctype html><title>Test IdP login</title><h1>Test IdP</h1>
+<form method="post" action="/interaction/${uid}/login">
+<label>User <input name="login" id="login" autofocus></label>
+<button type="submit" id="submit">Log in</button></form>`;
+  res.writeHead(200, { 'content-type': 'text/html; charset=utf-8' });
+  res.end(page);
+}
+
+async function loginSubmit(req, res) {
+  const details = await provider.interactionDetails(req, res);
+  const login = new URLSearchParams(await readBody(req)).get('login') ?? '';
+  if (details.prompt.name !== 'login' || !users.has(login)) {
+    await provider.interactionFinished(req, res, {
+      error: 'access_denied',
+      error_description: `unknown user: ${login || '(none)'}`,
+    }, { mergeWithLastSubmission: false });
+    return;
+  }
+  await provider.interactionFinished(req, res, {
+    login: { accountId: login },
+  }, { mergeWithLastSubmission: false });
+}
+
 // ---------------------------------------------------------------- server
 
 const server = http.createServer((req, res) => {
@@ -295,6 +327,8 @@ const server = http.createServer((req, res) => {
   let handler = null;
   if (req.method === 'POST' && pathname === '/__test/rotate') {
     handler = rotate;
+  } else if (req.method === 'POST' && /^\/interaction\/[^/]+\/login$/.test(pathname)) {
+    handler = loginSubmit;
   } else if (req.method === 'GET' && pathname.startsWith('/interaction/')) {
     handler = interaction;
   }

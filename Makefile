@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 IDP_STAMP  := tests/idp/node_modules/.installed
 
-.PHONY: demo test lint unit install clean bench bench-tools redis-server
+.PHONY: demo test lint unit install clean bench bench-tools redis-server browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ redis-server:
 	  echo "installing redis-server (Debian package)"; \
 	  apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 
+# The web inbox's browser tests (tests/e2e/test_inbox_browser.py) drive headless Chromium through
+# selenium; browser downloads do not work everywhere, so use the Debian packages where missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing chromium and chromium-driver (Debian packages)"; \
+	  apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 # The benchmark (bench/run_all.py, issue 7) drives load with wrk and compares with nginx: install
 # them where missing, and stop the nginx service the package may start (the bench runs its own).
 # `make bench PY_SPY=/path/to/py-spy` adds a profile of the proxy to the results.
@@ -53,7 +60,7 @@ bench-tools:
 bench: $(STAMP) $(IDP_STAMP) redis-server bench-tools
 	$(BIN)/python bench/run_all.py $(if $(PY_SPY),--py-spy $(PY_SPY))
 
-unit: $(TEST_STAMP) $(IDP_STAMP) redis-server
+unit: $(TEST_STAMP) $(IDP_STAMP) redis-server browser
 	$(BIN)/pytest -q
 
 test: lint unit

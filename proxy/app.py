@@ -47,14 +47,14 @@ from .server.internal import (
     health_routes,
     reserved_routes,
 )
-from .server.keys import AUTHENTICATOR, PROXY, SLACK_ACTIONS
+from .server.keys import AUTHENTICATOR, PROXY, SLACK_APP
 from .server.metrics import Metrics
 from .server.proxy_handler import ProxyHandler
 from .store.base import Store
 from .store.memory import MemoryStore
 
 if TYPE_CHECKING:
-    from .notify.slack import SlackHealth
+    from .slack.delivery import SlackHealth
 
 _log = structlog.get_logger("countersign")
 
@@ -256,6 +256,9 @@ def known_secrets(settings: Settings) -> list[str]:
     if slack is not None:
         known += [s for s in (slack.bot_token, slack.signing_secret, slack.app_token) if s]
     known += [w.secret for w in settings.notify.webhooks if w.secret]
+    web_login = settings.identity.web_login
+    if web_login is not None:
+        known += [s for s in (web_login.client_secret, web_login.session_secret) if s]
     for url in (
         settings.store.url,
         settings.audit.redis_url,
@@ -386,6 +389,7 @@ async def start_slack(
     notify: NotifyHub,
     session: aiohttp.ClientSession,
     app: web.Application,
+    metrics: Metrics | None = None,
 ) -> list[Any]:
     """The Slack notifier and interaction handlers, when `notify.slack` has a bot token.
 
@@ -395,12 +399,18 @@ async def start_slack(
         return []
     from slack_sdk.web.async_client import AsyncWebClient
 
-    from .notify.slack import SlackHealth, SlackNotifier
-    from .server.slack_actions import SlackActions
+    from .slack.app import SlackApp
+    from .slack.delivery import CALL_TIMEOUT, SlackHealth, SlackNotifier, check_setup
+    from .slack.interactions import SlackActions
 
-    # retry_handlers=[]: our own backoff (notify/slack.py) decides what is retried and how long.
+    # retry_handlers=[]: our own backoff (slack/delivery.py) decides what is retried and how
+    # long. No shared session: slack_sdk applies its own per-call timeout only to the session
+    # it opens itself (a shared session keeps that session's far longer bound).
     client = AsyncWebClient(
-        token=slack.bot_token, base_url=slack.api_url, session=session, retry_handlers=[]
+        token=slack.bot_token,
+        base_url=slack.api_url,
+        retry_handlers=[],
+        timeout=int(CALL_TIMEOUT),
     )
     app[SLACK_HEALTH] = health = SlackHealth(client)
     if slack.channel:
@@ -412,18 +422,15 @@ async def start_slack(
                 public_url=settings.server.public_url,
                 redactor=approvals.redactor,
                 health=health,
+                on_fallback=metrics.slack_fallback if metrics is not None else None,
             )
         )
     actions = SlackActions(client, approvals, settings.approvals.groups)
-    app[SLACK_ACTIONS] = actions
-    parts: list[Any] = [actions]
-    if slack.app_token:
-        from .server.slack_socket import SlackSocket
-
-        socket = SlackSocket(slack.app_token, client, actions)
-        socket.start()
-        parts.insert(0, socket)
-    return parts
+    bolt = SlackApp(client, actions, signing_secret=slack.signing_secret, app_token=slack.app_token)
+    app[SLACK_APP] = bolt
+    # The setup is checked in the background: what is wrong is logged, never fatal.
+    bolt.start(check_setup(client, slack.channel, health=health))
+    return [bolt]
 
 
 def build_receipts(
@@ -557,7 +564,7 @@ def build_app(
                     public_url=settings.server.public_url,
                 )
             )
-        slack = await start_slack(settings, approvals, store, notify, session, app)
+        slack = await start_slack(settings, approvals, store, notify, session, app, metrics)
         reloader.install(*parts)
         approvals.start()
         readiness.started = True
@@ -614,9 +621,12 @@ def build_app(
         app.on_cleanup.append(app[ADMIN_SERVER].stop)
     app.router.add_routes(reserved_routes())
     app.router.add_routes(api_routes(approvals, receipts))
+    from .ui import setup_ui  # the approvers' web inbox (identity.web_login)
+
+    setup_ui(app, settings, approvals, notify.add)
     slack_settings = settings.notify.slack
     if slack_settings is not None and slack_settings.signing_secret:
-        from .server.slack import slack_routes
+        from .slack.app import slack_routes
 
         app.router.add_routes(slack_routes(slack_settings.signing_secret))
     # [\s\S] and not ".": a decoded path may hold a newline, and such a request must still reach

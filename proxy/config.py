@@ -39,6 +39,7 @@ from pydantic_core import ErrorDetails
 
 from .model import Action
 from .model.binding import DEFAULT_VOLATILE_HEADERS
+from .model.grant import MAX_GRANT_SECONDS, MAX_GRANT_USES
 from .paths import AmbiguousRequest, normalize_path
 
 # --------------------------------------------------------------------------------------------
@@ -299,8 +300,43 @@ class AwsKeySettings(_Model):
         return v
 
 
+class WebLoginSettings(_Model):
+    """`identity.web_login`: how approvers log in to the web inbox (`/_countersign/ui/`), by
+    OpenID Connect authorization code + PKCE (S256) at `issuer`. Without `client_secret` the
+    client is public (PKCE alone). The ID token's issuer entry in `identity.issuers`, when there
+    is one, gives its algorithms and `require_email_verified` (else RS256/ES256, and true)."""
+
+    issuer: NonEmpty
+    client_id: NonEmpty
+    client_secret: str | None = None
+    scopes: tuple[NonEmpty, ...] = ("openid", "email", "profile")
+    # Signs the inbox's session cookies (HMAC-SHA256): the same on every worker and replica, so
+    # any of them accepts a session; changing it logs everyone out. Keep it in `${VAR}`.
+    session_secret: Annotated[str, StringConstraints(min_length=32)]
+    # A session ends this long after login at the latest, and at most `session_grace_seconds`
+    # after the ID token it was made from expires: then the person logs in again.
+    session_seconds: Annotated[int, Field(ge=60, le=7 * 86400)] = 8 * 3600
+    session_grace_seconds: Annotated[int, Field(ge=0, le=86400)] = 3600
+    discovery_url: str | None = None  # default: {issuer}/.well-known/openid-configuration
+
+    @field_validator("issuer", "discovery_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None:
+            _http_url(v)
+        return v
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if "openid" not in v:
+            raise ValueError("must include openid (the login needs an ID token)")
+        return v
+
+
 class IdentitySettings(_Model):
     issuers: tuple[IssuerSettings, ...] = ()
+    web_login: WebLoginSettings | None = None
     claims: ClaimsSettings = ClaimsSettings()
     api_keys: tuple[ApiKeySettings, ...] = ()
     aws_keys: tuple[AwsKeySettings, ...] = ()
@@ -650,6 +686,14 @@ class ApproversSettings(_Model):
     users: tuple[str, ...] = ()
 
 
+class GrantSettings(_Model):
+    """A rule's `grant`: approvers may approve "this and the next `max_uses` like it for up to
+    `max_seconds`" (`proxy.model.grant`)."""
+
+    max_uses: Annotated[int, Field(ge=1, le=MAX_GRANT_USES)]
+    max_seconds: Annotated[int, Field(ge=1, le=MAX_GRANT_SECONDS)]
+
+
 class RuleSettings(_Model):
     name: NonEmpty
     action: Action
@@ -666,6 +710,11 @@ class RuleSettings(_Model):
     # How this rule's held requests wait; default `approvals.mode`. A client may always ask for
     # async itself (`Prefer: respond-async`).
     mode: Literal["hold", "async"] | None = None
+    # Approve rules only: the grants approvers may give; and what approvers are shown besides
+    # the request (a risk hint, and a free-text note about this rule).
+    grant: GrantSettings | None = None
+    risk: Literal["low", "medium", "high"] | None = None
+    note: Annotated[str, StringConstraints(min_length=1, max_length=2000)] | None = None
 
     @field_validator("action", mode="before")
     @classmethod
@@ -719,6 +768,10 @@ class RuleSettings(_Model):
             raise ValueError("approvers only make sense on an approve rule")
         elif self.mode is not None:
             raise ValueError("mode only makes sense on an approve rule")
+        elif self.grant is not None:
+            raise ValueError("grant only makes sense on an approve rule")
+        elif self.risk is not None or self.note is not None:
+            raise ValueError("risk and note only make sense on an approve rule")
         return self
 
 
@@ -926,7 +979,31 @@ class Settings(_Model):
                     "no route has a protocol, so no request names actions and this rule could "
                     "never match; set protocol: aws, graphql or mcp on a route",
                 )
+        _check_web_login(self)
         return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_web_login(settings: Settings) -> None:
+    """The inbox's redirect URI is `{server.public_url}/_countersign/ui/callback`; without a
+    public URL it is taken from the request, which only a loopback listener may trust."""
+    if settings.identity.web_login is None or settings.server.public_url is not None:
+        return
+    if not _is_loopback(settings.server.host):
+        raise _RefError(
+            ("identity", "web_login"),
+            "needs server.public_url (the inbox's login redirect URI is "
+            "{public_url}/_countersign/ui/callback); without it only a loopback "
+            "server.listen may serve the inbox",
+        )
 
 
 class _RefError(ValueError):

@@ -30,6 +30,11 @@ APPROVAL_RECEIPT: Final = "approval.receipt"
 REQUEST_ABANDONED: Final = "request.abandoned"
 REQUEST_FORWARDED: Final = "request.forwarded"
 REQUEST_REFUSED: Final = "request.refused"
+GRANT_CREATED: Final = "grant.created"
+GRANT_USED: Final = "grant.used"
+GRANT_EXHAUSTED: Final = "grant.exhausted"
+GRANT_EXPIRED: Final = "grant.expired"
+GRANT_REVOKED: Final = "grant.revoked"
 
 Processor = Callable[[Any, str, MutableMapping[str, Any]], Any]
 
@@ -102,6 +107,11 @@ __all__ = [
     "APPROVAL_LAPSED",
     "APPROVAL_RECEIPT",
     "APPROVAL_REQUESTED",
+    "GRANT_CREATED",
+    "GRANT_EXHAUSTED",
+    "GRANT_EXPIRED",
+    "GRANT_REVOKED",
+    "GRANT_USED",
     "POLICY_DECIDED",
     "REQUEST_ABANDONED",
     "REQUEST_FORWARDED",

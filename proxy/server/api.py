@@ -1,4 +1,4 @@
-"""The approvals API under `/_countersign/api/`: list, show, decide.
+"""The approvals API under `/_countersign/api/`: list, show, decide; list and revoke grants.
 
 Every call authenticates like the proxy does (bearer JWT or API key). Requesters see their own
 approvals; approvers see and decide those they are authorized for. Errors are JSON bodies.
@@ -19,6 +19,7 @@ from ..audit import AuditUnavailable
 from ..audit.receipts import CONTENT_TYPE as RECEIPT_CONTENT_TYPE
 from ..authn import AuthError, IdentityUnavailable
 from ..model import Approval, ApprovalState, Identity, Outcome, Verdict, state
+from ..model.grant import Grant
 from ..store.base import InvalidCursor, StoreUnavailable, parse_cursor
 from .keys import AUTHENTICATOR
 from .responses import error_response, status_for
@@ -105,7 +106,7 @@ def api_routes(
     @routes.get(PREFIX + "approvals/{approval_id}")
     @_json_errors
     async def show_approval(request: web.Request) -> web.Response:
-        return web.json_response(service.view(await visible(request)))
+        return web.json_response(await service.view_live(await visible(request)))
 
     @routes.get(PREFIX + "approvals/{approval_id}/body")
     @_json_errors
@@ -190,7 +191,7 @@ def api_routes(
             ) from None
         if not isinstance(payload, dict):
             raise _Refusal(400, "invalid_request", message="the body must be a JSON object")
-        unknown = set(payload) - {"verdict", "reason"}
+        unknown = set(payload) - {"verdict", "reason", "grant"}
         if unknown:
             raise _Refusal(
                 400,
@@ -212,20 +213,114 @@ def api_routes(
             raise _Refusal(
                 400, "invalid_request", field="reason", message="reason must be a string"
             )
+        grant_uses, grant_seconds = _grant_request(payload.get("grant"))
         approval_id = request.match_info["approval_id"]
         existing = await service.get(approval_id)
         if existing is None:
             raise _Refusal(404, "approval_not_found", message="no such approval")
         try:
-            decided = await service.decide(approval_id, identity, verdict, reason, channel="api")
+            decided = await service.decide(
+                approval_id,
+                identity,
+                verdict,
+                reason,
+                channel="api",
+                grant_uses=grant_uses,
+                grant_seconds=grant_seconds,
+            )
         except state.ApprovalError as exc:
             current = exc.approval or existing
+            extra: dict[str, Any] = (
+                {"field": "grant"} if isinstance(exc, state.InvalidGrant) else {}
+            )
             raise _Refusal(
-                status_for(exc.code), exc.code, message=exc.message, state=current.state.value
+                status_for(exc.code),
+                exc.code,
+                message=exc.message,
+                state=current.state.value,
+                **extra,
             ) from None
-        return web.json_response(service.view(decided))
+        return web.json_response(await service.view_live(decided))
+
+    async def visible_grant(request: web.Request, identity: Identity) -> Grant:
+        """The grant the path names, if the caller may see it; else 404 (no oracle)."""
+        grant = await service.get_grant(request.match_info["grant_id"])
+        if grant is None or not service.may_see_grant(grant, identity):
+            raise _Refusal(404, "grant_not_found", message="no such grant")
+        return grant
+
+    @routes.get(PREFIX + "grants")
+    @_json_errors
+    async def list_grants(request: web.Request) -> web.Response:
+        """The grants the caller may see (as for approvals: its own, its agents', those of the
+        rules it approves), newest first."""
+        identity = await who(request)
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 1000:
+            raise _Refusal(
+                400,
+                "invalid_request",
+                field="limit",
+                message="limit must be a whole number from 1 to 1000",
+            )
+        grants = await service.grants_for(identity, limit)
+        return web.json_response({"grants": [service.grant_view(g) for g in grants]})
+
+    @routes.get(PREFIX + "grants/{grant_id}")
+    @_json_errors
+    async def show_grant(request: web.Request) -> web.Response:
+        identity = await who(request)
+        return web.json_response(service.grant_view(await visible_grant(request, identity)))
+
+    @routes.delete(PREFIX + "grants/{grant_id}")
+    @_json_errors
+    async def revoke_grant(request: web.Request) -> web.Response:
+        """Revoke a grant at once (any approver of its rule); audited as `grant.revoked`."""
+        identity = await who(request)
+        grant = await visible_grant(request, identity)
+        try:
+            revoked = await service.revoke_grant(grant.id, identity)
+        except state.ApprovalNotFound:
+            raise _Refusal(404, "grant_not_found", message="no such grant") from None
+        except state.ApprovalError as exc:
+            raise _Refusal(status_for(exc.code), exc.code, message=exc.message) from None
+        return web.json_response(service.grant_view(revoked))
 
     return routes
+
+
+def _grant_request(value: Any) -> tuple[int | None, int | None]:
+    """`"grant": {"uses": N, "seconds": T}` (or `"minutes": M`) as (uses, seconds)."""
+    if value is None:
+        return None, None
+    if not isinstance(value, dict):
+        raise _Refusal(
+            400,
+            "invalid_request",
+            field="grant",
+            message='grant must be an object: {"uses": N, "seconds": T}',
+        )
+    unknown = set(value) - {"uses", "seconds", "minutes"}
+    if unknown or "uses" not in value or ("seconds" in value) == ("minutes" in value):
+        raise _Refusal(
+            400,
+            "invalid_request",
+            field="grant",
+            message='grant must be {"uses": N, "seconds": T} or {"uses": N, "minutes": M}',
+        )
+    numbers = [value["uses"], value.get("seconds", value.get("minutes"))]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in numbers):
+        raise _Refusal(
+            400,
+            "invalid_request",
+            field="grant",
+            message="grant uses, seconds and minutes must be whole numbers of at least 1",
+        )
+    uses, amount = numbers
+    return uses, amount * 60 if "minutes" in value else amount
 
 
 class _Refusal(Exception):

@@ -89,6 +89,11 @@ class Metrics:
             ["channel"],
             registry=registry,
         )
+        self.slack_fallback_messages = Counter(
+            "countersign_slack_fallback_messages",
+            "Approval messages Slack refused, sent instead as a minimal message with the link.",
+            registry=registry,
+        )
         self.upstream_errors = Counter(
             "countersign_upstream_errors",
             "Upstream failures (unreachable, timeout, broken answer), by route and kind.",
@@ -125,6 +130,10 @@ class Metrics:
 
     def notify_failure(self, channel: str) -> None:
         self.notify_failures.labels(channel).inc()
+
+    def slack_fallback(self) -> None:
+        """Slack refused an approval's message; the minimal one with the link was sent."""
+        self.slack_fallback_messages.inc()
 
     def checkpoint(self) -> None:
         """A signed checkpoint was written to the audit file."""

@@ -65,6 +65,7 @@ from .metrics import NO_DECISION, NO_ROUTE, Metrics
 from .responses import (
     APPROVAL_ID_HEADER,
     COUNTERSIGN_REQUEST_ID_HEADER,
+    GRANT_ID_HEADER,
     NO_APPROVERS_MESSAGE,
     error_body,
     error_response,
@@ -389,6 +390,7 @@ class ProxyHandler:
         *,
         approval_id: str | None = None,
         failure: str | None = None,
+        grant_id: str | None = None,
     ) -> ChainPosition | None:
         """`request.forwarded`: the upstream's answer went (or began to go) to the client.
         Returns where it landed in the chained audit file (receipts cite it)."""
@@ -406,6 +408,7 @@ class ProxyHandler:
             duration_ms=round((time.monotonic() - started) * 1000, 3),
             error=failure,
             **({"actions": list(exchange.actions)} if exchange.actions else {}),
+            **({"grant_id": grant_id} if grant_id is not None else {}),
         )
 
     # -- stages: each returns None to go on, or the answer --------------------------------
@@ -785,6 +788,7 @@ class ProxyHandler:
         upstream: UpstreamResponse,
         approval_id: str | None,
         receipt_url: str | None = None,
+        grant_id: str | None = None,
     ) -> None:
         """The upstream's headers as it sent them (its own `X-Request-Id` included), plus ours:
         `Countersign-Request-Id`, `Countersign-Approval-Id` and `Countersign-Receipt`, never
@@ -801,6 +805,10 @@ class ProxyHandler:
             headers[RECEIPT_HEADER] = receipt_url
         elif RECEIPT_HEADER in headers:
             del headers[RECEIPT_HEADER]
+        if grant_id is not None:
+            headers[GRANT_ID_HEADER] = grant_id
+        elif GRANT_ID_HEADER in headers:
+            del headers[GRANT_ID_HEADER]
 
     async def relay(
         self,
@@ -811,6 +819,7 @@ class ProxyHandler:
         approval_id: str | None = None,
         into: web.StreamResponse | None = None,
         receipt: ReceiptTicket | None = None,
+        grant_id: str | None = None,
     ) -> web.StreamResponse:
         """Stream the upstream's answer back to the client, then audit `request.forwarded`.
 
@@ -854,7 +863,7 @@ class ProxyHandler:
                 # one write, where streaming would take two.
                 body = upstream.read_all()
                 response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
-                self._copy_headers(response, exchange, upstream, approval_id, receipt_url)
+                self._copy_headers(response, exchange, upstream, approval_id, receipt_url, grant_id)
                 await response.prepare(request)
                 exchange.sent_status = upstream.status
                 await response.write_eof()
@@ -863,7 +872,7 @@ class ProxyHandler:
                     digest.update(body)
             else:
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                self._copy_headers(response, exchange, upstream, approval_id, receipt_url)
+                self._copy_headers(response, exchange, upstream, approval_id, receipt_url, grant_id)
                 if upstream.content_length is not None:
                     response.content_length = upstream.content_length
                 await response.prepare(request)
@@ -891,7 +900,13 @@ class ProxyHandler:
             raise  # aiohttp drops the connection quietly
         finally:
             position = self._audit_forwarded(
-                exchange, started, upstream.status, sent, approval_id=approval_id, failure=failure
+                exchange,
+                started,
+                upstream.status,
+                sent,
+                approval_id=approval_id,
+                failure=failure,
+                grant_id=grant_id,
             )
             if receipt is not None and digest is not None:
                 # In the background, once the line it cites is on disk (also when the client
@@ -899,7 +914,7 @@ class ProxyHandler:
                 receipt.issue(
                     Relayed(upstream.status, digest.hexdigest(), sent, failure is None, position)
                 )
-        if approval_id is not None:
+        if approval_id is not None or grant_id is not None:
             # An approved request's execution is on disk before its exchange is over. (The
             # answer has been relayed already; a failing disk is logged by the sink.)
             with contextlib.suppress(AuditUnavailable):

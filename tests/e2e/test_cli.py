@@ -114,7 +114,8 @@ def test_check_reports_file_key_and_line(tmp_path: Path) -> None:
     )
     assert (
         f"{bad}:10: policy.rules[0].colour: unknown key; the keys here are name, action, "
-        "methods, paths, route, actions, when, approvers, quorum, timeout_seconds, mode" in lines
+        "methods, paths, route, actions, when, approvers, quorum, timeout_seconds, mode, grant, risk, note"
+        in lines
     )
 
 

@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from unittest.mock import patch
 from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import aiohttp
@@ -17,8 +18,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import build_app
 from proxy.audit import AuditLog
-from proxy.config import Settings, WebLoginSettings, load_settings_text
+from proxy.config import ClaimsSettings, Settings, WebLoginSettings, load_settings_text
+from proxy.ui import views
+from proxy.ui.login import Endpoints, WebLogin
 from proxy.ui.session import Cookies, Session, Signer, safe_next
+from tests import helpers
 from tests.conftest import Client
 from tests.helpers import AGENT_KEY, ALICE_KEY, ListSink, bearer, settings_for
 from tests.idp_fixture import TestIdP
@@ -27,11 +31,39 @@ UI = "/_countersign/ui/"
 API = "/_countersign/api/approvals"
 AGENT = bearer(AGENT_KEY)  # agent-key acts for bob@example.com
 EXPORT = "/cloud/exports/customers"
+REPORT = "/cloud/reports/weekly"  # rule "reports": approvers may grant 3 more for 10 minutes
 SECRET = "s" * 40
+GRANTS = "/_countersign/api/grants"
+
+# One more rule beside the shared test config's: it allows grants and tells approvers its risk.
+# Its approvers are alice and the "auditors" (carol): bob, the agent's owner, sees its grants
+# (as he sees his agent's approvals) but is no approver of it.
+REPORTS_RULE = """\
+    - name: reports
+      route: cloud
+      methods: [POST]
+      paths: ["/cloud/reports/**"]
+      when: {{groups: [agents]}}
+      action: approve
+      approvers: {{groups: [auditors], users: ["alice@example.com"]}}
+      grant: {{max_uses: 3, max_seconds: 600}}
+      risk: high
+      note: "Reports leave the company: check the recipient."
+"""
 
 
 def inbox_settings(upstream: str, idp: TestIdP, **web_login: Any) -> Settings:
-    base = settings_for(upstream, issuers=f'[{{issuer: "{idp.issuer}", audiences: [countersign]}}]')
+    text = helpers.BASE_CONFIG.replace(
+        "    - name: iam\n", REPORTS_RULE + "    - name: iam\n", 1
+    ).replace(
+        'groups: {{data-owners: ["carol@example.com"]}}',
+        'groups: {{data-owners: ["carol@example.com"], auditors: ["carol@example.com"]}}',
+    )
+    assert text.count("auditors") == 2
+    with patch.object(helpers, "BASE_CONFIG", text):
+        base = settings_for(
+            upstream, issuers=f'[{{issuer: "{idp.issuer}", audiences: [countersign]}}]'
+        )
     login = WebLoginSettings(
         issuer=idp.issuer, client_id="people", session_secret=SECRET, **web_login
     )
@@ -76,9 +108,14 @@ class Browser:
         return match.group(1)
 
     async def decide(
-        self, approval_id: str, verdict: str, reason: str = "", csrf: str | None = "page"
+        self,
+        approval_id: str,
+        verdict: str,
+        reason: str = "",
+        csrf: str | None = "page",
+        **more: str,
     ) -> aiohttp.ClientResponse:
-        form = {"verdict": verdict, "reason": reason}
+        form = {"verdict": verdict, "reason": reason, **more}
         if csrf == "page":
             csrf = await self.csrf(f"{UI}approvals/{approval_id}")
         if csrf is not None:
@@ -100,7 +137,7 @@ async def inbox(idp: TestIdP, upstream: TestServer) -> AsyncIterator[tuple[Any, 
 
     async def browser() -> Browser:
         client = TestClient(TestServer(web.Application()))  # own cookie jar, same proxy
-        client._server = server  # type: ignore[attr-defined]
+        client._server = server
         browsers.append(client)
         return Browser(client, idp)
 
@@ -117,9 +154,13 @@ async def inbox(idp: TestIdP, upstream: TestServer) -> AsyncIterator[tuple[Any, 
 HELD: list[asyncio.Task[Any]] = []
 
 
-def held(agent: Client, **headers: str) -> asyncio.Task[tuple[int, dict[str, Any]]]:
+def held(
+    agent: Client, path: str = EXPORT, body: Any = None, **headers: str
+) -> asyncio.Task[tuple[int, dict[str, Any]]]:
     async def call() -> tuple[int, dict[str, Any]]:
-        resp = await agent.post(EXPORT, json={"format": "csv"}, headers={**AGENT, **headers})
+        resp = await agent.post(
+            path, json={"format": "csv"} if body is None else body, headers={**AGENT, **headers}
+        )
         return resp.status, await resp.json()
 
     task = asyncio.create_task(call())
@@ -257,7 +298,9 @@ def test_safe_next_keeps_paths_under_the_inbox() -> None:
     assert safe_next("/_countersign/ui/\r\nSet-Cookie: x") == UI
 
 
-async def test_logout_needs_the_token_and_ends_the_session(inbox: Any) -> None:
+async def test_logout_needs_the_token_and_ends_the_session_here_and_at_the_idp(
+    inbox: Any, idp: TestIdP
+) -> None:
     make, _, _ = inbox
     browser = await make()
     await browser.login("alice@example.com")
@@ -266,10 +309,77 @@ async def test_logout_needs_the_token_and_ends_the_session(inbox: Any) -> None:
     assert (await browser.page(UI))[0] == 200, "a refused logout changes nothing"
     csrf = await browser.csrf()
     resp = await browser.client.post(UI + "logout", data={"csrf": csrf}, allow_redirects=False)
-    assert resp.status == 200 and "You are logged out" in await resp.text()
     cleared = [c for c in resp.headers.getall("Set-Cookie") if c.startswith("countersign_ui=")]
     assert cleared and "Max-Age=0" in cleared[0]
+    html = await resp.text()
+    assert resp.status == 200 and "You are logged out of the inbox" in html
     assert (await browser.page(UI))[0] == 302
+    # The IdP's discovery names an end_session_endpoint: the page moves on there by itself
+    # (RP-Initiated Logout; a redirect of the POST would break the CSP's form-action 'self'),
+    # with the ID token as hint and the inbox's "logged out" page to come back to.
+    link = re.search(r'<a id="idp-logout" href="([^"]+)"', html)
+    refresh = re.search(r'<meta http-equiv="refresh" content="0;url=([^"]+)"', html)
+    assert link and refresh and link.group(1) == refresh.group(1)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as at_idp:
+        async with at_idp.get(idp.issuer + "/.well-known/openid-configuration") as answer:
+            end_session = (await answer.json())["end_session_endpoint"]
+        location = link.group(1).replace("&amp;", "&")
+        parts = urlsplit(location)
+        assert f"{parts.scheme}://{parts.netloc}{parts.path}" == end_session
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        back = f"http://127.0.0.1:{browser.client.port}{UI}logged-out"
+        assert query["client_id"] == "people" and query["post_logout_redirect_uri"] == back
+        assert query["id_token_hint"].count(".") == 2
+        # The IdP accepts both (the hint verifies, the URI is registered) and sends us back.
+        async with at_idp.get(location, allow_redirects=False) as answer:
+            assert answer.status == 200, await answer.text()
+            html = await answer.text()
+        action = re.search(r'<form method="post" action="([^"]+)"', html)
+        xsrf = re.search(r'name="xsrf" value="([^"]+)"', html)
+        assert action and xsrf, html
+        async with at_idp.post(
+            urljoin(location, action.group(1)),
+            data={"xsrf": xsrf.group(1), "logout": "yes"},
+            allow_redirects=False,
+        ) as answer:
+            assert answer.status in (302, 303), await answer.text()
+            assert answer.headers["Location"].startswith(back)
+    status, html = await browser.page(UI + "logged-out")
+    assert status == 200 and "logged out of the inbox and of your identity provider" in html
+
+
+async def test_logout_stays_in_the_inbox_when_the_idp_has_no_end_session_endpoint(
+    idp: TestIdP,
+) -> None:
+    login = WebLogin(
+        WebLoginSettings(issuer=idp.issuer, client_id="people", session_secret=SECRET),
+        (),
+        ClaimsSettings(),
+        aiohttp.ClientSession(),
+    )
+    try:
+        login._endpoints = (time.monotonic(), Endpoints("https://i/a", "https://i/t", None))
+        assert await login.logout_url("a.b.c", "https://cs/_countersign/ui/logged-out") is None
+        login._endpoints = (
+            time.monotonic(),
+            Endpoints("https://i/a", "https://i/t", "https://i/logout?tenant=x"),
+        )
+        url = await login.logout_url(None, "https://cs/_countersign/ui/logged-out")
+        assert url is not None and url.startswith("https://i/logout?tenant=x&")
+        query = parse_qs(urlsplit(url).query)
+        assert "id_token_hint" not in query and query["client_id"] == ["people"]
+    finally:
+        await login._session.close()
+
+
+def test_a_large_id_token_is_not_kept_in_the_session_cookie() -> None:
+    from proxy.model import Identity
+
+    identity = Identity(subject="s", issuer="i")
+    assert Session.new(identity, 2e9, "x" * 100).id_token == "x" * 100
+    assert Session.new(identity, 2e9, "x" * 5000).id_token is None
+    kept = Session.from_payload(Session.new(identity, 2e9, "a.b.c").to_payload())
+    assert kept is not None and kept.id_token == "a.b.c"
 
 
 # -- deciding --------------------------------------------------------------------------------
@@ -470,3 +580,275 @@ identity:
     assert load_settings_text(public, "c.yaml", env={"S": SECRET}).identity.web_login
     with pytest.raises(Exception, match="session_secret: must be at least 32 characters"):
         load_settings_text(public, "c.yaml", env={"S": "short"})
+
+
+# -- grants --------------------------------------------------------------------------------
+
+
+async def pending_on(agent: Client, path: str) -> str:
+    for _ in range(200):
+        resp = await agent.get(API, params={"state": "pending"}, headers=bearer(ALICE_KEY))
+        found = [a for a in (await resp.json())["approvals"] if a["path"] == path]
+        if found:
+            return str(found[0]["approval_id"])
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no pending approval for {path} appeared")
+
+
+def grant_form(uses: str = "2", minutes: str = "5") -> dict[str, str]:
+    return {"grant_uses": uses, "grant_minutes": minutes}
+
+
+async def test_the_grant_is_offered_only_where_the_rule_allows_it(inbox: Any) -> None:
+    make, sink, agent = inbox
+    export = held(agent)
+    export_id = await pending_on(agent, EXPORT)
+    report = held(agent, REPORT)
+    report_id = await pending_on(agent, REPORT)
+    alice = await make()
+    await alice.login("alice@example.com")
+    status, html = await alice.page(f"{UI}approvals/{export_id}")
+    assert status == 200 and 'id="grant-offer"' not in html and "approve+grant" not in html
+    # Asked for anyway (a hand-made form): refused in words, nothing decided.
+    resp = await alice.decide(export_id, "approve+grant", "ok", **grant_form("1", "1"))
+    assert resp.status == 400 and "Location" not in resp.headers
+    html = await resp.text()
+    assert "grants are not allowed for rule" in html and 'data-code="invalid_request"' in html
+    assert (await state_of(agent, export_id))["state"] == "pending"
+
+    status, html = await alice.page(f"{UI}approvals/{report_id}")
+    assert status == 200 and 'id="grant-offer"' in html
+    # Two number inputs, pre-filled with the rule's maxima and bounded by them.
+    assert re.search(r'id="grant-uses" name="grant_uses" [^>]*min="1" max="3" value="3"', html)
+    assert re.search(r'id="grant-time" name="grant_minutes" [^>]*min="1" max="10" value="10"', html)
+    assert "Approve this and the next" in html and "minutes" in html
+    covers = html[html.index('id="grant-covers"') : html.index("</ul>", html.index("grant-covers"))]
+    for said in ("same agent", "agent-key", "bob@example.com", "same rule", "reports"):
+        assert said in covers, said
+    assert "<code>POST /cloud/reports/weekly</code>" in covers and "exactly this path" in covers
+    assert "query, headers and body" in html  # what a grant does not pin
+    # The rule's risk and note, and who may approve.
+    assert 'class="badge risk-high"' in html and "Reports leave the company" in html
+    approvers = html[html.index('id="approvers"') : html.index("</td>", html.index('"approvers"'))]
+    for said in ("auditors", "alice@example.com", "listed members: carol@example.com"):
+        assert said in approvers, said
+    assert sink.named("approval.decided") == []
+    export.cancel()
+    report.cancel()
+
+
+@pytest.mark.parametrize(
+    ("uses", "minutes", "words"),
+    [
+        ("4", "10", "allows a grant of at most 3 uses"),
+        ("3", "11", "for at most 600 seconds"),
+        ("0", "5", "must be at least 1"),
+        ("two", "5", "must be a whole number"),
+        ("2", "", "the number of seconds is missing"),
+        ("", "5", "the number of requests is missing"),
+        ("2", "-1", "must be a whole number"),
+    ],
+)
+async def test_a_grant_beyond_the_rules_bounds_decides_nothing(
+    inbox: Any, uses: str, minutes: str, words: str
+) -> None:
+    make, sink, agent = inbox
+    call = held(agent, REPORT)
+    approval_id = await pending_on(agent, REPORT)
+    alice = await make()
+    await alice.login("alice@example.com")
+    resp = await alice.decide(approval_id, "approve+grant", "ok", **grant_form(uses, minutes))
+    assert resp.status == 400 and "Location" not in resp.headers
+    html = await resp.text()
+    assert words in html and "nothing was decided" in html.lower()
+    assert (
+        f'name="grant_uses" type="number" inputmode="numeric" min="1" max="3" value="{uses}"'
+        in (html)
+    ), "what was typed is kept"
+    assert (await state_of(agent, approval_id))["state"] == "pending"
+    assert sink.named("approval.decided") == [] and sink.named("grant.created") == []
+    call.cancel()
+
+
+async def test_a_grant_form_without_the_right_csrf_token_is_refused(inbox: Any) -> None:
+    make, sink, agent = inbox
+    call = held(agent, REPORT)
+    approval_id = await pending_on(agent, REPORT)
+    alice = await make()
+    await alice.login("alice@example.com")
+    for csrf in (None, "wrong"):
+        resp = await alice.decide(approval_id, "approve+grant", "ok", csrf=csrf, **grant_form())
+        assert resp.status == 403 and "CSRF token is missing or wrong" in await resp.text()
+    assert (await state_of(agent, approval_id))["state"] == "pending"
+    assert sink.named("approval.decided") == []
+    call.cancel()
+
+
+async def approve_with_grant(make: Any, agent: Client, uses: str = "2") -> tuple[Any, str, str]:
+    """alice approves a held report with a grant; returns (alice, approval id, grant id)."""
+    call = held(agent, REPORT, {"week": 47})
+    approval_id = await pending_on(agent, REPORT)
+    alice = await make()
+    await alice.login("alice@example.com")
+    resp = await alice.decide(approval_id, "approve+grant", "weekly", **grant_form(uses, "5"))
+    assert resp.status == 303, await resp.text()
+    status, _ = await asyncio.wait_for(call, 5)
+    assert status == 200
+    grant = (await state_of(agent, approval_id))["grant"]
+    assert grant["uses"] == int(uses) and grant["seconds"] == 300
+    return alice, approval_id, str(grant["grant_id"])
+
+
+async def test_an_inbox_grant_lets_the_next_request_like_it_through(inbox: Any) -> None:
+    make, sink, agent = inbox
+    alice, approval_id, grant_id = await approve_with_grant(make, agent)
+    decided = sink.named("approval.decided")
+    assert [(e["channel"], e["grant"]) for e in decided] == [("web", {"uses": 2, "seconds": 300})]
+    assert [e["grant_id"] for e in sink.named("grant.created")] == [grant_id]
+    status, html = await alice.page(f"{UI}approvals/{approval_id}")
+    assert status == 200 and f'data-grant="{grant_id}"' in html
+    assert re.search(r"Uses left: <strong>2</strong> of 2", html)
+    assert "(and asked for a grant: the next 2 like it for 5 minutes)" in html
+    # The next request of the same shape (another body) passes without a human.
+    resp = await agent.post(REPORT, json={"week": 48}, headers=AGENT)
+    assert resp.status == 200 and resp.headers["Countersign-Grant-Id"] == grant_id
+    assert [e["grant_id"] for e in sink.named("grant.used")] == [grant_id]
+    status, html = await alice.page(f"{UI}approvals/{approval_id}")
+    assert re.search(r"Uses left: <strong>1</strong> of 2", html) and "badge active" in html
+    # Another path is another shape: held for a human.
+    other = held(agent, REPORT + "/extra", {"week": 48})
+    await pending_on(agent, REPORT + "/extra")
+    other.cancel()
+
+
+async def test_the_grants_page_lists_and_revokes_and_refuses_non_approvers(
+    inbox: Any,
+) -> None:
+    make, sink, agent = inbox
+    alice, approval_id, grant_id = await approve_with_grant(make, agent, "3")
+    status, html = await alice.page(f"{UI}grants")
+    assert status == 200 and "Live grants (1)" in html
+    card = html[html.index(f'data-grant="{grant_id}"') :]
+    for shown in ("reports", "POST /cloud/reports/weekly", "agent-key", "bob@example.com"):
+        assert shown in card, shown
+    assert re.search(r'class="uses-left">3</strong> of 3', card) and "expires" in card
+    assert f'action="{UI}grants/{grant_id}/revoke"' in card and ">Revoke</button>" in card
+
+    # bob: the agent's owner sees the grant, may not revoke it, and is told why.
+    bob = await make()
+    await bob.login("bob@example.com")
+    status, html = await bob.page(f"{UI}grants")
+    assert status == 200 and f'data-grant="{grant_id}"' in html and ">Revoke</button>" not in html
+    resp = await bob.client.post(
+        f"{UI}grants/{grant_id}/revoke", data={"csrf": await bob.csrf()}, allow_redirects=False
+    )
+    assert resp.status == 403 and "Location" not in resp.headers
+    html = await resp.text()
+    assert 'data-code="not_an_approver"' in html and "only an approver of its rule" in html
+    assert sink.named("grant.revoked") == []
+    # mallory may not even see it.
+    mallory = await make()
+    await mallory.login("mallory@example.com")
+    status, html = await mallory.page(f"{UI}grants")
+    assert status == 200 and grant_id not in html
+    resp = await mallory.client.post(
+        f"{UI}grants/{grant_id}/revoke", data={"csrf": await mallory.csrf()}
+    )
+    assert resp.status == 404
+    # alice's form needs her token.
+    for csrf in (None, "wrong", await bob.csrf()):
+        data = {} if csrf is None else {"csrf": csrf}
+        resp = await alice.client.post(
+            f"{UI}grants/{grant_id}/revoke", data=data, allow_redirects=False
+        )
+        assert resp.status == 403 and "CSRF token is missing or wrong" in await resp.text()
+    assert sink.named("grant.revoked") == []
+
+    resp = await alice.client.post(
+        f"{UI}grants/{grant_id}/revoke",
+        data={"csrf": await alice.csrf(f"{UI}grants")},
+        allow_redirects=False,
+    )
+    assert resp.status == 303 and resp.headers["Location"] == f"{UI}grants?revoked={grant_id}"
+    status, html = await alice.page(resp.headers["Location"])
+    assert f"Grant {grant_id} is revoked" in html and "Live grants (0)" in html
+    revoked = sink.named("grant.revoked")
+    assert [(e["grant_id"], e["revoked_by"]["person"]) for e in revoked] == [
+        (grant_id, "alice@example.com")
+    ]
+    api = await agent.get(f"{GRANTS}/{grant_id}", headers=bearer(ALICE_KEY))
+    assert (await api.json())["state"] == "revoked"
+    status, html = await alice.page(f"{UI}approvals/{approval_id}")
+    assert "badge revoked" in html
+    # The next request like it waits for a human again.
+    again = held(agent, REPORT, {"week": 49})
+    await pending_on(agent, REPORT)
+    assert not again.done()
+    again.cancel()
+
+
+# -- live updates and paging -----------------------------------------------------------------
+
+
+async def test_the_pending_list_updates_live_after_a_decision_elsewhere(inbox: Any) -> None:
+    make, _, agent = inbox
+    call = held(agent)
+    approval_id = await pending_id(agent)
+    alice = await make()
+    await alice.login("alice@example.com")
+    _, html = await alice.page(UI)
+    assert 'data-events="/_countersign/ui/events"' in html
+    resp = await alice.client.get(UI + "events")  # the pending page's stream
+    assert resp.headers["Content-Type"] == "text/event-stream"
+    assert (await resp.content.readline()).startswith(b"retry:")
+    decided = await agent.post(  # decided through the API, not in this browser
+        f"{API}/{approval_id}/decision",
+        json={"verdict": "approve", "reason": "via the API"},
+        headers=bearer(ALICE_KEY),
+    )
+    assert decided.status == 200
+    seen = b""
+    while b"event: changed" not in seen:
+        seen += await asyncio.wait_for(resp.content.readline(), 8)
+    resp.close()
+    _, html = await alice.page(UI)
+    assert approval_id not in html and "Nothing is waiting for you" in html
+    await asyncio.wait_for(call, 5)
+
+
+async def test_history_pages_beyond_one_page(inbox: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(views, "PAGE_SIZE", 2)
+    make, _, agent = inbox
+    ids = []
+    for n in range(5):
+        path = f"/cloud/exports/part-{n}"
+        call = held(agent, path)
+        approval_id = await pending_on(agent, path)
+        resp = await agent.post(
+            f"{API}/{approval_id}/decision",
+            json={"verdict": "deny", "reason": f"no {n}"},
+            headers=bearer(ALICE_KEY),
+        )
+        assert resp.status == 200
+        await asyncio.wait_for(call, 5)
+        ids.append(approval_id)
+    alice = await make()
+    await alice.login("alice@example.com")
+    seen: list[str] = []
+    link: str | None = f"{UI}history?state=denied"
+    pages = 0
+    while link is not None:
+        status, html = await alice.page(link)
+        assert status == 200
+        shown = re.findall(r'data-approval="([^"]+)"', html)
+        assert len(shown) <= 2
+        seen += shown
+        found = re.search(r'<a href="([^"]+)" rel="next">', html)
+        link = found.group(1).replace("&amp;", "&") if found else None
+        if link is not None:
+            assert "state=denied" in link and "cursor=" in link  # filters kept across pages
+        pages += 1
+        assert pages < 10
+    assert pages >= 3 and seen == list(reversed(ids)), "every approval once, newest first"
+    status, html = await alice.page(f"{UI}history?cursor=not-a-cursor")
+    assert status == 400 and "That page link is not valid" in html

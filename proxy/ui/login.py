@@ -15,7 +15,7 @@ import hmac
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import aiohttp
 import structlog
@@ -59,6 +59,7 @@ class Endpoints:
 class LoggedIn:
     identity: Identity
     id_token_expires_at: float
+    id_token: str  # kept for logout at the IdP (`id_token_hint`)
 
 
 def id_token_issuer(
@@ -115,9 +116,29 @@ class WebLogin:
         if not isinstance(authorization, str) or not isinstance(token, str):
             raise LoginError(f"the discovery document at {url} has no code flow", status=503)
         end = doc.get("end_session_endpoint")
-        found = Endpoints(authorization, token, end if isinstance(end, str) else None)
+        if not isinstance(end, str) or not end.lower().startswith(("https://", "http://")):
+            end = None
+        found = Endpoints(authorization, token, end)
         self._endpoints = (time.monotonic(), found)
         return found
+
+    async def logout_url(self, id_token: str | None, post_logout_redirect_uri: str) -> str | None:
+        """Where to send the browser to end its session at the IdP too (OpenID Connect
+        RP-Initiated Logout), when the discovery document names an `end_session_endpoint`; else
+        (or when the IdP cannot be reached now) None. The IdP sends the browser back to
+        `post_logout_redirect_uri` if that is registered for the client."""
+        try:
+            endpoints = await self.endpoints()
+        except LoginError:
+            return None
+        if endpoints.end_session is None:
+            return None
+        params = {"client_id": self.settings.client_id}
+        if id_token:
+            params["id_token_hint"] = id_token
+        params["post_logout_redirect_uri"] = post_logout_redirect_uri
+        separator = "&" if "?" in endpoints.end_session else "?"
+        return endpoints.end_session + separator + urlencode(params)
 
     async def start(self, redirect_uri: str) -> tuple[str, dict[str, Any]]:
         """The authorization URL to send the browser to, and what the callback must check
@@ -188,7 +209,7 @@ class WebLogin:
             (isinstance(aud, list) and len(aud) > 1) or azp is not None
         ) and azp != self.settings.client_id:
             raise LoginError("the ID token was issued to another client (azp)")
-        return LoggedIn(identity, float(claims["exp"]))
+        return LoggedIn(identity, float(claims["exp"]), id_token)
 
     async def _exchange(self, code: str, flight: dict[str, Any]) -> dict[str, Any]:
         endpoints = await self.endpoints()

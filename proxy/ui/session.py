@@ -19,7 +19,7 @@ import hmac
 import json
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -30,6 +30,8 @@ UI_PATH = "/_countersign/ui/"
 SESSION_COOKIE = "countersign_ui"
 LOGIN_COOKIE = "countersign_ui_login"
 LOGIN_SECONDS = 600  # the login in flight: from /login to /callback
+ID_TOKEN_KEPT_CHARS = 1800  # larger ID tokens are not kept: logout then names the client only
+COOKIE_VALUE_CHARS = 3800  # a browser keeps about 4 KB per cookie, name and attributes included
 
 
 def _b64(data: bytes) -> str:
@@ -74,11 +76,14 @@ class Signer:
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    """A logged-in person: the identity their ID token made, and the page forms' CSRF token."""
+    """A logged-in person: the identity their ID token made, and the page forms' CSRF token.
+    `id_token`: the ID token itself when it is small enough to keep in the cookie, sent back to
+    the IdP as `id_token_hint` at logout (the cookie already holds every claim it carries)."""
 
     identity: Identity
     csrf: str
     expires_at: float
+    id_token: str | None = None
 
     def to_payload(self) -> dict[str, Any]:
         ident = self.identity
@@ -92,6 +97,7 @@ class Session:
             "owner": ident.owner,
             "csrf": self.csrf,
             "exp": self.expires_at,
+            **({"idt": self.id_token} if self.id_token else {}),
         }
 
     @classmethod
@@ -106,13 +112,21 @@ class Session:
                 owner=data.get("owner"),
                 email_verified=data.get("ev") is True,
             )
-            return cls(identity, str(data["csrf"]), float(data["exp"]))
+            id_token = data.get("idt")
+            return cls(
+                identity,
+                str(data["csrf"]),
+                float(data["exp"]),
+                id_token if isinstance(id_token, str) else None,
+            )
         except (KeyError, TypeError, ValueError):
             return None
 
     @classmethod
-    def new(cls, identity: Identity, expires_at: float) -> Session:
-        return cls(identity, secrets.token_urlsafe(32), expires_at)
+    def new(cls, identity: Identity, expires_at: float, id_token: str | None = None) -> Session:
+        if id_token is not None and len(id_token) > ID_TOKEN_KEPT_CHARS:
+            id_token = None  # a browser keeps at most about 4 KB per cookie
+        return cls(identity, secrets.token_urlsafe(32), expires_at, id_token)
 
     def csrf_ok(self, token: object) -> bool:
         return isinstance(token, str) and hmac.compare_digest(
@@ -155,7 +169,10 @@ class Cookies:
 
     def set_session(self, response: web.StreamResponse, session: Session) -> None:
         max_age = max(1, int(session.expires_at - time.time()))
-        self._set(response, self.session_name, self._session.sign(session.to_payload()), max_age)
+        value = self._session.sign(session.to_payload())
+        if len(value) > COOKIE_VALUE_CHARS and session.id_token is not None:
+            value = self._session.sign(replace(session, id_token=None).to_payload())
+        self._set(response, self.session_name, value, max_age)
 
     def clear_session(self, response: web.StreamResponse) -> None:
         self._clear(response, self.session_name)

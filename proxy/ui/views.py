@@ -5,6 +5,8 @@ through `login.WebLogin`; their session (`session.Cookies`) carries the `Identit
 made, and every decision goes through `ApprovalService.decide` with channel "web": the same
 person, the same checks (zero self-approval, approver authorization, quorum by person) and the
 same audit as a decision through the API or Slack. Visibility is `ApprovalService.may_see`.
+Grants are asked with the decision (`decide(grant_uses=, grant_seconds=)`, the rule's limits
+checked by the service) and revoked with `ApprovalService.revoke_grant`, as through the API.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -27,6 +30,7 @@ from ..approvals.service import ApprovalService
 from ..audit import AuditUnavailable
 from ..config import Settings, WebLoginSettings
 from ..model import Approval, ApprovalState, Identity, Verdict, state
+from ..model.grant import Grant, GrantState, pattern_of
 from ..model.persons import canonical_email, same_person
 from ..server.responses import status_for
 from ..store.base import InvalidCursor, StoreUnavailable, parse_cursor
@@ -188,13 +192,21 @@ class Inbox:
             headers={"Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff"},
         )
 
+    def _base(self, request: web.Request) -> str | None:
+        """This inbox's origin as the IdP must call it back: `server.public_url`, else the
+        request's own host when that is a loopback address; else None (no login possible)."""
+        if self._public_url is not None:
+            return self._public_url
+        if _is_loopback_host(request.host):
+            return f"http://{request.host}"
+        return None
+
     async def login_page(self, request: web.Request) -> web.Response:
         assert self.login is not None
         target = safe_next(request.query.get("next"))
-        if self._public_url is not None:
-            redirect_uri = self._public_url + UI_PATH + "callback"
-        elif _is_loopback_host(request.host):
-            redirect_uri = f"http://{request.host}{UI_PATH}callback"
+        base = self._base(request)
+        if base is not None:
+            redirect_uri = base + UI_PATH + "callback"
         else:
             return self.message(
                 "Cannot log in here",
@@ -238,7 +250,7 @@ class Inbox:
             return self.message(
                 "Login refused", "The ID token has already expired.", 400, login_link=True
             )
-        session = Session.new(logged_in.identity, expires_at)
+        session = Session.new(logged_in.identity, expires_at, logged_in.id_token)
         ident = logged_in.identity
         log.info("ui.login", subject=ident.subject, issuer=ident.issuer, person=ident.person)
         response = self.redirect(safe_next(str(flight.get("next", ""))), 303)
@@ -251,11 +263,41 @@ class Inbox:
         form = await request.post()
         if session is not None and not session.csrf_ok(form.get("csrf")):
             return self._csrf_refused(session)
-        response = self.message(
-            "Logged out", "You are logged out of the inbox.", 200, login_link=True
-        )
+        # Then at the IdP too, when it offers RP-Initiated Logout: else the next visit would log
+        # the same person in again without asking.
+        base = self._base(request)
+        end_session = None
+        if session is not None and base is not None and self.login is not None:
+            end_session = await self.login.logout_url(
+                session.id_token, base + UI_PATH + "logged-out"
+            )
+        if end_session is not None:
+            # A page that moves on by itself, not a redirect: the CSP's `form-action 'self'`
+            # forbids a form's POST to be redirected to another origin.
+            response = self.message(
+                "Logged out",
+                "You are logged out of the inbox; now ending your session at your identity "
+                "provider.",
+                200,
+                idp_logout=end_session,
+            )
+        else:
+            response = self.message(
+                "Logged out", "You are logged out of the inbox.", 200, login_link=True
+            )
+        if session is not None:
+            log.info("ui.logout", subject=session.identity.subject, idp=end_session is not None)
         self.cookies.clear_session(response)
         return response
+
+    async def logged_out(self, request: web.Request) -> web.Response:
+        """Where the IdP sends the browser back after ending its session there."""
+        return self.message(
+            "Logged out",
+            "You are logged out of the inbox and of your identity provider.",
+            200,
+            login_link=True,
+        )
 
     def _csrf_refused(self, session: Session | None) -> web.Response:
         return self.message(
@@ -325,10 +367,14 @@ class Inbox:
         error_code: str | None = None,
         notice: str | None = None,
         reason: str = "",
+        asked: dict[str, str] | None = None,
     ) -> web.Response:
-        view = self._service.view(approval)
+        view = await self._service.view_live(approval)
         body = await self._body_view(approval)
         earlier = await self._earlier(approval, session.identity)
+        offer = grant_offer(approval)
+        if offer is not None and asked:
+            offer = {**offer, "uses": asked.get("uses", ""), "time": asked.get("time", "")}
         return self.page(
             "approval.html",
             status,
@@ -337,6 +383,7 @@ class Inbox:
             view=view,
             body=body,
             earlier=earlier,
+            offer=offer,
             why_not=self.why_not_decide(approval, session.identity),
             error=error,
             error_code=error_code,
@@ -429,15 +476,41 @@ class Inbox:
             return self._not_found(session)
         reason_value = form.get("reason")
         reason = reason_value if isinstance(reason_value, str) else ""
+        asked = {
+            "uses": _form_text(form, "grant_uses"),
+            "time": _form_text(form, "grant_minutes") or _form_text(form, "grant_seconds"),
+        }
+        chosen = str(form.get("verdict"))
+        with_grant = chosen == Verdict.APPROVE.value + GRANT_SUFFIX
         try:
-            verdict = Verdict(str(form.get("verdict")))
+            verdict = Verdict.APPROVE if with_grant else Verdict(chosen)
         except ValueError:
             return await self._approval_page(
                 approval, session, status=400, error='Choose "Approve" or "Deny".', reason=reason
             )
+        grant_uses = grant_seconds = None
+        if with_grant:
+            try:
+                grant_uses, grant_seconds = _grant_asked(form)
+            except _BadGrant as exc:
+                return await self._approval_page(
+                    approval,
+                    session,
+                    status=400,
+                    error=f"The grant was not understood: {exc}. Nothing was decided.",
+                    error_code="invalid_request",
+                    reason=reason,
+                    asked=asked,
+                )
         try:
             decided = await self._service.decide(
-                approval.id, session.identity, verdict, reason, channel="web"
+                approval.id,
+                session.identity,
+                verdict,
+                reason,
+                channel="web",
+                grant_uses=grant_uses,
+                grant_seconds=grant_seconds,
             )
         except state.ApprovalError as exc:
             current = exc.approval or await self._service.get(approval.id) or approval
@@ -448,10 +521,92 @@ class Inbox:
                 error=_refusal_words(exc),
                 error_code=exc.code,
                 reason=reason,
+                asked=asked if grant_uses is not None else None,
             )
         return self.redirect(
             f"{UI_PATH}approvals/{decided.id}?{urlencode({'decided': verdict.value})}", 303
         )
+
+    # -- grants ------------------------------------------------------------------------------
+
+    async def grants(self, request: web.Request) -> web.Response:
+        session = self.cookies.session(request)
+        if session is None:
+            return self.to_login(request)
+        notice = None
+        revoked = request.query.get("revoked", "")
+        if re.fullmatch(r"grt_[A-Za-z0-9_-]{1,80}", revoked):
+            notice = f"Grant {revoked} is revoked: it lets nothing more through."
+        return await self._grants_page(session, notice=notice)
+
+    async def _grants_page(
+        self,
+        session: Session,
+        *,
+        status: int = 200,
+        error: str | None = None,
+        error_code: str | None = None,
+        notice: str | None = None,
+    ) -> web.Response:
+        identity = session.identity
+        now = time.time()
+        live: list[dict[str, Any]] = []
+        ended: list[dict[str, Any]] = []
+        for grant in await self._service.grants_for(identity):
+            shown = self._grant_row(grant, identity, now)
+            (live if shown["active"] else ended).append(shown)
+        return self.page(
+            "grants.html",
+            status,
+            session,
+            live=live,
+            ended=ended[:50],
+            error=error,
+            error_code=error_code,
+            notice=notice,
+        )
+
+    def _grant_row(self, grant: Grant, identity: Identity, now: float) -> dict[str, Any]:
+        grant_state = grant.state(now)
+        return {
+            "view": self._service.grant_view(grant),
+            "grant": grant,
+            "state": grant_state.value,
+            "active": grant_state is GrantState.ACTIVE,
+            "may_revoke": self._service.may_revoke(grant, identity),
+        }
+
+    async def revoke_grant(self, request: web.Request) -> web.Response:
+        """End a grant at once: the same service call (checks and `grant.revoked` audit) as
+        `DELETE /_countersign/api/grants/{id}`."""
+        session = self.cookies.session(request)
+        form = await request.post()
+        if session is None:
+            return self.message(
+                "Refused: you are not logged in",
+                "Your session has ended, so nothing was revoked. Log in and try again.",
+                403,
+                login_link=True,
+            )
+        if not session.csrf_ok(form.get("csrf")):
+            return self._csrf_refused(session)
+        grant_id = request.match_info["grant_id"]
+        try:
+            revoked = await self._service.revoke_grant(grant_id, session.identity)
+        except state.ApprovalNotFound:
+            return self.message(
+                "No such grant", "There is no such grant, or you may not see it.", 404, session
+            )
+        except state.NotAnApprover as exc:
+            return await self._grants_page(
+                session,
+                status=403,
+                error=f"You cannot revoke grant {grant_id}: only an approver of its rule may "
+                f"({exc.message}). Nothing was changed.",
+                error_code=exc.code,
+            )
+        log.info("ui.grant_revoked", grant_id=revoked.id, subject=session.identity.subject)
+        return self.redirect(f"{UI_PATH}grants?{urlencode({'revoked': revoked.id})}", 303)
 
     async def body(self, request: web.Request) -> web.Response:
         session = self.cookies.session(request)
@@ -585,6 +740,59 @@ class Inbox:
         return response
 
 
+GRANT_SUFFIX = "+grant"  # the verdict of the "Approve this and the next N like it" button
+
+
+class _BadGrant(ValueError):
+    """The grant fields of a decision form, said in words."""
+
+
+def _form_text(form: Any, name: str) -> str:
+    value = form.get(name)
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _whole(text: str, what: str) -> int:
+    if not text:
+        raise _BadGrant(f"the number of {what} is missing")
+    if not text.isdigit() or len(text) > 9:
+        raise _BadGrant(f"the number of {what} must be a whole number, not {text[:20]!r}")
+    value = int(text)
+    if value < 1:
+        raise _BadGrant(f"the number of {what} must be at least 1")
+    return value
+
+
+def _grant_asked(form: Any) -> tuple[int, int]:
+    """(uses, seconds) from the grant fields: `grant_uses` and `grant_minutes` (or
+    `grant_seconds`, for a rule whose grants last less than a minute). The rule's limits are
+    checked by the service (`InvalidGrant`), as for the API."""
+    uses = _whole(_form_text(form, "grant_uses"), "requests")
+    if _form_text(form, "grant_minutes"):
+        return uses, _whole(_form_text(form, "grant_minutes"), "minutes") * 60
+    return uses, _whole(_form_text(form, "grant_seconds"), "seconds")
+
+
+def grant_offer(approval: Approval) -> dict[str, Any] | None:
+    """What the decision form offers as a grant, when the approval's rule allows one: the
+    inputs' bounds (the rule's limits) and pre-filled values (the limits themselves). Time is in
+    minutes, or in seconds for a rule whose grants last less than a minute."""
+    max_uses, max_seconds = approval.grant_max_uses, approval.grant_max_seconds
+    if max_uses is None or max_seconds is None:
+        return None
+    in_minutes = max_seconds >= 60
+    max_time = max_seconds // 60 if in_minutes else max_seconds
+    return {
+        "max_uses": max_uses,
+        "max_time": max_time,
+        "unit": "minutes" if in_minutes else "seconds",
+        "field": "grant_minutes" if in_minutes else "grant_seconds",
+        "uses": str(max_uses),
+        "time": str(max_time),
+        "pattern": pattern_of(approval.method, approval.path, approval.actions),
+    }
+
+
 def _refusal_words(exc: state.ApprovalError) -> str:
     """A refused decision, said to the person who tried."""
     lead = {
@@ -597,6 +805,7 @@ def _refusal_words(exc: state.ApprovalError) -> str:
         "already_approved": "You already approved this request.",
         "reason_required": "A denial needs a reason: write one in the reason field.",
         "approval_not_found": "This approval no longer exists.",
+        "invalid_request": "The grant asked for is not allowed, so nothing was decided.",
     }.get(exc.code, "The decision was refused.")
     return f"{lead} ({exc.message})"
 
@@ -643,6 +852,9 @@ def ui_routes(inbox: Inbox) -> list[web.RouteDef]:
         route("GET", "approvals/{approval_id}", inbox.approval),
         route("POST", "approvals/{approval_id}/decision", inbox.decide),
         route("GET", "approvals/{approval_id}/body", inbox.body),
+        route("GET", "grants", inbox.grants),
+        route("POST", "grants/{grant_id}/revoke", inbox.revoke_grant),
+        route("GET", "logged-out", inbox.logged_out),
     ]
 
 

@@ -1,10 +1,11 @@
 """The approvers' web inbox in a real browser (headless Chromium through selenium) against the
 real `countersign run` process and the real test IdP: log in, see, approve, deny, CSRF refusal,
-the agent's owner refused in words.
+the agent's owner refused in words, a grant given and used and revoked, logout at the IdP, every
+page usable 375 px wide.
 
 `make test` installs Chromium (`make browser`); without it these tests are skipped, saying so.
-With `COUNTERSIGN_SCREENSHOTS=1` the run also saves docs/images/inbox-pending.png and
-docs/images/inbox-approval.png (the README's pictures).
+With `COUNTERSIGN_SCREENSHOTS=1` the run also saves docs/images/inbox-pending.png,
+docs/images/inbox-approval.png and docs/images/inbox-grants.png (the README's pictures).
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ policy:
       paths: ["/cloud/exports/**"]
       action: approve
       approvers: {{groups: [data-owners]}}
+    - name: reports
+      route: cloud
+      methods: [POST]
+      paths: ["/cloud/reports/**"]
+      action: approve
+      approvers: {{groups: [data-owners]}}
+      grant: {{max_uses: 5, max_seconds: 3600}}
+      risk: high
+      note: "Reports go to the board's mailbox: check the quarter and the recipients."
 """
 
 
@@ -109,9 +119,9 @@ class Inbox:
 
         return self._pool.submit(call)
 
-    def api(self, path: str) -> Any:
+    def api(self, path: str, prefix: str = API) -> Any:
         resp = httpx.get(
-            self.base + API + path, headers={"Authorization": f"Bearer {ALICE_KEY}"}, timeout=10
+            self.base + prefix + path, headers={"Authorization": f"Bearer {ALICE_KEY}"}, timeout=10
         )
         return resp.json()
 
@@ -124,6 +134,18 @@ class Inbox:
                 return [a["approval_id"] for a in found]
             time.sleep(0.05)
         raise AssertionError(f"{count} pending approvals did not appear")
+
+    def pending_on(self, path: str) -> str:
+        """The newest pending approval of a request on `path` (without its query)."""
+        import time
+
+        for _ in range(200):
+            found = self.api("?state=pending")["approvals"]
+            mine = [a["approval_id"] for a in found if a["path"] == path]
+            if mine:
+                return str(mine[0])
+            time.sleep(0.05)
+        raise AssertionError(f"no pending approval on {path} appeared")
 
 
 @pytest.fixture(scope="module")
@@ -234,8 +256,6 @@ def test_log_in_see_approve_and_deny_in_a_real_browser(inbox: Inbox, chrome: Any
         assert shown in page, shown
     assert "upstream-secret-token" not in page
     assert chrome.find_element(By.ID, "countdown").text.endswith("left")
-    if SCREENSHOTS:
-        chrome.save_screenshot(str(IMAGES / "inbox-approval.png"))
     chrome.find_element(By.ID, "reason").send_keys("checked the month")
     chrome.find_element(By.XPATH, "//button[text()='Approve']").click()
     notice = wait_for(chrome, lambda d: d.find_element(By.ID, "notice"), "the approval recorded")
@@ -288,3 +308,137 @@ def test_a_tampered_csrf_token_is_refused_and_the_owner_is_told_why(
     assert not chrome.find_elements(By.XPATH, "//button[text()='Approve']")
     assert inbox.api(f"/{approval_id}")["state"] == "pending"
     assert not held.done()
+
+
+def fits_375(driver: Any, what: str) -> None:
+    """The page as a 375 px wide phone shows it: nothing wider than the screen (no sideways
+    scrolling), and every button inside it."""
+    from selenium.webdriver.common.by import By
+
+    assert driver.execute_script("return window.innerWidth") == 375, what
+    width = driver.execute_script("return document.documentElement.scrollWidth")
+    assert width <= 375, f"{what} is {width} px wide at 375 px"
+    for button in driver.find_elements(By.CSS_SELECTOR, "button"):
+        if button.is_displayed():
+            right = driver.execute_script(
+                "return arguments[0].getBoundingClientRect().right", button
+            )
+            assert right <= 375, f"{what}: button {button.text!r} ends at {right} px"
+
+
+def test_grant_in_the_inbox_then_revoke_it_and_every_page_fits_a_phone(
+    inbox: Inbox, chrome: Any
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    first = inbox.agent("/cloud/reports/q4", {"quarter": "2026-Q4", "to": "board"}, "Q4 report")
+    approval_id = inbox.pending_on("/cloud/reports/q4")
+    log_in(chrome, inbox, "alice@example.com")
+    open_approval(chrome, inbox, approval_id)
+    assert chrome.find_element(By.CSS_SELECTOR, "h1 .badge.risk-high").text == "risk: high"
+    assert "board's mailbox" in chrome.find_element(By.ID, "rule-note").text
+    assert "data-owners" in chrome.find_element(By.ID, "approvers").text
+    uses = chrome.find_element(By.ID, "grant-uses")
+    minutes = chrome.find_element(By.ID, "grant-time")
+    assert (uses.get_attribute("value"), uses.get_attribute("max")) == ("5", "5")
+    assert (minutes.get_attribute("value"), minutes.get_attribute("max")) == ("60", "60")
+    covers = chrome.find_element(By.ID, "grant-covers").text
+    assert "POST /cloud/reports/q4" in covers and "same agent" in covers
+    button = chrome.find_element(By.ID, "approve-grant")
+    assert button.text == "Approve this and the next 5 like it for 60 minutes"
+    if SCREENSHOTS:
+        chrome.set_window_size(900, 1900)
+        chrome.save_screenshot(str(IMAGES / "inbox-approval.png"))
+        chrome.set_window_size(900, 1200)
+    uses.clear()
+    uses.send_keys("2")
+    minutes.clear()
+    minutes.send_keys("10")
+    assert button.text == "Approve this and the next 2 like it for 10 minutes"
+    chrome.find_element(By.ID, "reason").send_keys("Q4 is due")
+    button.click()
+    wait_for(chrome, lambda d: d.find_element(By.ID, "notice"), "the approval recorded")
+    assert first.result(timeout=WAIT).status_code == 200
+    made = chrome.find_element(By.ID, "grant-made")
+    grant_id = made.get_attribute("data-grant")
+    assert "Uses left: 2 of 2" in made.text and "active" in made.text
+
+    # The next report like it (another body) goes through the real process without a human.
+    second = inbox.agent("/cloud/reports/q4", {"quarter": "2026-Q4", "to": "audit"}, "again")
+    answer = second.result(timeout=WAIT)
+    assert answer.status_code == 200 and answer.headers["Countersign-Grant-Id"] == grant_id
+    chrome.refresh()
+    made = wait_for(chrome, lambda d: d.find_element(By.ID, "grant-made"), "the grant")
+    assert "Uses left: 1 of 2" in made.text
+
+    # The grants page lists it; alice revokes it.
+    chrome.find_element(By.LINK_TEXT, "Grants").click()
+    card = wait_for(
+        chrome,
+        lambda d: d.find_element(By.CSS_SELECTOR, f'.card[data-grant="{grant_id}"]'),
+        "the grant on the grants page",
+    )
+    for shown in ("reports", "POST /cloud/reports/q4", "report-agent", "1 of 2"):
+        assert shown in card.text, shown
+    if SCREENSHOTS:
+        chrome.set_window_size(900, 700)
+        chrome.save_screenshot(str(IMAGES / "inbox-grants.png"))
+        chrome.set_window_size(900, 1200)
+
+    # Every page at 375 px: pending, an approval, history, grants.
+    chrome.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 375, "height": 812, "deviceScaleFactor": 1, "mobile": True},
+    )
+    try:
+        for path, marker in (
+            ("", "h1"),
+            (f"approvals/{approval_id}", "#quorum"),
+            ("history", "form.filters"),
+            ("grants", f'.card[data-grant="{grant_id}"]'),
+        ):
+            chrome.get(inbox.base + UI + path)
+            wait_for(chrome, lambda d, m=marker: d.find_element(By.CSS_SELECTOR, m), path)
+            fits_375(chrome, path or "pending")
+        third = inbox.agent("/cloud/reports/q1", {"quarter": "2027-Q1"}, "a pending one")
+        pending = inbox.pending_on("/cloud/reports/q1")
+        open_approval(chrome, inbox, pending)
+        fits_375(chrome, "an approval with its decision form and grant offer")
+    finally:
+        chrome.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+    chrome.get(inbox.base + UI + "grants")
+    revoke = wait_for(
+        chrome,
+        lambda d: d.find_element(
+            By.CSS_SELECTOR, f'.card[data-grant="{grant_id}"] form.revoke button'
+        ),
+        "the revoke button",
+    )
+    revoke.click()
+    notice = wait_for(chrome, lambda d: d.find_element(By.ID, "notice"), "the revocation")
+    assert grant_id in notice.text and "revoked" in notice.text
+    assert inbox.api(f"/{grant_id}", "/_countersign/api/grants")["state"] == "revoked"
+    # Decide the pending one so nothing is left waiting.
+    open_approval(chrome, inbox, pending)
+    chrome.find_element(By.ID, "reason").send_keys("not yet")
+    chrome.find_element(By.XPATH, "//button[text()='Deny']").click()
+    wait_for(chrome, lambda d: d.find_element(By.ID, "notice"), "the denial recorded")
+    assert third.result(timeout=WAIT).status_code == 403
+
+
+def test_logout_ends_the_session_at_the_idp_too(inbox: Inbox, chrome: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    log_in(chrome, inbox, "alice@example.com")
+    chrome.find_element(By.XPATH, "//button[text()='Log out']").click()
+    # The IdP (oidc-provider) asks before ending its session; then sends the browser back.
+    wait_for(chrome, lambda d: d.find_element(By.NAME, "logout"), "the IdP's logout question")
+    assert not chrome.current_url.startswith(inbox.base)
+    chrome.find_element(By.NAME, "logout").click()
+    message = wait_for(chrome, lambda d: d.find_element(By.ID, "message"), "back in the inbox")
+    assert chrome.current_url.startswith(f"{inbox.base}{UI}logged-out")
+    assert "logged out of the inbox and of your identity provider" in message.text
+    # Opening the inbox again asks who you are (the IdP no longer remembers alice).
+    chrome.get(inbox.base + UI)
+    wait_for(chrome, lambda d: d.find_element(By.ID, "login"), "the IdP's login form again")

@@ -15,6 +15,8 @@
 //     "people": {
 //       "client_id": "people",
 //       "redirect_uris": ["http://127.0.0.1:9/callback"],
+//       // optional; default: ".../_countersign/ui/logged-out" for each ".../_countersign/ui/callback"
+//       "post_logout_redirect_uris": [...],
 //       "users": [{"sub": "alice@example.com", "claims": {"email": "...", "groups": [...]}}]
 //     }
 //   }
@@ -115,6 +117,12 @@ function clientMetadata() {
       grant_types: ['authorization_code'],
       response_types: ['code'],
       redirect_uris: people.redirect_uris,
+      // RP-Initiated Logout: the inbox's "logged-out" page beside each inbox callback (any
+      // loopback port, as for redirect_uris), unless the config lists them.
+      post_logout_redirect_uris: people.post_logout_redirect_uris ??
+        people.redirect_uris
+          .filter((uri) => uri.endsWith('/_countersign/ui/callback'))
+          .map((uri) => uri.replace(/callback$/, 'logged-out')),
       // native: a loopback redirect URI matches on any port (RFC 8252 section 7.3), so the
       // inbox of a proxy on a free port can log people in.
       application_type: 'native',

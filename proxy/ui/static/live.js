@@ -15,6 +15,20 @@
       }
     });
   }
+  // The grant button says what it will do: "Approve this and the next 5 like it for 10 minutes".
+  var grant = document.getElementById("approve-grant");
+  var uses = document.getElementById("grant-uses");
+  var time = document.getElementById("grant-time");
+  if (grant && uses && time) {
+    var unit = time.name === "grant_seconds" ? "seconds" : "minutes";
+    var label = function () {
+      grant.textContent = "Approve this and the next " + (uses.value || "N") + " like it for " +
+        (time.value || "T") + " " + unit;
+    };
+    uses.addEventListener("input", label);
+    time.addEventListener("input", label);
+    label();
+  }
   function pad(n) { return n < 10 ? "0" + n : "" + n; }
   function tick() {
     var now = Date.now() / 1000;

@@ -1,8 +1,11 @@
 """A local, strict fake of the Slack Web API and of Socket Mode, plus signed interactions.
 
 Slack cannot be reached from here. `FakeSlack` is a real aiohttp server speaking the parts of
-the Web API Countersign uses (auth.test, chat.postMessage, chat.update, chat.postEphemeral,
-users.info, views.open, conversations.info, apps.connections.open) and recording every call;
+the Web API Countersign uses (auth.test, chat.postMessage - in a channel, in a message's thread
+with `thread_ts`, or in a direct message - chat.update, chat.postEphemeral, users.info,
+users.lookupByEmail, views.open, conversations.info, conversations.open, apps.connections.open)
+and recording every call; thread replies are kept per message (`threads`), direct messages per
+user (`dms`);
 `apps.connections.open` hands out a ws:// URL on the same server that speaks the Socket Mode
 envelope protocol (`hello`, then the envelopes a test pushes; acks are recorded).
 `signed_request` builds what Slack would POST to the proxy, signed with the real v0 scheme.
@@ -12,7 +15,8 @@ limits (`proxy.slack.limits`, the one place they are written down; `block_errors
 are answered exactly as Slack answers them - HTTP 200 with `{"ok": false, "error":
 "invalid_blocks", "errors": [...]}`, `msg_too_long`, `channel_not_found`, `not_in_channel`,
 `invalid_auth` - and a rate limit as HTTP 429 with `Retry-After` and `{"ok": false, "error":
-"ratelimited"}`. Tests can make it fail (`fail_status`, `fail_error`, `refuse_blocks`,
+"ratelimited"}`; `users_not_found`, `user_not_found`, `user_disabled`, `cannot_dm_bot` and
+`thread_not_found` as the method pages list them. Tests can make it fail (`fail_status`, `fail_error`, `refuse_blocks`,
 `rate_limited`), slow (`delays`) or forget the bot (`channels`).
 """
 
@@ -58,16 +62,31 @@ USERS = {
 }
 
 
+# The scope each method needs (its method page), for `missing_scope` answers.
+_SCOPES = {
+    "users.lookupByEmail": "users:read.email",
+    "users.info": "users:read",
+    "conversations.open": "im:write",
+    "conversations.info": "channels:read",
+    "chat.postMessage": "chat:write",
+}
+
+
 class FakeSlack:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.call_times: list[tuple[str, float]] = []  # (method, monotonic time received)
-        self.messages: dict[str, dict[str, Any]] = {}  # ts -> latest params
+        self.messages: dict[str, dict[str, Any]] = {}  # ts -> latest params (top level)
+        self.threads: dict[str, list[dict[str, Any]]] = {}  # parent ts -> its replies
+        self.dms: dict[str, list[dict[str, Any]]] = {}  # user id -> messages sent to them
+        self._ims: dict[str, str] = {}  # DM channel id -> user id
         self.fail_status: int | None = None  # answer every Web API call with this status
         self.fail_methods: set[str] | None = None  # ... or only these methods
         # Answer chat.postMessage / chat.update with {"ok": false, "error": fail_error}.
         self.fail_error: str | None = None
         self.refuse_blocks = False  # answer any message with blocks `invalid_blocks`
+        # Answer these methods {"ok": false, "error": ...} (e.g. "missing_scope").
+        self.errors: dict[str, str] = {}
         self.rate_limited = 0  # answer this many next calls 429 ratelimited
         self.retry_after = 1  # ... with this Retry-After
         self.delays: dict[str, float] = {}  # method -> seconds before answering
@@ -99,6 +118,21 @@ class FakeSlack:
 
     def called(self, method: str) -> list[dict[str, Any]]:
         return [params for name, params in self.calls if name == method]
+
+    def posts(self) -> list[dict[str, Any]]:
+        """chat.postMessage calls that post a channel message (not a reply, not a DM)."""
+        return [
+            p
+            for p in self.called("chat.postMessage")
+            if not p.get("thread_ts") and str(p.get("channel")) not in self._ims
+        ]
+
+    def replies(self, ts: str | None = None) -> list[str]:
+        """The texts replied in the thread of message `ts` (of the only message by default)."""
+        if ts is None:
+            assert len(self.messages) == 1, list(self.messages)
+            ts = next(iter(self.messages))
+        return [str(r.get("text")) for r in self.threads.get(ts, [])]
 
     async def push(self, envelope: dict[str, Any]) -> None:
         """Send an envelope to the connected Socket Mode client."""
@@ -133,6 +167,15 @@ class FakeSlack:
         handler = getattr(self, "_" + method.replace(".", "_"), None)
         if handler is None:
             return self._refuse(method, "unknown_method")
+        if method in self.errors:
+            error = self.errors[method]
+            # Slack names the scope a refused call needed (and those the token has).
+            extra = (
+                {"needed": _SCOPES.get(method, "?"), "provided": "chat:write"}
+                if error == "missing_scope"
+                else {}
+            )
+            return self._refuse(method, error, **extra)
         answer: dict[str, Any] = handler(params)
         if not answer.get("ok"):
             self.refusals.append((method, str(answer.get("error"))))
@@ -175,9 +218,20 @@ class FakeSlack:
         refused = self._message_error(params)
         if refused is not None:
             return refused
+        parent = params.get("thread_ts")
+        if parent is not None:
+            found = self.messages.get(str(parent))
+            if found is None or found.get("channel") != params.get("channel"):
+                return {"ok": False, "error": "thread_not_found"}
         self._ts += 1
         ts = f"{self._ts}.000100"
-        self.messages[ts] = params
+        im_user = self._ims.get(str(params.get("channel")))
+        if parent is not None:
+            self.threads.setdefault(str(parent), []).append(params)
+        elif im_user is not None:
+            self.dms.setdefault(im_user, []).append(params)
+        else:
+            self.messages[ts] = params
         return {"ok": True, "channel": params["channel"], "ts": ts}
 
     def _chat_update(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -197,6 +251,35 @@ class FakeSlack:
         if found is None:
             return {"ok": False, "error": "user_not_found"}
         return {"ok": True, "user": found}
+
+    def _users_lookupByEmail(self, params: dict[str, Any]) -> dict[str, Any]:
+        email = str(params.get("email", "")).lower()
+        if not email:
+            return {"ok": False, "error": "invalid_arguments"}
+        for found in self.users.values():
+            if str(found.get("profile", {}).get("email", "")).lower() == email:
+                return {"ok": True, "user": found}
+        return {"ok": False, "error": "users_not_found"}
+
+    def _conversations_open(self, params: dict[str, Any]) -> dict[str, Any]:
+        users = [u for u in str(params.get("users", "")).split(",") if u]
+        if not users:
+            return {"ok": False, "error": "not_enough_users"}
+        if len(users) > 1:
+            return {"ok": False, "error": "method_not_supported_for_channel_type"}
+        found = self.users.get(users[0])
+        if found is None:
+            return {"ok": False, "error": "user_not_found"}
+        if found.get("deleted"):
+            return {"ok": False, "error": "user_disabled"}
+        if found.get("is_bot"):
+            return {"ok": False, "error": "cannot_dm_bot"}
+        channel = "D" + users[0]
+        self._ims[channel] = users[0]
+        self.channels.setdefault(
+            channel, {"id": channel, "is_im": True, "is_member": True, "is_archived": False}
+        )
+        return {"ok": True, "channel": {"id": channel}}
 
     def _conversations_info(self, params: dict[str, Any]) -> dict[str, Any]:
         channel = self.channels.get(str(params.get("channel")))
@@ -285,11 +368,42 @@ def _element_errors(element: Any, where: str) -> list[str]:
     elif kind == "plain_text_input":
         if int(element.get("max_length", 0)) > limits.PLAIN_TEXT_INPUT_MAX:
             errors.append(f"{where}/max_length: must be at most {limits.PLAIN_TEXT_INPUT_MAX}")
+    elif kind == "number_input":
+        errors += _number_input_errors(element, where)
     else:
         errors.append(f"{where}: unsupported element type {kind!r}")
     if len(str(element.get("action_id", ""))) > limits.ACTION_ID:
         errors.append(f"{where}/action_id: too long")
     return errors
+
+
+def _number_input_errors(element: dict[str, Any], where: str) -> list[str]:
+    """A number_input: `is_decimal_allowed` required; initial, min and max values are strings
+    holding numbers (whole ones unless decimals are allowed), min <= initial <= max."""
+    decimals = element.get("is_decimal_allowed")
+    if not isinstance(decimals, bool):
+        return [f"{where}/is_decimal_allowed: required boolean"]
+    values: dict[str, float] = {}
+    for name in ("initial_value", "min_value", "max_value"):
+        raw = element.get(name)
+        if raw is None:
+            continue
+        if not isinstance(raw, str):
+            return [f"{where}/{name}: must be a string"]
+        try:
+            number = float(raw) if decimals else int(raw)
+        except ValueError:
+            return [f"{where}/{name}: must be a {'number' if decimals else 'whole number'}"]
+        values[name] = number
+    low, high = values.get("min_value"), values.get("max_value")
+    if low is not None and high is not None and low > high:
+        return [f"{where}/min_value: must be at most max_value"]
+    initial = values.get("initial_value")
+    if initial is not None and (
+        (low is not None and initial < low) or (high is not None and initial > high)
+    ):
+        return [f"{where}/initial_value: must be between min_value and max_value"]
+    return []
 
 
 def block_errors(blocks: Any, max_blocks: int) -> list[str]:
@@ -422,6 +536,36 @@ def view_submission(
             "private_metadata": json.dumps({"approval_id": approval_id, "channel": channel}),
             "state": {
                 "values": {"reason": {"reason": {"type": "plain_text_input", "value": reason}}}
+            },
+        },
+    }
+
+
+def grant_submission(
+    user_id: str,
+    private_metadata: str,
+    uses: str | None,
+    time_value: str | None,
+    note: str | None = None,
+) -> dict[str, Any]:
+    """The "Approve + grant…" modal submitted: `private_metadata` as the modal was opened
+    with (from the recorded views.open), the numbers as Slack sends them (strings)."""
+    number = "number_input"
+    return {
+        "type": "view_submission",
+        "team": {"id": TEAM},
+        "user": {"id": user_id, "team_id": TEAM},
+        "view": {
+            "id": "V" + uuid.uuid4().hex[:8],
+            "type": "modal",
+            "callback_id": "countersign_approve_grant",
+            "private_metadata": private_metadata,
+            "state": {
+                "values": {
+                    "grant_uses": {"grant_uses": {"type": number, "value": uses}},
+                    "grant_time": {"grant_time": {"type": number, "value": time_value}},
+                    "reason": {"reason": {"type": "plain_text_input", "value": note}},
+                }
             },
         },
     }

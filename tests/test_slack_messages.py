@@ -28,11 +28,17 @@ from proxy.slack import limits
 from proxy.slack.blocks import (
     MAX_DECISIONS_SHOWN,
     approval_blocks,
+    decision_reply,
     decisions_text,
     fallback_text,
+    grant_modal,
+    grant_reply,
     header_text,
     minimal_text,
+    outcome_reply,
+    owner_message,
     reason_modal,
+    reminder_reply,
 )
 from proxy.slack.delivery import SlackNotifier
 from proxy.slack.mrkdwn import literal, render
@@ -103,7 +109,10 @@ def adversarial(rng: random.Random) -> Approval:
         )
         for _ in range(rng.choice([0, 1, 2, 5, 12, 40]))
     )
+    granting = rng.random() < 0.4
     return make_approval(
+        # An id of letters the mark cannot spell (it is shown outside code, in the link).
+        id="apr_" + "".join(rng.choice("ABCDEFGHJK0123456789") for _ in range(24)),
         state=state,
         method=rng.choice(["POST", "DELETE", text(40)]),
         path="/" + text(5000),
@@ -138,6 +147,12 @@ def adversarial(rng: random.Random) -> Approval:
         risk=text(100) if rng.random() < 0.3 else None,
         note=text(3000) if rng.random() < 0.3 else None,
         approver_members=tuple(text(100) for _ in range(rng.randint(0, 20))),
+        approver_users=tuple(text(100) for _ in range(rng.randint(0, 5))),
+        grant_max_uses=rng.choice([1, 5, 1000]) if granting else None,
+        grant_max_seconds=rng.choice([30, 60, 1800, 604800]) if granting else None,
+        grant_id="grt_" + "A" * 24 if granting and rng.random() < 0.5 else None,
+        grant_uses=rng.choice([1, 1000]) if granting else None,
+        grant_seconds=rng.choice([30, 604800]) if granting else None,
     )
 
 
@@ -199,6 +214,24 @@ def test_adversarial_approvals_render_to_messages_slack_accepts(seed: int) -> No
         assert view_errors(modal) == []
         for mrkdwn in mrkdwn_texts(modal["blocks"]):
             assert_inert(mrkdwn)
+        if approval.grant_max_uses is not None:
+            modal = grant_modal(approval, json.dumps({"approval_id": "x"}))
+            assert view_errors(modal) == []
+            for mrkdwn in mrkdwn_texts(modal["blocks"]):
+                assert_inert(mrkdwn)
+        # The thread replies and the owner's message: within budget, agent text inert.
+        replies = [decision_reply(approval, i) for i in range(len(approval.decisions))]
+        mentions = [literal(m, 200) for m in approval.approver_members]
+        replies += [
+            outcome_reply(approval),
+            grant_reply(approval, None),
+            reminder_reply(approval, mentions, [nasty(rng, 100)]),
+            owner_message(approval, PUBLIC_URL),
+        ]
+        for reply in replies:
+            if reply is not None:
+                assert limits.units(reply) <= limits.SECTION_TEXT
+                assert_inert(reply)
 
 
 def test_budgets_are_counted_after_escaping() -> None:

@@ -36,14 +36,14 @@ from slack_sdk.web.async_client import AsyncWebClient
 from ..server.keys import SLACK_APP
 from ..server.responses import error_response
 from ..tasks import stop_task
-from .blocks import APPROVE, APPROVE_WITH_NOTE, DENY
+from .blocks import APPROVE, APPROVE_GRANT, APPROVE_WITH_NOTE, DENY
 from .interactions import SlackActions
 
 log = structlog.get_logger("countersign.slack")
 
 EVENTS_PATH = "/_countersign/slack/events"
-_BUTTONS = re.compile(f"^({APPROVE}|{APPROVE_WITH_NOTE}|{DENY})$")
-_MODALS = re.compile(f"^({APPROVE_WITH_NOTE}|{DENY})$")
+_BUTTONS = re.compile(f"^({APPROVE}|{APPROVE_WITH_NOTE}|{APPROVE_GRANT}|{DENY})$")
+_MODALS = re.compile(f"^({APPROVE_WITH_NOTE}|{APPROVE_GRANT}|{DENY})$")
 
 
 class SlackApp:

@@ -15,15 +15,24 @@ final state is shown once Slack is back. When Slack refuses the payload itself (
 `msg_too_long`), a minimal message with the link to the approval is sent instead and counted
 (`on_fallback`). A delivery that gives up raises `GaveUp` to the hub, which logs and counts it
 (`countersign_notify_failures_total{channel="slack"}`).
+
+Once the message shows the stored state, the worker says in its thread what it has not said yet:
+each decision, the grant the approval made, how it ended; and tells the agent's owner by direct
+message once it is decided. Each is said once across replicas (`_once`: a store note records it,
+a store lease picks the replica that says it). One timer per notifier (not a task per approval)
+posts the reminder before expiry, through the same `_once`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import random
+import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,15 +44,41 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
 from ..audit.redact import Redactor
-from ..model import Approval, ApprovalState
+from ..model import Approval, ApprovalState, Verdict
+from ..model.grant import Grant
+from ..model.persons import canonical_email
 from ..notify import REQUESTED
 from ..notify.retry import GaveUp
 from ..store.base import Store, StoreUnavailable
-from .blocks import approval_blocks, fallback_text, minimal_text
+from .blocks import (
+    approval_blocks,
+    decision_reply,
+    fallback_text,
+    grant_reply,
+    minimal_text,
+    outcome_reply,
+    owner_message,
+    reminder_reply,
+)
+from .mrkdwn import literal
 
 log = structlog.get_logger("countersign.slack")
 
 MESSAGE_NOTE = "slack.message"
+# What was said once per approval (a thread reply, the reminder, the owner's message) is kept as
+# a note named `slack.once.<key>` (its ts, or why it was skipped), so no replica says it again.
+ONCE_NOTE = "slack.once."
+# The reminder: when a pending approval has used 80% of its lifetime or is 5 minutes from expiry,
+# whichever is later; none for approvals shorter than this.
+REMINDER_MIN_LIFETIME = 120.0
+REMINDER_FRACTION = 0.8
+REMINDER_BEFORE = 300.0
+MAX_MENTIONS = 20
+# users.lookupByEmail answers (found or not), kept this long, at most this many.
+LOOKUP_TTL = 3600.0
+_LOOKUP_CACHE = 2000
+_DONE_CACHE = 10_000
+_USER_ID = re.compile(r"[UW][A-Z0-9]{2,40}")
 # Per Web API call: slack_sdk's own client timeout, and this bound around every call.
 CALL_TIMEOUT = 10.0
 MAX_DELAY = 30.0
@@ -147,6 +182,16 @@ async def with_retries(
         backoff = min(backoff * 2, MAX_DELAY)
 
 
+def reminder_at(approval: Approval, min_lifetime: float = REMINDER_MIN_LIFETIME) -> float | None:
+    """When to remind approvers of a pending approval (unix time), or None for a short one."""
+    lifetime = approval.expires_at - approval.created_at
+    if lifetime < min_lifetime:
+        return None
+    return max(
+        approval.created_at + REMINDER_FRACTION * lifetime, approval.expires_at - REMINDER_BEFORE
+    )
+
+
 # Causes of a failure that say Slack itself did not answer usefully (not the store).
 _SLACK_UNREACHABLE = (SlackApiError, aiohttp.ClientError, TimeoutError)
 
@@ -222,6 +267,7 @@ class SlackNotifier:
         call_timeout: float = CALL_TIMEOUT,
         health: SlackHealth | None = None,
         on_fallback: Callable[[], None] | None = None,
+        reminder_min_lifetime: float = REMINDER_MIN_LIFETIME,
     ) -> None:
         self._client = client
         self._channel = channel
@@ -240,6 +286,17 @@ class SlackNotifier:
         self._due: dict[str, _Due] = {}
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        # Reminders: one timer for all of them (a heap of (when, approval id)).
+        self._reminder_min_lifetime = reminder_min_lifetime
+        self._reminders: list[tuple[float, str]] = []
+        self._reminding: set[str] = set()  # scheduled here, not yet fired
+        self._reminder_wake = asyncio.Event()
+        self._reminder_timer: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        # What this process knows was said once (approval id -> keys), and Slack user ids by
+        # email (None: not on Slack) with when the answer goes stale.
+        self._said: OrderedDict[str, set[str]] = OrderedDict()
+        self._users: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
 
     async def notify(self, event: str, approval: Approval) -> None:
         """Mark the approval's message due and wait until it shows this event (or later). Raises
@@ -253,6 +310,7 @@ class SlackNotifier:
         due.generation += 1
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         due.waiters.append(done)
+        self._schedule_reminder(approval)
         self._wake.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._work(), name=f"slack-{self._channel}")
@@ -352,6 +410,7 @@ class SlackNotifier:
             await self._save_ref(approval_id, due.ref)
             due.saved = True
         await self._converge(due)
+        await self._follow_up(due.shown or due.approval, due.ref)
 
     async def _save_ref(self, approval_id: str, ref: tuple[str, str]) -> None:
         saved = await self._store.get_note(approval_id, MESSAGE_NOTE)
@@ -388,14 +447,21 @@ class SlackNotifier:
         ref = json.loads(raw)
         return str(ref["channel"]), str(ref["ts"])
 
+    async def _grant_of(self, approval: Approval) -> Grant | None:
+        """The grant the approval made, as the store has it now (its uses left)."""
+        if approval.grant_id is None:
+            return None
+        return await self._store.get_grant(approval.grant_id)
+
     async def _send(self, method: str, approval: Approval, ref: tuple[str, str] | None) -> Any:
         """One chat.postMessage / chat.update of the full message; when Slack refuses the
         payload itself, the minimal message with the link instead (and counted)."""
+        grant = await self._grant_of(approval)
         try:
             return await self._call(
                 ref,
                 text=fallback_text(approval, self._redactor),
-                blocks=approval_blocks(approval, self._public_url, self._redactor),
+                blocks=approval_blocks(approval, self._public_url, self._redactor, grant),
             )
         except SlackApiError as exc:
             if slack_error(exc) not in REFUSED_PAYLOAD:
@@ -427,7 +493,238 @@ class SlackNotifier:
                 channel=ref[0], ts=ref[1], text=text, blocks=blocks
             )
 
+    # -- the thread: decisions, the grant, the outcome; the owner's direct message ---------------
+
+    async def _follow_up(self, approval: Approval, ref: tuple[str, str]) -> None:
+        """Say once, in the message's thread, each decision, the grant it made and how it
+        ended; and tell the agent's owner once it is decided. A retryable failure raises at
+        once (the worker tries the whole sync again: what was said is not said twice); other
+        failures are recorded and raised after the rest was tried."""
+        steps: list[tuple[str, Callable[[], Awaitable[str]]]] = []
+        for index in range(len(approval.decisions)):
+            text = decision_reply(approval, index, self._redactor)
+            steps.append((f"decision.{index}", self._replier(ref, text)))
+        if approval.grant_id is not None:
+            grant = await self._grant_of(approval)
+            text_or_none = grant_reply(approval, grant, self._redactor)
+            if text_or_none is not None:
+                steps.append(("grant", self._replier(ref, text_or_none)))
+        ended = outcome_reply(approval, self._redactor)
+        if ended is not None:
+            steps.append(("outcome", self._replier(ref, ended)))
+        if approval.state is not ApprovalState.PENDING and approval.requester.owner:
+            steps.append(("owner", lambda: self._tell_owner(approval)))
+        failed: BaseException | None = None
+        for key, act in steps:
+            try:
+                await self._once(approval.id, key, act)
+            except Exception as exc:
+                if retryable(exc):
+                    raise
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+    def _replier(self, ref: tuple[str, str], text: str) -> Callable[[], Awaitable[str]]:
+        async def reply() -> str:
+            async with asyncio.timeout(self._call_timeout):
+                resp = await self._client.chat_postMessage(
+                    channel=ref[0],
+                    thread_ts=ref[1],
+                    text=text,
+                    unfurl_links=False,
+                    unfurl_media=False,
+                )
+            return str(resp.get("ts") or "posted")
+
+        return reply
+
+    async def _once(self, approval_id: str, key: str, act: Callable[[], Awaitable[str]]) -> None:
+        """Run `act` unless it already ran for this approval, here or on another replica: its
+        note says it did; the store's lease makes one replica the one that tries. A failure
+        that will not get better is recorded too (said as failed, never tried again) and
+        raised."""
+        said = self._said.setdefault(approval_id, set())
+        self._said.move_to_end(approval_id)
+        while len(self._said) > _DONE_CACHE:
+            self._said.popitem(last=False)
+        if key in said:
+            return
+        note = ONCE_NOTE + key
+        if await self._store.get_note(approval_id, note) is not None:
+            said.add(key)
+            return
+        # Held for longer than this process keeps trying; if it dies meanwhile, that one
+        # message is lost rather than said twice.
+        if not await self._store.lease(f"slack.{approval_id}.{key}", self._retry_seconds + 600):
+            return  # another replica is saying it
+        try:
+            result = await act()
+        except Exception as exc:
+            if retryable(exc):
+                raise
+            log.warning(
+                "slack.follow_up_failed", approval_id=approval_id, what=key, error=explain(exc)
+            )
+            result = f"failed: {explain(exc)}"
+            await self._remember(approval_id, note, result)
+            said.add(key)
+            raise
+        await self._remember(approval_id, note, result)
+        said.add(key)
+
+    async def _remember(self, approval_id: str, note: str, value: str) -> None:
+        with contextlib.suppress(KeyError):  # the approval is gone: nothing will ask again
+            await self._store.set_note(approval_id, note, value)
+
+    async def _tell_owner(self, approval: Approval) -> str:
+        """A direct message to the agent's owner: what became of its request. Skipped (said at
+        debug) when the owner has no Slack account in this workspace."""
+        owner = canonical_email(approval.requester.owner)
+        user_id = await self.slack_user(owner) if owner else None
+        if user_id is None:
+            log.debug("slack.owner_not_on_slack", approval_id=approval.id)
+            return "skipped: the owner is not on Slack"
+        async with asyncio.timeout(self._call_timeout):
+            opened = await self._client.conversations_open(users=user_id)
+        channel = str((opened.get("channel") or {}).get("id") or "")
+        async with asyncio.timeout(self._call_timeout):
+            resp = await self._client.chat_postMessage(
+                channel=channel,
+                text=owner_message(approval, self._public_url, self._redactor),
+                unfurl_links=False,
+                unfurl_media=False,
+            )
+        return str(resp.get("ts") or "posted")
+
+    async def slack_user(self, email: str) -> str | None:
+        """The Slack user id of `email` (users.lookupByEmail, cached), or None when nobody in
+        the workspace has it (or only a bot or a deactivated account). Raises on other
+        errors."""
+        email = email.lower()
+        cached = self._users.get(email)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                resp = await self._client.users_lookupByEmail(email=email)
+            found: dict[str, Any] = resp.get("user") or {}
+            user_id: str | None = str(found.get("id") or "")
+            if found.get("deleted") or found.get("is_bot") or not _USER_ID.fullmatch(user_id or ""):
+                user_id = None
+        except SlackApiError as exc:
+            if slack_error(exc) not in ("users_not_found", "user_not_found"):
+                raise
+            user_id = None
+        self._users[email] = (user_id, time.monotonic() + LOOKUP_TTL)
+        self._users.move_to_end(email)
+        while len(self._users) > _LOOKUP_CACHE:
+            self._users.popitem(last=False)
+        return user_id
+
+    # -- the reminder ---------------------------------------------------------------------------
+
+    def _schedule_reminder(self, approval: Approval) -> None:
+        """Remind approvers once before a pending approval expires (one timer for all)."""
+        if approval.state is not ApprovalState.PENDING or approval.id in self._reminding:
+            return
+        if "reminder" in self._said.get(approval.id, ()):
+            return
+        at = reminder_at(approval, self._reminder_min_lifetime)
+        if at is None or at >= approval.expires_at:
+            return
+        self._reminding.add(approval.id)
+        heapq.heappush(self._reminders, (at, approval.id))
+        self._reminder_wake.set()
+        if self._reminder_timer is None or self._reminder_timer.done():
+            self._reminder_timer = asyncio.create_task(
+                self._remind_when_due(), name=f"slack-reminders-{self._channel}"
+            )
+
+    async def _remind_when_due(self) -> None:
+        while True:
+            self._reminder_wake.clear()
+            if not self._reminders:
+                await self._reminder_wake.wait()
+                continue
+            at, approval_id = self._reminders[0]
+            delay = at - time.time()
+            if delay > 0:
+                # Until the first is due, or until an earlier one is scheduled.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._reminder_wake.wait()
+                continue
+            heapq.heappop(self._reminders)
+            self._reminding.discard(approval_id)
+            task = asyncio.create_task(self._remind(approval_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _remind(self, approval_id: str) -> None:
+        try:
+            await with_retries(
+                lambda: self._remind_once(approval_id),
+                what="reminder",
+                retry_seconds=REMINDER_BEFORE,
+                first_delay=self._first_delay,
+                call_timeout=self._call_timeout * (MAX_MENTIONS + 3),  # the lookups, then the post
+            )
+        except GaveUp as exc:
+            log.warning("slack.reminder_failed", approval_id=approval_id, error=str(exc))
+
+    async def _remind_once(self, approval_id: str) -> None:
+        approval = await self._store.get(approval_id)
+        if approval is None or approval.state is not ApprovalState.PENDING:
+            return
+        if time.time() >= approval.expires_at:
+            return
+        ref = await self._message_ref(approval_id)
+        if ref is None:
+            return  # never posted: nothing to reply to (the post itself is being retried)
+
+        async def remind() -> str:
+            text = await self._reminder_text(approval)
+            return await self._replier(ref, text)()
+
+        await self._once(approval_id, "reminder", remind)
+
+    async def _reminder_text(self, approval: Approval) -> str:
+        """Who may still decide: people named by the rule or its groups' directory who have
+        not approved yet (never the requester or the owner), as `<@U…>` when Slack knows
+        their email, else the email; never a broadcast."""
+        excluded = {
+            canonical_email(d.person or d.approver_email)
+            for d in approval.decisions
+            if d.verdict is Verdict.APPROVE
+        }
+        excluded |= {
+            canonical_email(approval.requester.person),
+            canonical_email(approval.requester.owner),
+        }
+        candidates: list[str] = []
+        for listed in (*approval.approver_members, *approval.approver_users):
+            email = canonical_email(listed) or listed
+            if email not in excluded and email not in candidates:
+                candidates.append(email)
+        mentions: list[str] = []
+        for email in candidates[:MAX_MENTIONS]:
+            try:
+                user_id = await self.slack_user(email)
+            except Exception as exc:  # named by email instead: a reminder is still a reminder
+                log.debug("slack.lookup_failed", error=explain(exc))
+                user_id = None
+            mentions.append(f"<@{user_id}>" if user_id else literal(email, 200, self._redactor))
+        if len(candidates) > MAX_MENTIONS:
+            mentions.append(f"and {len(candidates) - MAX_MENTIONS} more")
+        return reminder_reply(approval, mentions, list(approval.approver_groups), self._redactor)
+
     async def aclose(self) -> None:
+        for task in (self._reminder_timer, *self._background):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

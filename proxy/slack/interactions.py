@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -27,15 +28,30 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from ..approvals.service import ApprovalService
 from ..audit import AuditUnavailable
-from ..model import ApprovalState, Identity, Verdict, state
+from ..model import Approval, ApprovalState, Identity, Verdict, state
 from ..notify.retry import GaveUp
 from ..store.base import StoreUnavailable
-from .blocks import APPROVE, APPROVE_WITH_NOTE, DENY, REASON_BLOCK, REASON_INPUT, reason_modal
+from .blocks import (
+    APPROVE,
+    APPROVE_GRANT,
+    APPROVE_WITH_NOTE,
+    DENY,
+    GRANT_TIME_BLOCK,
+    GRANT_TIME_INPUT,
+    GRANT_USES_BLOCK,
+    GRANT_USES_INPUT,
+    REASON_BLOCK,
+    REASON_INPUT,
+    grant_bounds,
+    grant_modal,
+    reason_modal,
+)
 from .delivery import with_retries
 
 log = structlog.get_logger("countersign.slack")
 
-_ACTIONS = (APPROVE, APPROVE_WITH_NOTE, DENY)
+_ACTIONS = (APPROVE, APPROVE_WITH_NOTE, APPROVE_GRANT, DENY)
+_MODALS = (APPROVE_WITH_NOTE, APPROVE_GRANT, DENY)
 
 
 class Refused(Exception):
@@ -82,13 +98,17 @@ class SlackActions:
         decided after."""
         view = payload.get("view") or {}
         callback = view.get("callback_id")
-        if callback not in (APPROVE_WITH_NOTE, DENY):
+        if callback not in _MODALS:
             return None
         if callback == DENY and not _reason(view):
             return {
                 "response_action": "errors",
                 "errors": {REASON_BLOCK: "A denial needs a reason."},
             }
+        if callback == APPROVE_GRANT:
+            errors = _grant_errors(view)
+            if errors:  # shown in the modal; nothing is decided
+                return {"response_action": "errors", "errors": errors}
         self._spawn(self._view_submission(payload))
         return None  # closes the modal
 
@@ -123,16 +143,26 @@ class SlackActions:
                 raise Refused(f"this approval is already {approval.state.value}")
             if identity is not None:
                 state.check_approver(approval, identity, self._directory)
-            metadata = json.dumps({"approval_id": approval_id, "channel": channel})
-            view = reason_modal(
-                str(action["action_id"]), approval, metadata, self._service.redactor
-            )
+            view = self._modal(str(action["action_id"]), approval, channel)
             await self._client.views_open(trigger_id=str(payload.get("trigger_id")), view=view)
         except (Refused, state.ApprovalError) as exc:
             self._tell(channel, user_id, _explain(exc))
         except (StoreUnavailable, AuditUnavailable, SlackApiError, GaveUp, TimeoutError) as exc:
             log.warning("slack.action_failed", approval_id=approval_id, error=str(exc))
             self._tell(channel, user_id, "Countersign could not record that right now; try again.")
+
+    def _modal(self, action_id: str, approval: Approval, channel: str) -> dict[str, Any]:
+        redactor = self._service.redactor
+        metadata: dict[str, Any] = {"approval_id": approval.id, "channel": channel}
+        if action_id != APPROVE_GRANT:
+            return reason_modal(action_id, approval, json.dumps(metadata), redactor)
+        bounds = grant_bounds(approval)
+        if bounds is None:
+            raise Refused("this rule does not offer grants")
+        # The bounds travel with the modal: its submission is checked from the payload alone,
+        # within Slack's 3 s (the decision checks them again against the approval).
+        metadata["grant"] = list(bounds)
+        return grant_modal(approval, json.dumps(metadata), redactor)
 
     async def _view_submission(self, payload: Mapping[str, Any]) -> None:
         view = payload.get("view") or {}
@@ -145,12 +175,13 @@ class SlackActions:
         user_id = str(payload.get("user", {}).get("id", ""))
         reason = _reason(view)
         verdict = Verdict.DENY if view.get("callback_id") == DENY else Verdict.APPROVE
+        grant = _grant(view) if view.get("callback_id") == APPROVE_GRANT else None
         # A resubmission after a validation error is a new delivery: only remembered once valid.
         delivery = f"{user_id}:view:{view.get('id')}"
         try:
             if await self._first_delivery(approval_id, delivery):
                 identity = await self.identify(user_id)
-                await self._decide(approval_id, identity, verdict, reason)
+                await self._decide(approval_id, identity, verdict, reason, grant)
         except (Refused, state.ApprovalError) as exc:
             self._tell(channel, user_id, _explain(exc))
         except (StoreUnavailable, AuditUnavailable, SlackApiError, GaveUp, TimeoutError) as exc:
@@ -182,9 +213,24 @@ class SlackActions:
         return True
 
     async def _decide(
-        self, approval_id: str, identity: Identity, verdict: Verdict, reason: str | None
+        self,
+        approval_id: str,
+        identity: Identity,
+        verdict: Verdict,
+        reason: str | None,
+        grant: tuple[int, int] | None = None,
     ) -> None:
-        await self._service.decide(approval_id, identity, verdict, reason, channel="slack")
+        """The same decision as the API's (`channel: slack`); `grant`: (uses, seconds)."""
+        uses, seconds = grant if grant is not None else (None, None)
+        await self._service.decide(
+            approval_id,
+            identity,
+            verdict,
+            reason,
+            channel="slack",
+            grant_uses=uses,
+            grant_seconds=seconds,
+        )
 
     async def identify(self, user_id: str) -> Identity:
         """The clicker as an approver: their workspace email, or a refusal."""
@@ -252,6 +298,44 @@ def _reason(view: Mapping[str, Any]) -> str | None:
     values = view.get("state", {}).get("values", {})
     reason = ((values.get(REASON_BLOCK) or {}).get(REASON_INPUT) or {}).get("value") or ""
     return reason.strip() or None
+
+
+_WHOLE = re.compile(r"[0-9]{1,9}")
+
+
+def _number(view: Mapping[str, Any], block: str, action: str) -> str:
+    values = view.get("state", {}).get("values", {})
+    return str(((values.get(block) or {}).get(action) or {}).get("value") or "").strip()
+
+
+def _grant_errors(view: Mapping[str, Any]) -> dict[str, str]:
+    """What is wrong with a grant modal's numbers, by block (empty: nothing), checked against
+    the rule's bounds the modal carries."""
+    try:
+        metadata = json.loads(view.get("private_metadata") or "{}")
+        most_uses, most_time, unit = (int(n) for n in metadata["grant"])
+    except (ValueError, KeyError, TypeError):
+        return {GRANT_USES_BLOCK: "This form is out of date: open it again from the message."}
+    unit_name = "minutes" if unit == 60 else "seconds"
+    errors: dict[str, str] = {}
+    for block, action, most, what in (
+        (GRANT_USES_BLOCK, GRANT_USES_INPUT, most_uses, "uses"),
+        (GRANT_TIME_BLOCK, GRANT_TIME_INPUT, most_time, unit_name),
+    ):
+        text = _number(view, block, action)
+        if not _WHOLE.fullmatch(text) or not 1 <= int(text) <= most:
+            errors[block] = f"Enter a whole number of {what} from 1 to {most} (the rule's limit)."
+    return errors
+
+
+def _grant(view: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The (uses, seconds) a valid grant modal asks for."""
+    if _grant_errors(view):
+        return None
+    metadata = json.loads(view.get("private_metadata") or "{}")
+    unit = int(metadata["grant"][2])
+    uses = int(_number(view, GRANT_USES_BLOCK, GRANT_USES_INPUT))
+    return uses, int(_number(view, GRANT_TIME_BLOCK, GRANT_TIME_INPUT)) * unit
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

@@ -25,6 +25,7 @@ from tests.slack_fake import (
     SIGNING_SECRET,
     FakeSlack,
     block_action,
+    grant_submission,
     signed_request,
 )
 
@@ -33,7 +34,9 @@ AGENT_KEY = "cs_slack_e2e_agent_000000000000000000000000"
 AGENT = {"Authorization": f"Bearer {AGENT_KEY}"}
 
 
-def config(port: int, upstream: str, redis_url: str, prefix: str, slack_api: str) -> str:
+def config(
+    port: int, upstream: str, redis_url: str, prefix: str, slack_api: str, grant: str = ""
+) -> str:
     return f"""
 server: {{listen: "127.0.0.1:{port}"}}
 identity:
@@ -58,6 +61,7 @@ policy:
       paths: ["/cloud/exports/**"]
       action: approve
       approvers: {{groups: [data-owners]}}
+      {grant}
 """
 
 
@@ -107,7 +111,7 @@ async def test_held_on_a_clicked_on_b_forwarded_by_a_and_the_message_updated(
         assert await asyncio.wait_for(held, 10) == 200
 
     await wait_for(lambda: "upstream answered *200*" in json.dumps(slack.messages))
-    assert len(slack.called("chat.postMessage")) == 1
+    assert len(slack.posts()) == 1
     forwarded = events(a, name="request.forwarded")
     assert [e["approval_id"] for e in forwarded] == [approval_id]
     decided = events(b, name="approval.decided")
@@ -151,7 +155,7 @@ async def test_an_outage_during_the_decision_is_caught_up_once_slack_is_back(
 
     await wait_for(lambda: "upstream answered *200*" in json.dumps(slack.messages), seconds=40)
     assert "countersign_approve" not in json.dumps(slack.messages)
-    assert len(slack.called("chat.postMessage")) == 1
+    assert len(slack.posts()) == 1
 
 
 async def test_the_bot_missing_from_its_channel_is_said_at_start_in_one_line(
@@ -172,3 +176,71 @@ async def test_the_bot_missing_from_its_channel_is_said_at_start_in_one_line(
         session.get(f"{proc.url}/_countersign/readyz") as resp,
     ):
         assert resp.status == 200, "said, not fatal"
+
+
+async def test_a_grant_chosen_in_slack_is_replied_the_owner_told_and_the_next_request_runs(
+    run_countersign: StartFn, upstream: TestServer, fresh_redis: RedisServer, slack: FakeSlack
+) -> None:
+    """Through the real `countersign run`: "Approve + grant…" opens the modal, its submission
+    approves with a grant; the decision, the grant and the outcome are replied in the message's
+    thread, the agent's owner gets a direct message, and the next request of that shape runs
+    at once with `Countersign-Grant-Id`."""
+    prefix = "e2e-slack-" + secrets.token_hex(6)
+    port = free_port()
+    proc = run_countersign(
+        config(
+            port,
+            str(upstream.make_url("/")),
+            fresh_redis.url,
+            prefix,
+            slack.api_url,
+            grant="grant: {max_uses: 3, max_seconds: 600}",
+        ),
+        port,
+    )
+    events_url = f"{proc.url}/_countersign/slack/events"
+    async with aiohttp.ClientSession() as session:
+
+        async def agent_call(n: int) -> tuple[int, str | None]:
+            async with session.post(
+                f"{proc.url}/cloud/exports/x", json={"n": n}, headers=AGENT
+            ) as r:
+                return r.status, r.headers.get("Countersign-Grant-Id")
+
+        async def post(payload: dict[str, object]) -> str:
+            body, headers = signed_request(payload)
+            async with session.post(events_url, data=body, headers=headers) as resp:
+                assert resp.status == 200
+                return await resp.text()
+
+        held = asyncio.create_task(agent_call(1))
+        await wait_for(lambda: slack.messages)
+        message = next(iter(slack.messages.values()))
+        buttons = message["blocks"][-1]["elements"]
+        assert [b["action_id"] for b in buttons][2] == "countersign_approve_grant"
+        approval_id = buttons[0]["value"]
+
+        await post(block_action("UCAROL", approval_id, "countersign_approve_grant"))
+        await wait_for(lambda: slack.called("views.open"))
+        metadata = slack.called("views.open")[0]["view"]["private_metadata"]
+        refused = await post(grant_submission("UCAROL", metadata, "4", "10"))
+        assert json.loads(refused)["response_action"] == "errors", "4 uses: beyond the rule"
+        assert await post(grant_submission("UCAROL", metadata, "2", "5")) == ""
+        assert await asyncio.wait_for(held, 10) == (200, None)
+
+        await wait_for(lambda: len(slack.replies()) == 3)
+        decision, granted, outcome = slack.replies()
+        assert "`carol@example.com` approved via `slack`" in decision
+        assert "with a grant of 2 more uses for 5 min" in decision
+        assert granted.startswith(":ticket: *Grant*: 2 more uses until")
+        assert "pattern `POST /cloud/exports/x`" in granted
+        assert outcome.startswith("*Executed*")
+        await wait_for(lambda: slack.dms.get("UBOB"))
+        assert "*approved* by `carol@example.com`" in slack.dms["UBOB"][0]["text"]
+
+        status, grant_id = await agent_call(2)
+        assert status == 200 and grant_id is not None and grant_id.startswith("grt_")
+    assert len(slack.posts()) == 1, "the grant's use asks nobody"
+    assert "2 more uses until" in json.dumps(slack.messages)
+    used = events(proc, name="grant.used")
+    assert [e["grant_id"] for e in used] == [grant_id]

@@ -1109,12 +1109,32 @@ def _certificate_authority(tmp: Path) -> tuple[Path, ssl.SSLContext]:
             .not_valid_before(validity[0])
             .not_valid_after(validity[1])
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            # What Python 3.13's default VERIFY_X509_STRICT asks of a chain: key usages and
+            # key identifiers, as any real CA issues them.
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=ca,
+                    crl_sign=ca,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), False
+            )
         )
         if not ca:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                 critical=False,
-            )
+            ).add_extension(x509.ExtendedKeyUsage([x509.OID_SERVER_AUTH]), critical=False)
         return builder.sign(signer, hashes.SHA256())
 
     ca_key = ec.generate_private_key(ec.SECP256R1())

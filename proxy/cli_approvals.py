@@ -1,4 +1,5 @@
-"""`countersign approvals list|show [--body]|approve|deny`: the approvals API from a terminal.
+"""`countersign approvals list|show [--body]|approve|deny [--all --rule R]`: the approvals API
+from a terminal.
 
 It talks to a running proxy over HTTP with the approver's own bearer token (an OIDC access token
 or an API key): the CLI has no powers of its own, the proxy authorizes every call.
@@ -20,6 +21,7 @@ import aiohttp
 from .config import load_settings
 
 API = "/_countersign/api/approvals"
+DECISIONS = "/_countersign/api/decisions"
 
 
 class CliError(Exception):
@@ -81,12 +83,19 @@ def error_text(body: Any) -> str:
     return f"{error.get('code', 'error')}: {detail}{state}".rstrip(": ")
 
 
-async def _call(method: str, url: str, bearer: str, payload: dict[str, Any] | None = None) -> Any:
+async def _call(
+    method: str,
+    url: str,
+    bearer: str,
+    payload: dict[str, Any] | None = None,
+    *,
+    seconds: float = 30,
+) -> Any:
     headers = {"Authorization": f"Bearer {bearer}"}
-    timeout = aiohttp.ClientTimeout(total=30)
+    client_timeout = aiohttp.ClientTimeout(total=seconds)
     try:
         async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
+            aiohttp.ClientSession(timeout=client_timeout) as session,
             session.request(method, url, json=payload, headers=headers) as resp,
         ):
             try:
@@ -302,11 +311,68 @@ async def run(args: argparse.Namespace) -> int:
     uses, minutes = getattr(args, "grant_uses", None), getattr(args, "grant_minutes", None)
     if (uses is None) != (minutes is None):
         raise UsageError("a grant needs both --grant-uses and --grant-minutes")
+    if args.all:
+        return await _decide_all(url, bearer, args, payload, granted=uses is not None)
+    if args.rule or args.requester:
+        raise UsageError("--rule and --requester select approvals for --all; add --all")
+    if not args.id:
+        raise UsageError(
+            f"name the approval to {verdict} (an id from `countersign approvals list`), or "
+            "use --all with --rule or --requester"
+        )
     if uses is not None:
         payload["grant"] = {"uses": uses, "minutes": minutes}
     body = await _call("POST", f"{url}{API}/{args.id}/decision", bearer, payload)
     print(json.dumps(body, indent=2) if args.json else render_one(body))
     return 0
+
+
+async def _decide_all(
+    url: str, bearer: str, args: argparse.Namespace, payload: dict[str, Any], *, granted: bool
+) -> int:
+    """`approve|deny --all --rule R [--requester S]`: one bulk decision (`POST …/decisions`)."""
+    if args.id:
+        raise UsageError("give an approval id or --all, not both")
+    if granted:
+        raise UsageError("--all decides many approvals at once: it takes no grant")
+    if not args.rule and not args.requester:
+        raise UsageError(
+            "--all needs --rule or --requester (it decides every pending approval they select "
+            "that you may decide)"
+        )
+    selection: dict[str, str] = {}
+    if args.rule:
+        selection["rule"] = args.rule
+    if args.requester:
+        selection["requester"] = args.requester
+    payload["filter"] = selection
+    body = await _call("POST", f"{url}{DECISIONS}", bearer, payload, seconds=300)
+    print(json.dumps(body, indent=2) if args.json else render_bulk(payload["verdict"], body))
+    return 0
+
+
+def render_bulk(verdict: str, body: dict[str, Any]) -> str:
+    """A bulk decision's answer: how many were decided (and where each stands), and every one
+    skipped with why."""
+    decided = body.get("decided") or []
+    skipped = body.get("skipped") or []
+    counts: dict[str, int] = {}
+    for entry in decided:
+        counts[str(entry.get("state"))] = counts.get(str(entry.get("state")), 0) + 1
+    states = ", ".join(f"{n} now {_one_line(s)}" for s, n in sorted(counts.items()))
+    word = DECIDED.get(verdict, verdict)
+    noun = "approval" if body.get("count") == 1 else "approvals"
+    lines = [
+        f"{word} {body.get('count', len(decided))} {noun}" + (f" ({states})" if states else "")
+    ]
+    if skipped:
+        lines.append(f"skipped {len(skipped)}:")
+        lines.extend(
+            f"  {_one_line(s.get('approval_id'))}  {_one_line(s.get('code'))}: "
+            f"{_one_line(s.get('message'))}"
+            for s in skipped
+        )
+    return "\n".join(lines)
 
 
 def add_parser(sub: Any, with_config: Any) -> None:
@@ -341,8 +407,24 @@ def add_parser(sub: Any, with_config: Any) -> None:
     p.add_argument(
         "--body", action="store_true", help="print the held request's exact body bytes instead"
     )
+
+    def bulk(p: argparse.ArgumentParser, verdict: str) -> None:
+        p.add_argument(
+            "id", nargs="?", help=f"the approval to {verdict} (or --all with --rule/--requester)"
+        )
+        p.add_argument(
+            "--all",
+            action="store_true",
+            help=f"{verdict} every pending approval --rule and --requester select that you may "
+            "decide, each as its own decision (those you may not are listed as skipped)",
+        )
+        p.add_argument("--rule", help="with --all: the approvals of this rule")
+        p.add_argument(
+            "--requester", help="with --all: the approvals this subject or person's email asked for"
+        )
+
     p = common(actions.add_parser("approve", help="approve (counts towards the quorum)"))
-    p.add_argument("id")
+    bulk(p, "approve")
     p.add_argument("--reason", help="why (optional for approvals)")
     p.add_argument(
         "--grant-uses",
@@ -358,7 +440,7 @@ def add_parser(sub: Any, with_config: Any) -> None:
         help="for this many minutes after the approval (with --grant-uses)",
     )
     p = common(actions.add_parser("deny", help="deny (final); a reason is required"))
-    p.add_argument("id")
+    bulk(p, "deny")
     p.add_argument("--reason", required=True, help="why (required)")
 
 

@@ -382,6 +382,107 @@ class StoreConformance:
         assert expired is not None and expired.state is ApprovalState.EXPIRED
         assert await store.expire(approval.id, late) is None
 
+    # -- decide_many (bulk decisions) -----------------------------------------------------------
+
+    async def test_decide_many_decides_each_as_decide_would(self, store: Store) -> None:
+        approvals = [await self.created(store) for _ in range(3)]
+        rec = approve("bob", reason="batch")
+        now = time.time()
+        results = await store.decide_many([a.id for a in approvals], rec, now)
+        assert len(results) == 3
+        for approval, result in zip(approvals, results, strict=True):
+            assert isinstance(result, Approval)
+            assert result.id == approval.id
+            assert result.state is ApprovalState.APPROVED
+            assert result.decisions == (rec,)
+            assert result.expires_at == now + approval.claim_seconds
+            assert await store.get(approval.id) == result
+        assert await listed(store, ApprovalState.PENDING) == []
+        assert {a.id for a in await listed(store, ApprovalState.APPROVED)} == {
+            a.id for a in approvals
+        }
+        # Each one is now claimable once, like any approved approval.
+        claimed = await store.claim(approvals[0].id, time.time())
+        assert claimed.state is ApprovalState.EXECUTED
+
+    async def test_decide_many_deny_frees_the_requesters_slots(self, store: Store) -> None:
+        approvals = [
+            (await store.create_or_join(make_approval(), max_pending=2))[0] for _ in range(2)
+        ]
+        with pytest.raises(TooManyPending):
+            await store.create_or_join(make_approval(), max_pending=2)
+        results = await store.decide_many([a.id for a in approvals], deny(), time.time())
+        assert all(isinstance(r, Approval) and r.state is ApprovalState.DENIED for r in results)
+        _, created = await store.create_or_join(make_approval(), max_pending=2)
+        assert created
+
+    async def test_decide_many_reports_each_refusal_and_stores_nothing_for_it(
+        self, store: Store
+    ) -> None:
+        fine = await self.created(store)
+        denied = await self.created(store)
+        denied = await store.decide(denied.id, deny("carol"), time.time())
+        half = await self.created(store, quorum=2)
+        half = await store.decide(half.id, approve("bob"), time.time())
+        now = time.time()
+        late = await self.created(store, created_at=now - 120, expires_at=now - 1)
+        ids = [fine.id, "apr_does-not-exist", denied.id, half.id, late.id]
+        results = await store.decide_many(ids, approve("bob"), now)
+        assert [type(r).__name__ for r in results] == [
+            "Approval",
+            "ApprovalNotFound",
+            "NotPending",
+            "DuplicateApprover",
+            "NotPending",
+        ]
+        assert isinstance(results[0], Approval) and results[0].state is ApprovalState.APPROVED
+        assert await store.get(denied.id) == denied
+        assert await store.get(half.id) == half
+        stored_late = await store.get(late.id)
+        assert stored_late is not None and stored_late.decisions == ()
+        assert stored_late.state is ApprovalState.PENDING  # expire() makes that transition
+
+    async def test_decide_many_counts_one_decision_towards_a_quorum(self, store: Store) -> None:
+        approvals = [await self.created(store, quorum=2) for _ in range(3)]
+        ids = [a.id for a in approvals]
+        first = await store.decide_many(ids, approve("bob"), time.time())
+        assert all(
+            isinstance(r, Approval) and r.state is ApprovalState.PENDING and r.approvals_count == 1
+            for r in first
+        )
+        again = await store.decide_many(ids, approve("bob"), time.time())
+        assert all(isinstance(r, DuplicateApprover) for r in again)
+        second = await store.decide_many(ids, approve("carol"), time.time())
+        assert all(
+            isinstance(r, Approval) and r.state is ApprovalState.APPROVED and r.approvals_count == 2
+            for r in second
+        )
+
+    async def test_decide_many_wakes_every_waiter(self, store: Store) -> None:
+        approvals = [await self.created(store) for _ in range(20)]
+        waiters = [asyncio.create_task(store.wait(a.id, 5.0)) for a in approvals]
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await store.decide_many([a.id for a in approvals], approve(), time.time())
+        woken = await asyncio.gather(*waiters)
+        assert time.monotonic() - started < 1.0, "woken by the change, not by a timeout"
+        assert all(w is not None and w.state is ApprovalState.APPROVED for w in woken)
+
+    async def test_decide_many_in_several_chunks(self, store: Store) -> None:
+        approvals = await asyncio.gather(
+            *(store.create_or_join(make_approval()) for _ in range(1_203))
+        )
+        ids = [a.id for a, _ in approvals]
+        pending = [a for page in await every_page(store, ApprovalState.PENDING, 1000) for a in page]
+        assert len(pending) == len(ids)
+        results = await store.decide_many(ids, deny(), time.time())
+        assert [r.id for r in results if isinstance(r, Approval)] == ids
+        assert all(isinstance(r, Approval) and r.state is ApprovalState.DENIED for r in results)
+        assert await listed(store, ApprovalState.PENDING) == []
+
+    async def test_decide_many_of_nothing(self, store: Store) -> None:
+        assert await store.decide_many([], approve(), time.time()) == []
+
     # -- claim --------------------------------------------------------------------------------
 
     async def test_claim_approved_executes(self, store: Store) -> None:

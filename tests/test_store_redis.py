@@ -52,6 +52,41 @@ async def test_two_stores_on_one_redis_see_the_same_approvals(fresh_redis: Redis
         await b.aclose()
 
 
+async def test_decide_many_rereads_what_another_replica_changed(fresh_redis: RedisServer) -> None:
+    """A bulk decision swaps from the values a listing just read; one that another replica
+    changed meanwhile is decided again from what Redis holds (here: refused, as denied)."""
+    prefix = "test-" + secrets.token_hex(6)
+    a = RedisStore(fresh_redis.url, key_prefix=prefix)
+    b = RedisStore(fresh_redis.url, key_prefix=prefix)
+    try:
+        first, _ = await a.create_or_join(make_approval())
+        second, _ = await a.create_or_join(make_approval())
+        listed, _ = await a.list(ApprovalState.PENDING)
+        assert {x.id for x in listed} == {first.id, second.id}  # `a` remembers both as pending
+        await b.decide(first.id, deny("carol"), time.time())
+        results = await a.decide_many([first.id, second.id], approve("bob"), time.time())
+        assert type(results[0]).__name__ == "NotPending"
+        assert isinstance(results[1], Approval) and results[1].state is ApprovalState.APPROVED
+        stored = await b.get(first.id)
+        assert stored is not None and stored.state is ApprovalState.DENIED
+        assert [d.approver_subject for d in stored.decisions] == ["carol"]
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_decide_many_with_redis_down_reports_unavailable(fresh_redis: RedisServer) -> None:
+    store = new_store(fresh_redis)
+    try:
+        approval, _ = await store.create_or_join(make_approval())
+        await store.list(ApprovalState.PENDING)
+        fresh_redis.stop()
+        results = await store.decide_many([approval.id], approve(), time.time())
+        assert len(results) == 1 and isinstance(results[0], StoreUnavailable)
+    finally:
+        await store.aclose()
+
+
 async def test_many_waiters_need_few_connections(fresh_redis: RedisServer) -> None:
     import redis.asyncio as aioredis
 

@@ -14,6 +14,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
@@ -66,9 +67,41 @@ def new_approval_id() -> str:
     return ID_PREFIX + secrets.token_urlsafe(18)  # 144 random bits
 
 
-__all__ = ["ApprovalNotFound", "ApprovalService", "ReasonRequired"]
+__all__ = ["ApprovalNotFound", "ApprovalService", "BulkDecision", "ReasonRequired", "Skipped"]
 
 BODY_NOTE = "body"  # the held body's exact bytes, kept with the approval for approvers
+
+
+_BULK_PAGE = 1000  # approvals read per listing page while selecting a bulk decision's
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """An approval a bulk decision did not decide, and why (an error code of DESIGN §2)."""
+
+    approval_id: str
+    code: str
+    message: str
+
+
+@dataclass(slots=True)
+class BulkDecision:
+    """What a bulk decision did: the approvals decided (each as it is now), those skipped."""
+
+    decided: list[Approval] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def skip(self, approval_id: str, code: str, message: str) -> None:
+        self.skipped.append(Skipped(approval_id, code, message))
+
+
+def _requested_by(approval: Approval, who: str) -> bool:
+    """Whether `who` (a subject, or a person's email) names the approval's requester."""
+    requester = approval.requester
+    if who == requester.subject:
+        return True
+    email = canonical_email(who)
+    return email is not None and email in (requester.person, canonical_email(requester.email))
 
 
 def _about(approval: Approval) -> dict[str, Any]:
@@ -528,30 +561,183 @@ class ApprovalService:
         except KeyError:
             raise ApprovalNotFound("approval not found") from None
         # Durable before the decider hears back (and before this replica forwards anything).
-        await self._audit.emit_durable(
+        self._emit_decided(decided, record)
+        await self._audit.sync()
+        await self._after_decision(decided, record)
+        return decided
+
+    def _emit_decided(self, decided: Approval, record: DecisionRecord, **extra: Any) -> None:
+        """`approval.decided` for one decision (`record`) on `decided`; not yet durable."""
+        grant_uses = record.grant_uses
+        self._audit.emit(
             audit.APPROVAL_DECIDED,
             **_about(decided),
             approver={
-                "subject": approver.subject,
-                "issuer": approver.issuer,
-                "email": approver.email,
-                "person": person,
+                "subject": record.approver_subject,
+                "issuer": record.approver_issuer,
+                "email": record.approver_email,
+                "person": record.person,
             },
-            channel=channel,
-            verdict=verdict.value,
-            reason=reason,
+            channel=record.channel,
+            verdict=record.verdict.value,
+            reason=record.reason,
             approvals=decided.approvals_count,
             quorum=decided.quorum,
             outcome=decided.state.value,
-            **({"grant": {"uses": grant_uses, "seconds": grant_seconds}} if grant_uses else {}),
+            **(
+                {"grant": {"uses": grant_uses, "seconds": record.grant_seconds}}
+                if grant_uses
+                else {}
+            ),
+            **extra,
         )
+
+    async def _after_decision(self, decided: Approval, record: DecisionRecord) -> None:
+        """Once the decision is durable: its grant, the channels, the metrics."""
         if decided.state is ApprovalState.APPROVED and decided.grant_id is not None:
             # Only the decision that reached the quorum sees `approved`: the grant is made once.
             await self._create_grant(decided)
         self._notify("approval.decided", decided)
         if self._metrics is not None and decided.state is not ApprovalState.PENDING:
             self._metrics.decided(record.at - decided.created_at)
-        return decided
+
+    async def decide_many(
+        self,
+        approver: Identity,
+        verdict: Verdict,
+        reason: str | None,
+        channel: str,
+        *,
+        rule: str | None = None,
+        requester: str | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> BulkDecision:
+        """A bulk decision: `verdict` on every pending approval the filter selects (all of
+        `rule`, `requester` and `ids` that are given) that `approver` may decide, each
+        recorded as its own decision (its own `approval.decided`, its own notifications).
+
+        Selected are the pending approvals of the filter that the approver may see (the
+        listing's rule: others are left out unmentioned), and every approval `ids` names.
+        Those the approver may not decide (`self_approval`, `approver_unidentified`,
+        `not_an_approver`), and named ones that are unknown (`approval_not_found`), no longer
+        pending (`approval_not_pending`) or outside the other keys (`not_selected`) are
+        skipped with their code; so are refusals of the store (`already_approved`, an
+        approval that expired meanwhile). The store decides them all in one batch
+        (`Store.decide_many`), and the audit is made durable once for the batch."""
+        reason = (reason or "").strip() or None
+        if verdict is Verdict.DENY and not reason:
+            raise ReasonRequired("a denial needs a reason")
+        if rule is None and requester is None and ids is None:
+            raise ValueError("a bulk decision needs a filter: rule, requester or ids")
+        outcome = BulkDecision()
+        selected = await self._select(approver, rule, requester, ids, outcome)
+        allowed: list[Approval] = []
+        for approval in selected:
+            try:
+                state.check_approver(approval, approver, self._directory)
+            except state.ApprovalError as exc:
+                outcome.skip(approval.id, exc.code, exc.message)
+            else:
+                allowed.append(approval)
+        if not allowed:
+            return outcome
+        record = DecisionRecord(
+            verdict=verdict,
+            approver_subject=approver.subject,
+            approver_email=approver.email,
+            channel=channel,
+            reason=reason,
+            at=self._clock(),
+            approver_issuer=approver.issuer,
+            person=approver.person,  # check_approver made sure there is one
+        )
+        results = await self.store.decide_many([a.id for a in allowed], record, record.at)
+        late: list[str] = []
+        unavailable: StoreUnavailable | None = None
+        for approval, result in zip(allowed, results, strict=True):
+            if isinstance(result, Approval):
+                # Every event sealed before anything else runs (no await in this loop): the
+                # decisions precede whatever the released requests record.
+                self._emit_decided(result, record, bulk=True)
+                outcome.decided.append(result)
+            elif isinstance(result, StoreUnavailable):
+                unavailable = result
+                outcome.skip(
+                    approval.id,
+                    "approvals_unavailable",
+                    "the approval store failed part way: this approval may or may not be "
+                    "decided; look at it again",
+                )
+            else:
+                current = result.approval
+                if current is not None and current.state is ApprovalState.EXPIRED:
+                    late.append(approval.id)
+                outcome.skip(approval.id, result.code, result.message)
+        if not outcome.decided and unavailable is not None:
+            raise unavailable
+        if outcome.decided:
+            # Durable before the decider hears back: one sync for the whole batch.
+            await self._audit.sync()
+        for decided in outcome.decided:
+            await self._after_decision(decided, record)
+        for approval_id in late:
+            await self._expire(approval_id, record.at)  # too late: audited once, by whoever
+        return outcome
+
+    async def _select(
+        self,
+        approver: Identity,
+        rule: str | None,
+        requester: str | None,
+        ids: Sequence[str] | None,
+        outcome: BulkDecision,
+    ) -> list[Approval]:
+        """The pending approvals a bulk decision's filter selects, oldest first; what `ids`
+        names and is not selected goes into `outcome.skipped` with its reason."""
+
+        def matches(approval: Approval) -> str | None:
+            """Why the approval is outside the rule and requester keys, or None."""
+            if rule is not None and approval.rule != rule:
+                return f"approval {approval.id} is for rule {approval.rule!r}, not {rule!r}"
+            if requester is not None and not _requested_by(approval, requester):
+                return f"approval {approval.id} was not requested by {requester!r}"
+            return None
+
+        if ids is not None:
+            named = list(dict.fromkeys(ids))
+            found = await asyncio.gather(*(self.store.get(i) for i in named))
+            selected: list[Approval] = []
+            for approval_id, approval in zip(named, found, strict=True):
+                if approval is None:
+                    outcome.skip(approval_id, "approval_not_found", "approval not found")
+                elif (why := matches(approval)) is not None:
+                    outcome.skip(approval_id, "not_selected", why)
+                elif approval.state is not ApprovalState.PENDING:
+                    outcome.skip(
+                        approval_id,
+                        state.NotPending.code,
+                        f"approval is {approval.state.value}",
+                    )
+                else:
+                    selected.append(approval)
+            return selected
+        listed: list[Approval] = []
+        cursor: str | None = None
+        while True:
+            page, cursor = await self.store.list(
+                ApprovalState.PENDING, limit=_BULK_PAGE, cursor=cursor
+            )
+            listed.extend(
+                a
+                for a in page
+                if a.state is ApprovalState.PENDING
+                and matches(a) is None
+                and self.may_see(a, approver)
+            )
+            if cursor is None:
+                break
+        listed.reverse()  # oldest first: released in the order they were asked for
+        return listed
 
     # -- grants ------------------------------------------------------------------------------
 

@@ -183,36 +183,8 @@ def api_routes(
     @_json_errors
     async def decide(request: web.Request) -> web.Response:
         identity = await who(request)
-        try:
-            payload = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            raise _Refusal(
-                400, "invalid_request", message="the body is not valid JSON: send a JSON object"
-            ) from None
-        if not isinstance(payload, dict):
-            raise _Refusal(400, "invalid_request", message="the body must be a JSON object")
-        unknown = set(payload) - {"verdict", "reason", "grant"}
-        if unknown:
-            raise _Refusal(
-                400,
-                "invalid_request",
-                field=sorted(unknown)[0],
-                message=f"unknown field(s): {', '.join(sorted(unknown))}",
-            )
-        try:
-            verdict = Verdict(str(payload.get("verdict")))
-        except ValueError:
-            raise _Refusal(
-                400,
-                "invalid_request",
-                field="verdict",
-                message='verdict must be "approve" or "deny"',
-            ) from None
-        reason = payload.get("reason")
-        if reason is not None and not isinstance(reason, str):
-            raise _Refusal(
-                400, "invalid_request", field="reason", message="reason must be a string"
-            )
+        payload = await _decision_payload(request, {"verdict", "reason", "grant"})
+        verdict, reason = _verdict_and_reason(payload)
         grant_uses, grant_seconds = _grant_request(payload.get("grant"))
         approval_id = request.match_info["approval_id"]
         existing = await service.get(approval_id)
@@ -241,6 +213,32 @@ def api_routes(
                 **extra,
             ) from None
         return web.json_response(await service.view_live(decided))
+
+    @routes.post(PREFIX + "decisions")
+    @_json_errors
+    async def decide_many(request: web.Request) -> web.Response:
+        """A bulk decision: the verdict on every pending approval the filter selects that the
+        caller may decide, each recorded as its own decision; the others are reported."""
+        identity = await who(request)
+        payload = await _decision_payload(request, {"verdict", "reason", "filter"})
+        verdict, reason = _verdict_and_reason(payload)
+        rule, requester, ids = _bulk_filter(payload.get("filter"))
+        try:
+            outcome = await service.decide_many(
+                identity, verdict, reason, "api", rule=rule, requester=requester, ids=ids
+            )
+        except state.ApprovalError as exc:  # a denial without a reason
+            raise _Refusal(status_for(exc.code), exc.code, message=exc.message) from None
+        return web.json_response(
+            {
+                "decided": [{"approval_id": a.id, "state": a.state.value} for a in outcome.decided],
+                "skipped": [
+                    {"approval_id": s.approval_id, "code": s.code, "message": s.message}
+                    for s in outcome.skipped
+                ],
+                "count": len(outcome.decided),
+            }
+        )
 
     async def visible_grant(request: web.Request, identity: Identity) -> Grant:
         """The grant the path names, if the caller may see it; else 404 (no oracle)."""
@@ -290,6 +288,94 @@ def api_routes(
         return web.json_response(service.grant_view(revoked))
 
     return routes
+
+
+MAX_BULK_IDS = 10_000  # ids one bulk decision may name
+
+
+async def _decision_payload(request: web.Request, fields: set[str]) -> dict[str, Any]:
+    """The JSON object a decision POSTs, with no field but `fields`."""
+    try:
+        payload = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise _Refusal(
+            400, "invalid_request", message="the body is not valid JSON: send a JSON object"
+        ) from None
+    if not isinstance(payload, dict):
+        raise _Refusal(400, "invalid_request", message="the body must be a JSON object")
+    unknown = set(payload) - fields
+    if unknown:
+        raise _Refusal(
+            400,
+            "invalid_request",
+            field=sorted(unknown)[0],
+            message=f"unknown field(s): {', '.join(sorted(unknown))}",
+        )
+    return payload
+
+
+def _verdict_and_reason(payload: dict[str, Any]) -> tuple[Verdict, str | None]:
+    try:
+        verdict = Verdict(str(payload.get("verdict")))
+    except ValueError:
+        raise _Refusal(
+            400,
+            "invalid_request",
+            field="verdict",
+            message='verdict must be "approve" or "deny"',
+        ) from None
+    reason = payload.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise _Refusal(400, "invalid_request", field="reason", message="reason must be a string")
+    return verdict, reason
+
+
+def _bulk_filter(value: Any) -> tuple[str | None, str | None, list[str] | None]:
+    """A bulk decision's `"filter": {"rule", "requester", "ids"}` (at least one of them) as
+    (rule, requester, ids)."""
+    usage = 'filter must be an object with at least one of "rule", "requester", "ids"'
+    if not isinstance(value, dict) or not value:
+        raise _Refusal(400, "invalid_request", field="filter", message=usage)
+    unknown = set(value) - {"rule", "requester", "ids"}
+    if unknown:
+        raise _Refusal(
+            400,
+            "invalid_request",
+            field="filter",
+            message=f"unknown filter key(s): {', '.join(sorted(unknown))}; {usage}",
+        )
+    found: dict[str, str] = {}
+    for key in ("rule", "requester"):
+        if key not in value:
+            continue
+        text = value[key]
+        if not isinstance(text, str) or not text.strip():
+            raise _Refusal(
+                400,
+                "invalid_request",
+                field="filter",
+                message=f"filter {key} must be a non-empty string",
+            )
+        found[key] = text.strip()
+    ids: list[str] | None = None
+    if "ids" in value:
+        raw = value["ids"]
+        if not isinstance(raw, list) or not raw or not all(isinstance(i, str) and i for i in raw):
+            raise _Refusal(
+                400,
+                "invalid_request",
+                field="filter",
+                message='filter ids must be a non-empty list of approval ids ("apr_…")',
+            )
+        if len(raw) > MAX_BULK_IDS:
+            raise _Refusal(
+                400,
+                "invalid_request",
+                field="filter",
+                message=f"filter ids may name at most {MAX_BULK_IDS} approvals per call",
+            )
+        ids = raw
+    return found.get("rule"), found.get("requester"), ids
 
 
 def _grant_request(value: Any) -> tuple[int | None, int | None]:

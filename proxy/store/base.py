@@ -14,6 +14,7 @@ from typing import Protocol
 
 from ..model import Approval, ApprovalState, DecisionRecord, Outcome
 from ..model.grant import Grant
+from ..model.state import ApprovalError
 
 
 class StoreUnavailable(Exception):
@@ -69,6 +70,18 @@ class Store(Protocol):
     async def decide(self, approval_id: str, record: DecisionRecord, now: float) -> Approval:
         """Apply `state.decide` atomically; raises its errors, or KeyError for an unknown id.
         Past the deadline it raises `NotPending` and stores nothing (`expire` does that)."""
+        ...
+
+    async def decide_many(
+        self, approval_ids: Sequence[str], record: DecisionRecord, now: float
+    ) -> list[Approval | ApprovalError | StoreUnavailable]:
+        """`decide` with the same `record` for every id, in as few round trips as the store
+        can (a bulk decision: Redis sends one script per chunk of ids). Each approval's
+        transition is atomic on its own, and wakes its waiters as `decide` does; the batch is
+        not all-or-nothing. Per id, in order: the approval as decided, or the error that
+        refused it (`NotPending`, `DuplicateApprover`, `ApprovalNotFound` for an unknown id),
+        with nothing stored for it; or `StoreUnavailable` where the store failed part way
+        (that approval may or may not be decided). Raises nothing for one id alone."""
         ...
 
     async def claim(self, approval_id: str, now: float) -> Approval:

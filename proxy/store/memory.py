@@ -21,7 +21,7 @@ from dataclasses import replace
 from ..model import Approval, ApprovalState, DecisionRecord, Outcome
 from ..model import state as transitions
 from ..model.grant import Grant
-from .base import cursor_after, parse_cursor
+from .base import StoreUnavailable, cursor_after, parse_cursor
 
 _FINISHED = (
     ApprovalState.DENIED,
@@ -134,6 +134,22 @@ class MemoryStore:
     async def decide(self, approval_id: str, record: DecisionRecord, now: float) -> Approval:
         # Past its deadline, decide() raises and saves nothing: expire() makes that transition.
         return self._save(transitions.decide(self._require(approval_id), record, now))
+
+    async def decide_many(
+        self, approval_ids: Sequence[str], record: DecisionRecord, now: float
+    ) -> list[Approval | transitions.ApprovalError | StoreUnavailable]:
+        # One loop without an await: each waiter's event is set once, O(1) per approval.
+        results: list[Approval | transitions.ApprovalError | StoreUnavailable] = []
+        for approval_id in approval_ids:
+            approval = self._approvals.get(approval_id)
+            if approval is None:
+                results.append(transitions.ApprovalNotFound("approval not found"))
+                continue
+            try:
+                results.append(self._save(transitions.decide(approval, record, now)))
+            except transitions.ApprovalError as exc:
+                results.append(exc)
+        return results
 
     async def claim(self, approval_id: str, now: float) -> Approval:
         return self._save(transitions.claim(self._require(approval_id), now))

@@ -94,6 +94,7 @@ _CAS_ATTEMPTS = 200
 _RECENT_MAX = 20_000  # approvals whose last known JSON this process keeps
 _PIPELINE_MAX = 1000  # commands in one pipeline
 _LIST_ROUNDS = 8  # reads of a listing set per page (more only when entries have expired)
+_BULK_CHUNK = 500  # approvals per script of a bulk decision
 
 # Every key expires. An index shared by many approvals (deadlines, the listing sets, a
 # requester's pending set) is given at least the TTL of the approval just written into it
@@ -144,39 +145,59 @@ return 1
 # The approval moves from its old state's listing set to the new one's (ZADD even when the
 # state is unchanged: idempotent, and it indexes an approval written before these sets
 # existed), and leaves its requester's pending set once it is no longer pending.
-_SWAP = (
+_SWAP_FUNCTION = (
     _KEEP
     + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local ttl = tonumber(ARGV[7])
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[7])
-redis.call('PEXPIRE', KEYS[4], ARGV[7])
-if ARGV[4] == '1' then
-  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[7])
-elseif redis.call('GET', KEYS[2]) == ARGV[3] then
-  redis.call('DEL', KEYS[2])
+local function swap(K, A)
+  if redis.call('GET', K[1]) ~= A[1] then return 0 end
+  local ttl = tonumber(A[7])
+  redis.call('SET', K[1], A[2], 'PX', A[7])
+  redis.call('PEXPIRE', K[4], A[7])
+  if A[4] == '1' then
+    redis.call('SET', K[2], A[3], 'PX', A[7])
+  elseif redis.call('GET', K[2]) == A[3] then
+    redis.call('DEL', K[2])
+  end
+  if A[5] == '1' then
+    redis.call('ZADD', K[3], A[6], A[3])
+    keep(K[3], ttl)
+  else
+    redis.call('ZREM', K[3], A[3])
+  end
+  keep(K[5], ttl)
+  if K[6] ~= K[7] then redis.call('ZREM', K[6], A[3]) end
+  redis.call('ZADD', K[7], A[10], A[3])
+  redis.call('ZREMRANGEBYSCORE', K[7], '-inf', '(' .. A[12])
+  keep(K[7], ttl)
+  if A[11] == '1' then
+    redis.call('SADD', K[8], A[3])
+    keep(K[8], ttl)
+  else
+    redis.call('SREM', K[8], A[3])
+  end
+  if A[9] == '1' then
+    redis.call('PUBLISH', A[8], A[3] .. ' ' .. A[2])
+  end
+  return 1
 end
-if ARGV[5] == '1' then
-  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[3])
-  keep(KEYS[3], ttl)
-else
-  redis.call('ZREM', KEYS[3], ARGV[3])
+"""
+)
+_SWAP = _SWAP_FUNCTION + "return swap(KEYS, ARGV)\n"
+
+# Many swaps in one script (a bulk decision): KEYS and ARGV are those of `_SWAP`, one group of
+# 8 keys and 12 arguments per approval, in the same order. Each swap is its own compare-and-set:
+# a reply per approval, 1 (swapped) or 0 (it changed meanwhile: the caller reads it again).
+_SWAP_MANY = (
+    _SWAP_FUNCTION
+    + """
+local replies = {}
+local k, a = {}, {}
+for j = 0, #KEYS / 8 - 1 do
+  for x = 1, 8 do k[x] = KEYS[j * 8 + x] end
+  for x = 1, 12 do a[x] = ARGV[j * 12 + x] end
+  replies[j + 1] = swap(k, a)
 end
-keep(KEYS[5], ttl)
-if KEYS[6] ~= KEYS[7] then redis.call('ZREM', KEYS[6], ARGV[3]) end
-redis.call('ZADD', KEYS[7], ARGV[10], ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. ARGV[12])
-keep(KEYS[7], ttl)
-if ARGV[11] == '1' then
-  redis.call('SADD', KEYS[8], ARGV[3])
-  keep(KEYS[8], ttl)
-else
-  redis.call('SREM', KEYS[8], ARGV[3])
-end
-if ARGV[9] == '1' then
-  redis.call('PUBLISH', ARGV[8], ARGV[3] .. ' ' .. ARGV[2])
-end
-return 1
+return replies
 """
 )
 
@@ -324,6 +345,13 @@ def _encode(args: tuple[Any, ...]) -> list[bytes]:
     return encoded
 
 
+def _same_json(kept: str | bytes, raw: str) -> bool:
+    """Whether a remembered value (as written, or as read) is the JSON a notice carries."""
+    if isinstance(kept, str):
+        return kept == raw
+    return kept == raw.encode("utf-8", "surrogateescape")
+
+
 def _pack(args: tuple[Any, ...]) -> bytes:
     """One command in the Redis protocol (an array of bulk strings)."""
     parts = [b"*%d\r\n" % len(args)]
@@ -464,6 +492,7 @@ class RedisStore:
         self._owner = secrets.token_hex(8)
         self._create = _Script(_CREATE)
         self._swap = _Script(_SWAP)
+        self._swap_many = _Script(_SWAP_MANY)
         self._lease = _Script(_LEASE)
         self._set_note = _Script(_SET_NOTE)
         self._page = _Script(_PAGE)
@@ -651,6 +680,45 @@ class RedisStore:
         if len(self._recent) > _RECENT_MAX:
             self._recent.popitem(last=False)
 
+    def _swap_keys(self, approval_id: str, current: Approval, updated: Approval) -> list[str]:
+        """The KEYS of `_SWAP` for the change of one approval from `current` to `updated`."""
+        return [
+            self._approval_key + approval_id,
+            self._fingerprint_key + updated.fingerprint,
+            self._deadlines,
+            self._notes_key + approval_id,
+            self._created,
+            self._state_key + current.state.value,
+            self._state_key + updated.state.value,
+            self._pending_set(updated),
+        ]
+
+    def _swap_args(
+        self,
+        approval_id: str,
+        raw: str | bytes,
+        current: Approval,
+        new_raw: str | bytes,
+        updated: Approval,
+    ) -> list[Any]:
+        """The ARGV of `_SWAP`: `raw` (what `current` was read as) is swapped for `new_raw`."""
+        return [
+            raw,
+            new_raw,
+            approval_id,
+            "1" if transitions.joinable(updated) else "0",
+            "1" if updated.state in _EXPIRABLE else "0",
+            repr(updated.expires_at),
+            self._ttl_ms(updated),
+            self._channel,
+            # Waiters wait for an approval to leave `pending`: nothing to tell them about a
+            # claim or an outcome.
+            "1" if current.state is ApprovalState.PENDING else "0",
+            repr(updated.created_at),
+            "1" if updated.state is ApprovalState.PENDING else "0",
+            self._oldest_listed(updated),
+        ]
+
     async def _transition(
         self, approval_id: str, step: Callable[[Approval], Approval | None]
     ) -> Approval | None:
@@ -682,34 +750,11 @@ class RedisStore:
                 if from_memory:
                     continue
                 return None
+            new_raw = codec.dumps(updated)
             swapped = await self._script(
                 self._swap,
-                [
-                    self._approval_key + approval_id,
-                    self._fingerprint_key + updated.fingerprint,
-                    self._deadlines,
-                    self._notes_key + approval_id,
-                    self._created,
-                    self._state_key + current.state.value,
-                    self._state_key + updated.state.value,
-                    self._pending_set(updated),
-                ],
-                [
-                    raw,
-                    new_raw := codec.dumps(updated),
-                    approval_id,
-                    "1" if transitions.joinable(updated) else "0",
-                    "1" if updated.state in _EXPIRABLE else "0",
-                    repr(updated.expires_at),
-                    self._ttl_ms(updated),
-                    self._channel,
-                    # Waiters wait for an approval to leave `pending`: nothing to tell them
-                    # about a claim or an outcome.
-                    "1" if current.state is ApprovalState.PENDING else "0",
-                    repr(updated.created_at),
-                    "1" if updated.state is ApprovalState.PENDING else "0",
-                    self._oldest_listed(updated),
-                ],
+                self._swap_keys(approval_id, current, updated),
+                self._swap_args(approval_id, raw, current, new_raw, updated),
             )
             if swapped:
                 self._remember(approval_id, new_raw, updated)
@@ -778,6 +823,127 @@ class RedisStore:
         result = await self._transition(approval_id, lambda a: transitions.decide(a, record, now))
         assert result is not None
         return result
+
+    async def decide_many(
+        self, approval_ids: Sequence[str], record: DecisionRecord, now: float
+    ) -> list[Approval | transitions.ApprovalError | StoreUnavailable]:
+        """Chunks of `_BULK_CHUNK` ids, all under way at once (their commands share
+        pipelines): per chunk, the approvals this process does not remember (a listing just
+        read them all) are read with one MGET, and every swap leaves in one `_SWAP_MANY`
+        script. An approval that changed meanwhile, or that a remembered (maybe stale) value
+        refused, is decided again on its own from what Redis holds. A chunk the store fails
+        on answers `StoreUnavailable` for its ids (decided or not: unknown); the other chunks
+        are not held up by it."""
+        results: list[Approval | transitions.ApprovalError | StoreUnavailable | None]
+        results = [None] * len(approval_ids)
+        await asyncio.gather(
+            *(
+                self._decide_chunk(
+                    approval_ids,
+                    range(start, min(start + _BULK_CHUNK, len(approval_ids))),
+                    record,
+                    now,
+                    results,
+                )
+                for start in range(0, len(approval_ids), _BULK_CHUNK)
+            )
+        )
+        done = [result for result in results if result is not None]
+        assert len(done) == len(approval_ids)
+        return done
+
+    async def _decide_chunk(
+        self,
+        approval_ids: Sequence[str],
+        chunk: range,
+        record: DecisionRecord,
+        now: float,
+        results: list[Approval | transitions.ApprovalError | StoreUnavailable | None],
+    ) -> None:
+        try:
+            await self._decide_chunk_once(approval_ids, chunk, record, now, results)
+        except StoreUnavailable as exc:
+            for at in chunk:
+                if results[at] is None:
+                    results[at] = exc
+
+    async def _decide_chunk_once(
+        self,
+        approval_ids: Sequence[str],
+        chunk: range,
+        record: DecisionRecord,
+        now: float,
+        results: list[Approval | transitions.ApprovalError | StoreUnavailable | None],
+    ) -> None:
+        # at -> (raw, approval, from memory)
+        known: dict[int, tuple[str | bytes, Approval, bool]] = {}
+        unread: list[int] = []
+        for at in chunk:
+            remembered = self._recent.get(approval_ids[at])
+            if remembered is None:
+                unread.append(at)
+            else:
+                known[at] = (remembered[0], remembered[1], True)
+        if unread:
+            values: list[str | None] = await self._command(
+                "MGET", *(self._approval_key + approval_ids[at] for at in unread)
+            )
+            for at, value in zip(unread, values, strict=True):
+                if value is None:
+                    results[at] = transitions.ApprovalNotFound("approval not found")
+                else:
+                    known[at] = (value, codec.loads(value), False)
+        keys: list[str] = []
+        args: list[Any] = []
+        swaps: list[tuple[int, str | bytes, Approval]] = []
+        again: list[int] = []
+        for at in chunk:
+            if at not in known:
+                continue
+            raw, current, from_memory = known[at]
+            try:
+                updated = transitions.decide(current, record, now)
+            except transitions.ApprovalError as exc:
+                if from_memory:
+                    again.append(at)  # maybe stale: decide on what Redis holds now
+                else:
+                    results[at] = exc
+                continue
+            encoded = codec.dumps(updated)
+            approval_id = approval_ids[at]
+            keys.extend(self._swap_keys(approval_id, current, updated))
+            args.extend(self._swap_args(approval_id, raw, current, encoded, updated))
+            swaps.append((at, encoded, updated))
+        if swaps:
+            replies: list[int] = await self._script(self._swap_many, keys, args)
+            for (at, written, updated), swapped in zip(swaps, replies, strict=True):
+                if swapped:
+                    self._remember(approval_ids[at], written, updated)
+                    results[at] = updated
+                else:
+                    again.append(at)  # it changed meanwhile
+        if again:
+            await asyncio.gather(
+                *(self._decide_again(approval_ids, at, record, now, results) for at in again)
+            )
+
+    async def _decide_again(
+        self,
+        approval_ids: Sequence[str],
+        at: int,
+        record: DecisionRecord,
+        now: float,
+        results: list[Approval | transitions.ApprovalError | StoreUnavailable | None],
+    ) -> None:
+        """One approval of a bulk decision, decided alone from a fresh read."""
+        approval_id = approval_ids[at]
+        self._recent.pop(approval_id, None)
+        try:
+            results[at] = await self.decide(approval_id, record, now)
+        except transitions.ApprovalError as exc:
+            results[at] = exc
+        except KeyError:
+            results[at] = transitions.ApprovalNotFound("approval not found")
 
     async def claim(self, approval_id: str, now: float) -> Approval:
         result = await self._transition(approval_id, lambda a: transitions.claim(a, now))
@@ -853,6 +1019,8 @@ class RedisStore:
             for value in values:
                 if value is not None:
                     approval = codec.loads(value)
+                    # A bulk decision lists, then swaps from these values without reading.
+                    self._remember(approval.id, value, approval)
                     # It may have changed state since the set was read: it is in the other now.
                     if state is None or approval.state is state:
                         found.append(approval)
@@ -1063,7 +1231,12 @@ class RedisStore:
         if not waiters:
             return
         noticed: tuple[str, Approval] | None = None
-        if raw:
+        remembered = self._recent.get(approval_id)
+        if raw and remembered is not None and _same_json(remembered[0], raw):
+            # This process made the change (a bulk decision makes thousands): it knows the
+            # value already, no need to decode it again.
+            noticed = (raw, remembered[1])
+        elif raw:
             try:
                 noticed = (raw, codec.loads(raw))
             except (ValueError, TypeError, KeyError) as exc:

@@ -130,7 +130,7 @@ async def test_a_refused_connection_leaves_the_approval_unused(make_proxy: Facto
     )
     shown = await (await client.get(f"{API}/{approval_id}", headers=ALICE)).json()
     assert shown["state"] == "approved" and shown["outcome"] is None
-    assert "approval is still unused" in json.dumps(sink.named("request.refused"))
+    assert "approval is still unused" in json.dumps(sink.named("request.completed"))
 
 
 async def _hang_up_upstream() -> tuple[asyncio.AbstractServer, str, list[bytes]]:

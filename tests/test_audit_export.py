@@ -23,7 +23,7 @@ def write_day(path: Path, approvals: int = 1500, passthrough: int = 6000) -> dic
     """A day of traffic through the real sink: mostly reads, some approvals of every outcome.
     Returns approval id → expected outcome."""
     rng = random.Random(7)
-    sink = ChainedFileSink(path, max_bytes=2_000_000)  # rotates a few times over the day
+    sink = ChainedFileSink(path, max_bytes=1_000_000)  # rotates a few times over the day
     sink.open()
     audit = AuditLog([sink])
     expected: dict[str, str] = {}
@@ -31,8 +31,9 @@ def write_day(path: Path, approvals: int = 1500, passthrough: int = 6000) -> dic
     requester = {"subject": "agent-7", "issuer": "idp", "email": "a7@example.com", "owner": "alice"}
     for n in range(approvals):
         for _ in range(reads_per_approval):
-            audit.emit("request.received", request_id=f"r{n}", method="GET", path="/cloud/x")
-            audit.emit("request.forwarded", request_id=f"r{n}", approval_id=None, status=200)
+            audit.emit(
+                "request.completed", request_id=f"r{n}", method="GET", path="/cloud/x", status=200
+            )
         approval_id = f"apr_{n:05d}"
         audit.emit(
             "approval.requested",
@@ -58,7 +59,20 @@ def write_day(path: Path, approvals: int = 1500, passthrough: int = 6000) -> dic
                 outcome="approved" if verdict == "approve" else "denied",
             )
         if outcome == "executed":
-            audit.emit("request.forwarded", approval_id=approval_id, rule="exports", status=201)
+            audit.emit(
+                "request.forwarded",
+                approval_id=approval_id,
+                rule="exports",
+                outcome="completed",
+                status=201,
+            )
+        if outcome in ("executed", "denied"):  # the held request's own last event
+            audit.emit(
+                "request.completed",
+                approval_id=approval_id,
+                rule="exports",
+                status=201 if outcome == "executed" else 403,
+            )
         if outcome == "expired":
             audit.emit("approval.expired", approval_id=approval_id, rule="exports")
         expected[approval_id] = outcome

@@ -119,7 +119,7 @@ async def test_real_idp_token_is_accepted_and_identity_is_complete(
         resp = await client.get("/cloud/buckets", headers=bearer(token))
         assert resp.status == 200
         assert "authorization" not in (await resp.json())["headers"]
-        identity = sink.named("request.forwarded")[0]["identity"]
+        identity = sink.named("request.completed")[0]["identity"]
         assert identity == {
             "subject": "agent-7",
             "issuer": idp.issuer,
@@ -386,8 +386,8 @@ async def test_malformed_token_headers_are_401_not_500(
         error = (await resp.json())["error"]
         assert error["code"] == "unauthorized" and error["message"].startswith(message)
         assert error["request_id"] == resp.headers["X-Request-Id"]
-        refused = sink.named("request.refused")
-        assert [(e["status"], e["error"]) for e in refused] == [(401, "unauthorized")]
-        assert not sink.named("request.forwarded")
+        completed = sink.named("request.completed")
+        assert [(e["status"], e["error"]) for e in completed] == [(401, "unauthorized")]
+        assert completed[0]["identity"] is None and completed[0]["action"] is None
     finally:
         await client.close()

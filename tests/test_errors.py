@@ -73,7 +73,7 @@ async def test_401_without_a_credential(make_proxy: Factory) -> None:
     error = assert_error(await resp.json(), "unauthorized")
     assert error["message"] == "missing credential: expected Authorization: Bearer <token>"
     assert error["request_id"] == resp.headers["X-Request-Id"]
-    assert sink.named("request.refused")[0]["request_id"] == error["request_id"]
+    assert sink.named("request.completed")[0]["request_id"] == error["request_id"]
 
 
 async def test_404_no_route(make_proxy: Factory) -> None:
@@ -197,7 +197,7 @@ async def test_malformed_jwt_headers_are_401(make_proxy: Factory, header: Any) -
     assert resp.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
     error = assert_error(await resp.json(), "unauthorized")
     assert error["request_id"] == resp.headers["X-Request-Id"]
-    assert [e["status"] for e in sink.named("request.refused")] == [401]
+    assert [e["status"] for e in sink.named("request.completed")] == [401]
 
 
 async def test_default_approve_says_why_nothing_can_decide(

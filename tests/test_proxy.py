@@ -32,13 +32,20 @@ async def test_allowed_read_is_forwarded_with_injected_credentials(make_proxy: F
     request_id = resp.headers["Countersign-Request-Id"]
     assert echo["headers"]["countersign-request-id"] == request_id
     assert "x-request-id" not in echo["headers"] and "X-Request-Id" not in resp.headers
+    # One event for an allowed request, with all the three steps' fields.
     names = [e["event"] for e in sink.events]
-    assert names == ["request.received", "policy.decided", "request.forwarded"]
-    forwarded = sink.named("request.forwarded")[0]
-    assert forwarded["request_id"] == request_id
-    assert forwarded["identity"]["subject"] == "agent-key"
-    assert forwarded["rule"] == "reads" and forwarded["route"] == "cloud"
-    assert forwarded["status"] == 200
+    assert names == ["request.completed"]
+    completed = sink.named("request.completed")[0]
+    assert completed["request_id"] == request_id
+    assert completed["identity"]["subject"] == "agent-key"
+    assert completed["rule"] == "reads" and completed["route"] == "cloud"
+    assert completed["action"] == "allow" and completed["error"] is None
+    assert (completed["method"], completed["path"]) == ("GET", "/cloud/buckets/reports")
+    assert "raw_path" not in completed  # the same as received
+    assert completed["remote"] == "127.0.0.1"
+    assert completed["status"] == 200 and completed["bytes_sent"] == len(await resp.read())
+    assert completed["duration_ms"] > 0
+    assert "approval_id" not in completed
     assert "upstream-secret-123" not in json.dumps(sink.events)
 
 
@@ -64,11 +71,7 @@ async def test_request_ids_the_clients_go_up_the_upstreams_come_back(
     # No approval ran this: the upstream cannot make it look as if one did.
     assert "Countersign-Approval-Id" not in resp.headers
     assert {e["request_id"] for e in sink.events} == {request_id}
-    assert [e["event"] for e in sink.events] == [
-        "request.received",
-        "policy.decided",
-        "request.forwarded",
-    ]
+    assert [e["event"] for e in sink.events] == ["request.completed"]
 
 
 async def test_own_answers_carry_our_request_id_under_both_names(make_proxy: Factory) -> None:
@@ -78,7 +81,7 @@ async def test_own_answers_carry_our_request_id_under_both_names(make_proxy: Fac
     request_id = resp.headers["Countersign-Request-Id"]
     assert resp.headers["X-Request-Id"] == request_id != "c-2"
     assert (await resp.json())["error"]["request_id"] == request_id
-    assert sink.named("request.refused")[0]["request_id"] == request_id
+    assert sink.named("request.completed")[0]["request_id"] == request_id
 
 
 async def test_injected_credentials_replace_the_clients_own(make_proxy: Factory) -> None:
@@ -96,8 +99,12 @@ async def test_forbidden_call_gets_403_policy_denied(make_proxy: Factory) -> Non
     assert resp.status == 403
     body = await resp.json()
     assert body["error"]["code"] == "policy_denied" and body["error"]["rule"] == "no-deletes"
-    refused = sink.named("request.refused")[0]
+    assert [e["event"] for e in sink.events] == ["request.completed"]
+    refused = sink.named("request.completed")[0]
     assert refused["rule"] == "no-deletes" and refused["status"] == 403
+    assert (refused["action"], refused["error"]) == ("deny", "policy_denied")
+    assert refused["identity"]["subject"] == "agent-key"
+    assert refused["bytes_sent"] == len(await resp.read())
 
 
 async def test_default_deny_when_no_rule_matches(make_proxy: Factory) -> None:
@@ -171,7 +178,7 @@ async def test_lower_case_methods_are_refused(make_proxy: Factory) -> None:
     # aiohttp's parser refuses these itself; `paths.check_method` stands behind it.
     resp = await _raw_request(client, "delete /cloud/buckets/reports HTTP/1.1", AGENT)
     assert resp["status"] == 400
-    assert not sink.named("request.forwarded")
+    assert not [e for e in sink.named("request.completed") if e["error"] is None]
 
 
 async def test_method_override_headers_are_refused(make_proxy: Factory) -> None:
@@ -345,7 +352,9 @@ async def test_upstream_unreachable_is_502(make_proxy: Factory) -> None:
     assert resp.status == 502
     body = await resp.json()
     assert body["error"]["code"] == "upstream_unavailable" and body["error"]["route"] == "dead"
-    assert sink.named("request.refused")[0]["status"] == 502
+    completed = sink.named("request.completed")[0]
+    assert (completed["status"], completed["error"]) == (502, "upstream_unavailable")
+    assert completed["action"] == "allow" and completed["route"] == "dead"
 
 
 async def test_upstream_failing_mid_body_cuts_the_client_off(make_proxy: Factory) -> None:
@@ -354,8 +363,9 @@ async def test_upstream_failing_mid_body_cuts_the_client_off(make_proxy: Factory
     assert resp.status == 200  # the status line had already been relayed
     with pytest.raises(aiohttp.ClientPayloadError):
         await resp.read()  # ... but the body is visibly truncated, never complete-looking
-    forwarded = sink.named("request.forwarded")[0]
-    assert forwarded["error"] == "upstream_unavailable" and forwarded["bytes_sent"] == 10
+    completed = sink.named("request.completed")[0]
+    assert completed["error"] == "upstream_unavailable" and completed["bytes_sent"] == 10
+    assert completed["status"] == 200
 
 
 async def test_upstream_connections_are_reused(make_proxy: Factory, upstream: TestServer) -> None:
@@ -445,4 +455,5 @@ async def test_request_smuggling_framings_are_refused(make_proxy: Factory, frami
     answer = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert answer.split(b"\r\n", 1)[0].endswith(b"400 Bad Request")
-    assert not sink.named("request.forwarded"), "nothing may reach the upstream"
+    # Nothing reached the upstream: no request completed without an error.
+    assert not [e for e in sink.named("request.completed") if e["error"] is None]

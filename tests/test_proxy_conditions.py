@@ -203,7 +203,8 @@ async def test_a_body_meant_as_json_that_does_not_parse_is_refused(proxy: Proxy)
     error = await error_of(resp)
     assert error["code"] == "invalid_request"
     assert error["message"].endswith("a rule judges fields of this body, so it must be JSON")
-    assert not sink.named("request.forwarded")
+    completed = sink.named("request.completed")
+    assert [(e["status"], e["error"]) for e in completed] == [(400, "invalid_request")]
 
 
 async def test_form_and_query_conditions(proxy: Proxy) -> None:

@@ -91,8 +91,8 @@ async def test_a_secret_added_by_reload_is_redacted_in_audit_and_approvals(
         assert approval["path"] == "/vault/exports/[REDACTED]"
         held.cancel()
         await asyncio.sleep(0.1)
-        assert sink.named("policy.decided")
+        assert sink.named("request.completed")
         assert not mentions(sink, NEW_SECRET)
-        assert "[REDACTED]" in str(sink.named("policy.decided"))
+        assert "[REDACTED]" in str(sink.named("request.completed"))
     finally:
         await client.close()

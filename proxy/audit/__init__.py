@@ -18,10 +18,11 @@ from .signing import SigningKey
 from .sinks import AuditUnavailable, ChainPosition, Sink, StreamSink, render
 from .timestamp import IsoUtcStamper
 
-SCHEMA_VERSION: Final = 1
+# 2: one `request.completed` per request replaced request.received, policy.decided and
+# request.refused; request.forwarded is only for approved or granted executions.
+SCHEMA_VERSION = 2
 
-REQUEST_RECEIVED: Final = "request.received"
-POLICY_DECIDED: Final = "policy.decided"
+REQUEST_COMPLETED: Final = "request.completed"
 APPROVAL_REQUESTED: Final = "approval.requested"
 APPROVAL_DECIDED: Final = "approval.decided"
 APPROVAL_EXPIRED: Final = "approval.expired"
@@ -29,7 +30,6 @@ APPROVAL_LAPSED: Final = "approval.lapsed"
 APPROVAL_RECEIPT: Final = "approval.receipt"
 REQUEST_ABANDONED: Final = "request.abandoned"
 REQUEST_FORWARDED: Final = "request.forwarded"
-REQUEST_REFUSED: Final = "request.refused"
 GRANT_CREATED: Final = "grant.created"
 GRANT_USED: Final = "grant.used"
 GRANT_EXHAUSTED: Final = "grant.exhausted"
@@ -40,7 +40,7 @@ Processor = Callable[[Any, str, MutableMapping[str, Any]], Any]
 
 
 def _add_schema(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    event["v"] = SCHEMA_VERSION
+    event["v"] = SCHEMA_VERSION  # read at each call: tests pin older versions
     return event
 
 
@@ -112,11 +112,9 @@ __all__ = [
     "GRANT_EXPIRED",
     "GRANT_REVOKED",
     "GRANT_USED",
-    "POLICY_DECIDED",
     "REQUEST_ABANDONED",
+    "REQUEST_COMPLETED",
     "REQUEST_FORWARDED",
-    "REQUEST_RECEIVED",
-    "REQUEST_REFUSED",
     "SCHEMA_VERSION",
     "AuditLog",
     "AuditUnavailable",

@@ -1,7 +1,9 @@
 """Evidence export: one row per approval, assembled from the audit events.
 
 `collect(events)` folds `approval.requested`, `approval.decided`, `approval.expired` and the
-`request.forwarded` of an approved request into `ApprovalRow`s; `write_csv` / `write_jsonl`
+`request.forwarded` of an approved request (its execution: `outcome` completed with the
+upstream's status, or ambiguous without one) into `ApprovalRow`s; the held request's own
+`request.completed` only counts towards the row's chain check. `write_csv` / `write_jsonl`
 render them. The command (`countersign audit export`) reads the events through the chain
 verifier, so an export never silently includes a tampered trail.
 """

@@ -38,6 +38,7 @@ from typing import Any
 
 import structlog
 
+from . import SCHEMA_VERSION
 from .chain import GENESIS, ChainHead, last_head_of, seal_line
 from .evidence import last_signed_in
 from .signing import (
@@ -141,7 +142,9 @@ class ChainedFileSink(Sink):
         self._size = os.fstat(self._fd).st_size
         if set_aside is not None:
             # In the chain itself: a torn tail set aside is evidence an auditor should see.
-            self.write({"event": TAIL_SET_ASIDE_EVENT, "ts": _now(), "v": 1, **set_aside})
+            self.write(
+                {"event": TAIL_SET_ASIDE_EVENT, "ts": _now(), "v": SCHEMA_VERSION, **set_aside}
+            )
         if self._signing is not None:
             self._open_signed(self._signing)
 
@@ -166,7 +169,12 @@ class ChainedFileSink(Sink):
                 previous_key_id=last.key_id,
             )
             self.write(
-                {"event": KEY_ROTATED_EVENT, "ts": statement["ts"], "v": 1, "rotation": statement}
+                {
+                    "event": KEY_ROTATED_EVENT,
+                    "ts": statement["ts"],
+                    "v": SCHEMA_VERSION,
+                    "rotation": statement,
+                }
             )
             self._unsent.append(statement)
             log.info(
@@ -246,7 +254,7 @@ class ChainedFileSink(Sink):
             )
         )
         position = self.write(
-            {"event": CHECKPOINT_EVENT, "ts": ts, "v": 1, "checkpoint": statement}
+            {"event": CHECKPOINT_EVENT, "ts": ts, "v": SCHEMA_VERSION, "checkpoint": statement}
         )
         self._checkpointed_seq = self._prev_checkpoint = position.seq
         self._unsent.append(statement)

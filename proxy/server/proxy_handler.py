@@ -150,6 +150,15 @@ class Exchange:
     claimed: bool = False  # its approval was used: the request may have reached the upstream
     decision: str = NO_DECISION  # the policy's action, for metrics ("none": refused before it)
     sent_status: int = 0  # the status line the client was sent while relaying (0: none yet)
+    # What `request.completed` records, gathered as the exchange goes: the status that counts
+    # (a refusal's, even when an MCP client gets it as a tool result in a 200; else the
+    # upstream's), the body bytes relayed, why it failed, and a refusal's fields.
+    status: int = 0
+    bytes_sent: int | None = None
+    error: str | None = None
+    refusal: dict[str, Any] | None = None
+    approval_id: str | None = None
+    grant_id: str | None = None
     _identity_log: dict[str, Any] | None = None
     _body_view: RequestBody | None = None
 
@@ -219,34 +228,66 @@ class ProxyHandler:
         raw_path, _, query = request.raw_path.partition("?")
         request_id = f"{self._id_prefix}{next(self._id_counter):016x}"
         exchange = Exchange(request, request_id, raw_path, query)
-        self._audit.emit(
-            audit.REQUEST_RECEIVED,
-            request_id=exchange.request_id,
-            method=request.method,
-            path=raw_path,
-            remote=request.remote,
-        )
         status = 0
         try:
             response = await self._handle(exchange)
             status = response.status
+            if exchange.bytes_sent is None:  # answered by the proxy itself
+                body = getattr(response, "body", None)
+                exchange.bytes_sent = len(body) if isinstance(body, bytes) else 0
             return response
         except (asyncio.CancelledError, ConnectionError):
             # The client left. Counted as what it was sent: an answer already relayed (its audit
             # fsync was still running), or 499 (nginx's "client closed request") when none was.
             status = exchange.sent_status or 499
+            exchange.error = exchange.error or "client_disconnected"
             raise
         except BaseException:
             status = exchange.sent_status or 500
+            exchange.error = exchange.error or "internal_error"
             raise
         finally:
+            elapsed = time.monotonic() - started
+            self._completed(exchange, status, elapsed)
             route = exchange.route
             self._metrics.request(
                 route.settings.name if route is not None else NO_ROUTE,
                 exchange.decision,
                 status,
-                time.monotonic() - started,
+                elapsed,
             )
+
+    def _completed(self, exchange: Exchange, status: int, elapsed: float) -> None:
+        """`request.completed`: the one audit event of every allowed or refused request (a
+        privileged one also has its step events), with what the client was answered."""
+        request = exchange.request
+        route = exchange.route
+        decision = exchange.decision
+        fields: dict[str, Any] = {
+            "request_id": exchange.request_id,
+            "method": request.method,
+            "path": exchange.path or exchange.raw_path,
+            "remote": request.remote,
+            "identity": exchange.identity_log(),
+            "route": route.settings.name if route is not None else None,
+            "rule": exchange.rule,
+            "action": None if decision == NO_DECISION else decision,
+            "status": exchange.status or status,
+            "bytes_sent": exchange.bytes_sent or 0,
+            "duration_ms": round(elapsed * 1000, 3),
+            "error": exchange.error,
+        }
+        if exchange.path and exchange.path != exchange.raw_path:
+            fields["raw_path"] = exchange.raw_path  # as received, when normalizing changed it
+        if exchange.actions:
+            fields["actions"] = list(exchange.actions)
+        if exchange.approval_id is not None:
+            fields["approval_id"] = exchange.approval_id
+        if exchange.grant_id is not None:
+            fields["grant_id"] = exchange.grant_id
+        if exchange.refusal:
+            fields.update(exchange.refusal)
+        self._audit.emit(audit.REQUEST_COMPLETED, **fields)
 
     def refuse(
         self,
@@ -257,17 +298,13 @@ class ProxyHandler:
         headers: dict[str, str] | None = None,
         **fields: Any,
     ) -> web.Response:
-        """A JSON refusal, audited as `request.refused`; `headers` go on the answer only."""
+        """A JSON refusal, audited in the exchange's `request.completed` (status, error and
+        `fields`); `headers` go on the answer only."""
+        exchange.status = status
+        exchange.error = error
+        exchange.refusal = dict(fields)
         if exchange.actions and "actions" not in fields:
             fields["actions"] = list(exchange.actions)
-        self._audit.emit(
-            audit.REQUEST_REFUSED,
-            request_id=exchange.request_id,
-            status=status,
-            error=error,
-            identity=exchange.identity_log(),
-            **fields,
-        )
         headers = dict(headers or {})
         route = exchange.route
         call = exchange.mcp_call
@@ -378,10 +415,10 @@ class ProxyHandler:
         response.headers.popall("Content-Length", None)
         await response.prepare(exchange.request)
         await response.write_eof()
-        self._audit_forwarded(exchange, started, upstream.status, len(body))
+        self._forwarded(exchange, started, upstream.status, len(body))
         return response
 
-    def _audit_forwarded(
+    def _forwarded(
         self,
         exchange: Exchange,
         started: float,
@@ -392,8 +429,17 @@ class ProxyHandler:
         failure: str | None = None,
         grant_id: str | None = None,
     ) -> ChainPosition | None:
-        """`request.forwarded`: the upstream's answer went (or began to go) to the client.
-        Returns where it landed in the chained audit file (receipts cite it)."""
+        """The upstream's answer went (or began to go) to the client: noted for the exchange's
+        `request.completed`. A privileged request (approved, or let through by a grant) also
+        gets its step event, `request.forwarded`; where that landed in the chained audit file
+        is returned (receipts cite it)."""
+        exchange.status = status
+        exchange.bytes_sent = sent
+        exchange.error = failure
+        if approval_id is None and grant_id is None:
+            return None
+        exchange.approval_id = approval_id
+        exchange.grant_id = grant_id
         return self._audit.emit(
             audit.REQUEST_FORWARDED,
             request_id=exchange.request_id,
@@ -403,6 +449,7 @@ class ProxyHandler:
             route=exchange.route.settings.name if exchange.route else None,
             rule=exchange.rule,
             approval_id=approval_id,
+            outcome="completed",
             status=status,
             bytes_sent=sent,
             duration_ms=round((time.monotonic() - started) * 1000, 3),
@@ -567,18 +614,7 @@ class ProxyHandler:
                 message=f"{exc.message}; a rule judges fields of this body, so it must be JSON",
             )
         exchange.rule = decision.rule
-        exchange.decision = decision.action.value
-        self._audit.emit(
-            audit.POLICY_DECIDED,
-            request_id=exchange.request_id,
-            identity=exchange.identity_log(),
-            method=info.method,
-            path=exchange.path,
-            route=info.route,
-            rule=decision.rule,
-            action=decision.action.value,
-            **({"actions": list(exchange.actions)} if exchange.actions else {}),
-        )
+        exchange.decision = decision.action.value  # audited in `request.completed`
         if decision.action is Action.DENY:
             return self.refuse(
                 exchange,
@@ -759,6 +795,24 @@ class ProxyHandler:
         agent is told it may have run and that a retry needs a new approval."""
         route = exchange.route.settings.name if exchange.route else None
         self._metrics.upstream_error(route or NO_ROUTE, exc.code.removeprefix("upstream_"))
+        approval_id = fields.get("approval_id")
+        if approval_id is not None and exchange.claimed:
+            # The approved request may have run: its execution's step event says so.
+            self._audit.emit(
+                audit.REQUEST_FORWARDED,
+                request_id=exchange.request_id,
+                identity=exchange.identity_log(),
+                method=exchange.request.method,
+                path=exchange.path,
+                route=route,
+                rule=exchange.rule,
+                approval_id=approval_id,
+                outcome="ambiguous",
+                status=None,
+                bytes_sent=0,
+                error=exc.code,
+                **({"actions": list(exchange.actions)} if exchange.actions else {}),
+            )
         message = str(exc)
         if fields.get("approval_id") is not None and not exchange.claimed:
             message = (
@@ -899,7 +953,7 @@ class ProxyHandler:
             upstream.close()
             raise  # aiohttp drops the connection quietly
         finally:
-            position = self._audit_forwarded(
+            position = self._forwarded(
                 exchange,
                 started,
                 upstream.status,

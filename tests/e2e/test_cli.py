@@ -203,11 +203,16 @@ async def test_run_serves_a_real_idp_token(
     assert proc.stop() == 0, proc.stderr()
     events = [json.loads(line) for line in proc.stdout().splitlines()]
     names = [e["event"] for e in events]
-    assert names.count("request.forwarded") == 1
-    assert names.count("request.refused") == 2
-    decided = next(e for e in events if e["event"] == "policy.decided")
-    assert decided["identity"]["subject"] == "agent-7"
-    assert decided["identity"]["owner"] == "alice@example.com"
+    completed = [e for e in events if e["event"] == "request.completed"]
+    assert len(completed) == names.count("request.completed") == 3  # one per request
+    assert sorted((e["status"], e["error"]) for e in completed) == [
+        (200, None),
+        (401, "unauthorized"),
+        (403, "policy_denied"),
+    ]
+    allowed = next(e for e in completed if e["status"] == 200)
+    assert allowed["identity"]["subject"] == "agent-7"
+    assert allowed["identity"]["owner"] == "alice@example.com"
     assert token not in proc.stdout() and token not in proc.stderr()
     assert "upstream-token" not in proc.stdout()
 

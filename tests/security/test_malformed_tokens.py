@@ -1,7 +1,8 @@
 """Attack: crash or confuse authentication with malformed bearer tokens.
 
 Every malformed credential is a plain `401 unauthorized` with `WWW-Authenticate` (DESIGN §1.2),
-audited as `request.refused`, never a 500 or a traceback, and nothing reaches the upstream.
+audited as a `request.completed` with that error, never a 500 or a traceback, and nothing
+reaches the upstream.
 """
 
 from __future__ import annotations
@@ -115,13 +116,13 @@ async def test_malformed_bearer_is_401_audited_and_never_forwarded(
     await refused(session, proc, "GET", f"{API}?state=pending", bearer)  # the approvals API
     await refused(session, proc, "POST", f"{API}/apr_x/decision", bearer)
 
-    event = await wait_audit(proc, "request.refused", status=401)
+    event = await wait_audit(proc, "request.completed", status=401)
     assert event["error"] == "unauthorized", event
     await asyncio.sleep(0.3)
     refusals = [
         e
         for e in audit_events(proc)
-        if e.get("event") == "request.refused" and e.get("status") == 401
+        if e.get("event") == "request.completed" and e.get("status") == 401
     ]
     assert len(refusals) >= 2, refusals  # both proxied requests
     assert all(e["error"] == "unauthorized" for e in refusals)

@@ -515,6 +515,30 @@ class ApprovalService:
             cursor = next_cursor
         return found, cursor
 
+    def _record(
+        self,
+        approver: Identity,
+        person: str | None,
+        verdict: Verdict,
+        channel: str,
+        reason: str | None,
+        grant_uses: int | None = None,
+        grant_seconds: int | None = None,
+    ) -> DecisionRecord:
+        """One approver's decision, now."""
+        return DecisionRecord(
+            verdict=verdict,
+            approver_subject=approver.subject,
+            approver_email=approver.email,
+            channel=channel,
+            reason=reason,
+            at=self._clock(),
+            approver_issuer=approver.issuer,
+            person=person,
+            grant_uses=grant_uses,
+            grant_seconds=grant_seconds,
+        )
+
     async def decide(
         self,
         approval_id: str,
@@ -539,18 +563,7 @@ class ApprovalService:
             raise ApprovalNotFound("approval not found")
         person = state.check_approver(approval, approver, self._directory)
         state.check_grant_request(approval, verdict, grant_uses, grant_seconds)
-        record = DecisionRecord(
-            verdict=verdict,
-            approver_subject=approver.subject,
-            approver_email=approver.email,
-            channel=channel,
-            reason=reason,
-            at=self._clock(),
-            approver_issuer=approver.issuer,
-            person=person,
-            grant_uses=grant_uses,
-            grant_seconds=grant_seconds,
-        )
+        record = self._record(approver, person, verdict, channel, reason, grant_uses, grant_seconds)
         try:
             decided = await self.store.decide(approval_id, record, record.at)
         except state.NotPending as exc:
@@ -641,16 +654,8 @@ class ApprovalService:
                 allowed.append(approval)
         if not allowed:
             return outcome
-        record = DecisionRecord(
-            verdict=verdict,
-            approver_subject=approver.subject,
-            approver_email=approver.email,
-            channel=channel,
-            reason=reason,
-            at=self._clock(),
-            approver_issuer=approver.issuer,
-            person=approver.person,  # check_approver made sure there is one
-        )
+        # check_approver made sure the approver is a person.
+        record = self._record(approver, approver.person, verdict, channel, reason)
         results = await self.store.decide_many([a.id for a in allowed], record, record.at)
         late: list[str] = []
         unavailable: StoreUnavailable | None = None

@@ -25,6 +25,7 @@ import aiohttp
 import jinja2
 import structlog
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from ..approvals.service import ApprovalService
 from ..audit import AuditUnavailable
@@ -299,6 +300,24 @@ class Inbox:
             login_link=True,
         )
 
+    async def _checked_form(
+        self, request: web.Request, done: str
+    ) -> tuple[Session, MultiDictProxy[str | bytes | bytearray | web.FileField]] | web.Response:
+        """The session and form of a POST that may change something, or the 403 page saying
+        why nothing was `done` (no session, a missing or wrong CSRF token)."""
+        session = self.cookies.session(request)
+        form = await request.post()
+        if session is None:
+            return self.message(
+                "Refused: you are not logged in",
+                f"Your session has ended, so nothing was {done}. Log in and try again.",
+                403,
+                login_link=True,
+            )
+        if not session.csrf_ok(form.get("csrf")):
+            return self._csrf_refused(session)
+        return session, form
+
     def _csrf_refused(self, session: Session | None) -> web.Response:
         return self.message(
             "Refused: the form's token is missing or wrong",
@@ -460,17 +479,10 @@ class Inbox:
         ][:10]
 
     async def decide(self, request: web.Request) -> web.Response:
-        session = self.cookies.session(request)
-        form = await request.post()
-        if session is None:
-            return self.message(
-                "Refused: you are not logged in",
-                "Your session has ended, so nothing was decided. Log in and try again.",
-                403,
-                login_link=True,
-            )
-        if not session.csrf_ok(form.get("csrf")):
-            return self._csrf_refused(session)
+        checked = await self._checked_form(request, "decided")
+        if isinstance(checked, web.Response):
+            return checked
+        session, form = checked
         approval = await self._visible(request, session)
         if approval is None:
             return self._not_found(session)
@@ -579,17 +591,10 @@ class Inbox:
     async def revoke_grant(self, request: web.Request) -> web.Response:
         """End a grant at once: the same service call (checks and `grant.revoked` audit) as
         `DELETE /_countersign/api/grants/{id}`."""
-        session = self.cookies.session(request)
-        form = await request.post()
-        if session is None:
-            return self.message(
-                "Refused: you are not logged in",
-                "Your session has ended, so nothing was revoked. Log in and try again.",
-                403,
-                login_link=True,
-            )
-        if not session.csrf_ok(form.get("csrf")):
-            return self._csrf_refused(session)
+        checked = await self._checked_form(request, "revoked")
+        if isinstance(checked, web.Response):
+            return checked
+        session, _ = checked
         grant_id = request.match_info["grant_id"]
         try:
             revoked = await self._service.revoke_grant(grant_id, session.identity)

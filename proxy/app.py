@@ -49,7 +49,7 @@ from .server.internal import (
 )
 from .server.keys import AUTHENTICATOR, PROXY, SLACK_APP
 from .server.metrics import Metrics
-from .server.proxy_handler import ProxyHandler
+from .server.proxy_handler import ProxyHandler, defer_continue
 from .store.base import Store
 from .store.memory import MemoryStore
 
@@ -631,5 +631,6 @@ def build_app(
         app.router.add_routes(slack_routes(slack_settings.signing_secret))
     # [\s\S] and not ".": a decoded path may hold a newline, and such a request must still reach
     # the proxy handler to be refused with a clear 400 rather than aiohttp's plain-text 404.
-    app.router.add_route("*", r"/{tail:[\s\S]*}", proxy)
+    # `100 Continue` only once a request is judged (ProxyHandler.continue_upload).
+    app.router.add_route("*", r"/{tail:[\s\S]*}", proxy, expect_handler=defer_continue)
     return app

@@ -213,6 +213,7 @@ class ApprovalGate:
             try:
                 if announced > self._max_body:
                     raise BodyTooLarge
+                await proxy.continue_upload(exchange)
                 body = bytearray()
                 async for chunk in request.content.iter_any():
                     body += chunk

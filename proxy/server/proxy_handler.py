@@ -127,6 +127,31 @@ class BodyTooLarge(Exception):
     """The body is over `server.max_body_bytes` (413)."""
 
 
+def expects_continue(request: web.Request) -> bool:
+    """Whether the client sent `Expect: 100-continue` and waits before sending its body."""
+    expect = request.headers.get("Expect")
+    return (
+        expect is not None
+        and expect.strip().lower() == "100-continue"
+        and request.version >= (1, 1)
+        and request.body_exists
+    )
+
+
+async def defer_continue(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp's expect handler for proxied routes: `100 Continue` is not sent here, before
+    anything is checked, but by `ProxyHandler.continue_upload` once the request is judged (a
+    refused upload is never sent). Any other expectation is refused, as RFC 9110 says."""
+    expect = request.headers.get("Expect", "")
+    if expect.strip().lower() == "100-continue":
+        return None
+    return error_response(
+        417,
+        "expectation_failed",
+        message=f"unknown expectation {expect!r}: only 100-continue is understood",
+    )
+
+
 @dataclass(slots=True)
 class Exchange:
     """One request on its way through the proxy, as far as it has got."""
@@ -141,6 +166,9 @@ class Exchange:
     rule: str | None = None
     forwarded: bool = False  # the upstream's answer is what the client gets
     body: bytes | None = None  # None: not read (it streams through when forwarded)
+    # `Expect: 100-continue`: the client waits for `100 Continue` before it sends the body,
+    # which Countersign sends only once the request is authenticated and judged.
+    awaits_continue: bool = False
     actions: tuple[str, ...] = ()  # what the route's protocol named
     # Lower-case names of the headers the caller's credential came from: never forwarded, never
     # bound into an approval.
@@ -228,10 +256,15 @@ class ProxyHandler:
         raw_path, _, query = request.raw_path.partition("?")
         request_id = f"{self._id_prefix}{next(self._id_counter):016x}"
         exchange = Exchange(request, request_id, raw_path, query)
+        exchange.awaits_continue = expects_continue(request)
         status = 0
         try:
             response = await self._handle(exchange)
             status = response.status
+            if exchange.awaits_continue:
+                # Answered before the body was asked for (a refusal): the client will not send
+                # it, so the connection cannot carry another request.
+                response.force_close()
             if exchange.bytes_sent is None:  # answered by the proxy itself
                 body = getattr(response, "body", None)
                 exchange.bytes_sent = len(body) if isinstance(body, bytes) else 0
@@ -339,6 +372,15 @@ class ProxyHandler:
             status, error, request_id=exchange.request_id, headers=headers, **fields
         )
 
+    async def continue_upload(self, exchange: Exchange) -> None:
+        """Ask for the body now (`100 Continue`), if the client waits to be asked: call just
+        before reading it, once the request has been judged worth receiving."""
+        if exchange.awaits_continue:
+            exchange.awaits_continue = False
+            writer = exchange.request.writer
+            await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            writer.output_size = 0  # (as aiohttp does) the answer itself has not begun
+
     async def _handle(self, exchange: Exchange) -> web.StreamResponse:
         for stage in self._stages:
             answer = await stage(exchange)
@@ -346,6 +388,7 @@ class ProxyHandler:
                 return answer
         body: AsyncIterable[bytes] | bytes | None = exchange.body
         if body is None and exchange.request.body_exists:
+            await self.continue_upload(exchange)
             body = exchange.request.content.iter_any()
         try:
             upstream = await self.open_upstream(exchange, body)
@@ -653,6 +696,7 @@ class ProxyHandler:
         try:
             if (request.content_length or 0) > limit:
                 raise BodyTooLarge
+            await self.continue_upload(exchange)
             body = bytearray()
             async for chunk in request.content.iter_any():
                 body += chunk

@@ -21,6 +21,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from aiohttp import web
 
 from ..approvals.receipts import RECEIPT_HEADER, ReceiptIssuer
@@ -59,6 +60,8 @@ _HELD_TOO_MUCH = (
 )
 # Abandonment notes outlive the cancelled request that schedules them.
 _BACKGROUND: set[asyncio.Future[None]] = set()
+
+log = structlog.get_logger("countersign.approvals")
 
 
 def _prefers_async(request: web.Request) -> bool:
@@ -326,7 +329,11 @@ class ApprovalGate:
                 rule=rule.name,
                 message="the audit trail cannot be written; nothing was forwarded",
             )
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            # For the operator: why (the agent is told only that the store cannot be reached).
+            log.warning(
+                "approvals.store_unavailable", request_id=exchange.request_id, error=str(exc)
+            )
             return proxy.refuse(
                 exchange,
                 503,

@@ -87,8 +87,14 @@ async def wait_store(session: aiohttp.ClientSession, proc: Process, state: str) 
         await asyncio.sleep(0.1)
 
 
-async def pending_for(session: aiohttp.ClientSession, proc: Process, path: str) -> str:
-    """The id of the pending approval for `path`, retried through a store outage."""
+async def pending_for(
+    session: aiohttp.ClientSession,
+    proc: Process,
+    path: str,
+    call: asyncio.Task[tuple[int, dict[str, Any], dict[str, str]]] | None = None,
+) -> str | None:
+    """The id of the pending approval for `path`, retried through a store outage; None if
+    `call` (the request that should be held) ended instead."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         async with session.get(f"{proc.url}{API}?state=pending", headers=ALICE) as resp:
@@ -96,6 +102,8 @@ async def pending_for(session: aiohttp.ClientSession, proc: Process, path: str) 
                 for approval in (await resp.json())["approvals"]:
                     if approval["path"] == path:
                         return str(approval["approval_id"])
+        if call is not None and call.done():
+            return None
         await asyncio.sleep(0.1)
     raise AssertionError(f"no pending approval for {path}")
 
@@ -117,8 +125,20 @@ async def approve(session: aiohttp.ClientSession, proc: Process, approval_id: st
 
 
 async def held_then_approved(session: aiohttp.ClientSession, proc: Process, path: str) -> str:
-    call = post(session, proc.url + path)
-    approval_id = await pending_for(session, proc, path)
+    """A privileged request held, approved and run. Right after the store came back, a request
+    may still meet a connection the outage broke and be answered 503 approvals_unavailable with
+    Retry-After (nothing stored, nothing forwarded): retried, as an SDK honouring it would."""
+    deadline = time.monotonic() + 20
+    while True:
+        call = post(session, proc.url + path)
+        approval_id = await pending_for(session, proc, path, call)
+        if approval_id is not None:
+            break
+        status, body, headers = call.result()
+        assert (status, body["error"]["code"]) == (503, "approvals_unavailable"), body
+        assert int(headers["Retry-After"]) > 0
+        assert time.monotonic() < deadline, "privileged requests never came back"
+        await asyncio.sleep(0.2)
     assert not call.done()
     await approve(session, proc, approval_id)
     status, _, headers = await asyncio.wait_for(call, 15)
@@ -187,7 +207,8 @@ async def test_a_sentinel_failover_through_the_process(
 
         # A request held across the failover: its approval reached the replica first.
         held = post(session, f"{proc.url}/cloud/exports/across")
-        approval_id = await pending_for(session, proc, "/cloud/exports/across")
+        approval_id = await pending_for(session, proc, "/cloud/exports/across", held)
+        assert approval_id is not None, "the request was not held"
         old_master = sentinels.master_port()
         assert _command(old_master, "WAIT", "1", "2000").startswith(b":1")
         sentinels.master.kill()

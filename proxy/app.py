@@ -255,6 +255,9 @@ def known_secrets(settings: Settings) -> list[str]:
     slack = settings.notify.slack
     if slack is not None:
         known += [s for s in (slack.bot_token, slack.signing_secret, slack.app_token) if s]
+    teams = settings.notify.teams
+    if teams is not None and teams.app_password:
+        known.append(teams.app_password)
     known += [w.secret for w in settings.notify.webhooks if w.secret]
     web_login = settings.identity.web_login
     if web_login is not None:
@@ -433,6 +436,49 @@ async def start_slack(
     return [bolt]
 
 
+def start_teams(
+    settings: Settings,
+    approvals: ApprovalService,
+    store: Store,
+    notify: NotifyHub,
+    session: aiohttp.ClientSession,
+    app: web.Application,
+) -> None:
+    """The Teams notifier and the activity handler, when `notify.teams` is set."""
+    teams = settings.notify.teams
+    if teams is None or not teams.enabled:
+        return
+    from .teams.app import TEAMS_BOT, TeamsBot
+    from .teams.auth import ActivityVerifier
+    from .teams.connector import BotConnector
+    from .teams.delivery import TeamsNotifier
+
+    assert teams.app_id and teams.app_password and teams.tenant_id and teams.conversation
+    connector = BotConnector(
+        session, app_id=teams.app_id, app_password=teams.app_password, token_url=teams.token_url
+    )
+    notify.add(
+        TeamsNotifier(
+            connector,
+            store,
+            service_url=teams.service_url,
+            conversation=teams.conversation,
+            public_url=settings.server.public_url,
+            redactor=approvals.redactor,
+        )
+    )
+    verifier = ActivityVerifier(teams.app_id, teams.tenant_id, teams.openid_metadata_url, session)
+    app[TEAMS_BOT] = TeamsBot(
+        verifier,
+        connector,
+        approvals,
+        service_url=teams.service_url,
+        conversation=teams.conversation,
+        tenant_id=teams.tenant_id,
+        public_url=settings.server.public_url,
+    )
+
+
 def build_receipts(
     settings: Settings, approvals: ApprovalService, audit_log: AuditLog
 ) -> tuple[ReceiptIssuer | None, str | None]:
@@ -565,6 +611,7 @@ def build_app(
                 )
             )
         slack = await start_slack(settings, approvals, store, notify, session, app, metrics)
+        start_teams(settings, approvals, store, notify, session, app)
         reloader.install(*parts)
         approvals.start()
         readiness.started = True
@@ -629,6 +676,11 @@ def build_app(
         from .slack.app import slack_routes
 
         app.router.add_routes(slack_routes(slack_settings.signing_secret))
+    teams_settings = settings.notify.teams
+    if teams_settings is not None and teams_settings.enabled:
+        from .teams.app import teams_routes
+
+        app.router.add_routes(teams_routes())
     # [\s\S] and not ".": a decoded path may hold a newline, and such a request must still reach
     # the proxy handler to be refused with a clear 400 rather than aiohttp's plain-text 404.
     # `100 Continue` only once a request is judged (ProxyHandler.continue_upload).

@@ -822,6 +822,49 @@ class SlackSettings(_Model):
         return self
 
 
+class TeamsSettings(_Model):
+    """Microsoft Teams (proxy/teams/): the Azure Bot's app id and password, the tenant allowed
+    to send activities, and the conversation (channel) where approval cards are posted."""
+
+    app_id: str | None = None  # the bot's Microsoft App ID (audience of inbound tokens)
+    app_password: str | None = None  # its client secret (outbound client-credentials tokens)
+    tenant_id: str | None = None  # the only tenant whose activities are accepted
+    conversation: str | None = None  # e.g. 19:...@thread.tacv2
+    service_url: str = "https://smba.trafficmanager.net/teams/"
+    openid_metadata_url: str = "https://login.botframework.com/v1/.well-known/openidconfiguration"
+    token_url: str = "https://login.microsoftonline.com/botframework.com/oauth2/v2.0/token"
+
+    @field_validator("app_id", "app_password", "tenant_id", "conversation", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, v: Any) -> Any:
+        # `${TEAMS_APP_ID:-}` in a shared config turns Teams off where the variable is unset.
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("service_url", "openid_metadata_url", "token_url")
+    @classmethod
+    def _urls(cls, v: str) -> str:
+        _http_url(v)
+        return v
+
+    @field_validator("service_url")
+    @classmethod
+    def _slash(cls, v: str) -> str:
+        return v if v.endswith("/") else v + "/"
+
+    @property
+    def enabled(self) -> bool:
+        return self.app_id is not None
+
+    @model_validator(mode="after")
+    def _complete(self) -> TeamsSettings:
+        given = [self.app_id, self.app_password, self.tenant_id, self.conversation]
+        if any(given) and not all(given):
+            raise ValueError(
+                "app_id, app_password, tenant_id and conversation are all required for Teams"
+            )
+        return self
+
+
 class WebhookSettings(_Model):
     url: NonEmpty
     secret: str | None = None  # HMAC-SHA256 signing key; strongly recommended
@@ -835,6 +878,7 @@ class WebhookSettings(_Model):
 
 class NotifySettings(_Model):
     slack: SlackSettings | None = None
+    teams: TeamsSettings | None = None
     webhooks: tuple[WebhookSettings, ...] = ()
 
 

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import heapq
 import json
-import random
 import re
 import time
 from collections import OrderedDict
@@ -48,7 +47,8 @@ from ..model import Approval, ApprovalState, Verdict
 from ..model.grant import Grant
 from ..model.persons import canonical_email
 from ..notify import REQUESTED
-from ..notify.retry import GaveUp
+from ..notify.retry import GaveUp, wait_for
+from ..notify.retry import with_retries as shared_with_retries
 from ..store.base import Store, StoreUnavailable
 from .blocks import (
     approval_blocks,
@@ -151,9 +151,7 @@ def retry_after(exc: BaseException) -> float | None:
 def next_delay(exc: BaseException, backoff: float) -> float:
     """How long to wait before the next try: Slack's `Retry-After` when it gave one, else the
     backoff; plus up to 20% jitter, so replicas and channels do not retry in lockstep."""
-    wait = retry_after(exc)
-    base = backoff if wait is None else max(wait, 0.05)
-    return base * (1.0 + 0.2 * random.random())
+    return wait_for(exc, backoff, retry_after, jitter=0.2)
 
 
 async def with_retries(
@@ -165,21 +163,20 @@ async def with_retries(
     call_timeout: float = CALL_TIMEOUT,
 ) -> Any:
     """Await `call()` (each try bounded by `call_timeout`) until it succeeds; retryable errors are
-    retried (honouring `Retry-After`) until `retry_seconds` have passed, then `GaveUp`."""
-    deadline = time.monotonic() + retry_seconds
-    backoff = first_delay
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            async with asyncio.timeout(call_timeout):
-                return await call()
-        except Exception as exc:
-            delay = next_delay(exc, backoff)
-            if not retryable(exc) or time.monotonic() + delay > deadline:
-                raise GaveUp(f"{what}: {explain(exc)} ({attempt} attempts)") from exc
-        await asyncio.sleep(delay)
-        backoff = min(backoff * 2, MAX_DELAY)
+    retried (honouring `Retry-After`) until `retry_seconds` have passed, then `GaveUp`. The
+    shared mechanism of `notify.retry`, with Slack's notion of retryable and its explanations."""
+    return await shared_with_retries(
+        call,
+        what=what,
+        retry_seconds=retry_seconds,
+        first_delay=first_delay,
+        retryable=retryable,
+        retry_after=retry_after,
+        call_timeout=call_timeout,
+        describe=explain,
+        jitter=0.2,
+        max_delay=MAX_DELAY,
+    )
 
 
 def reminder_at(approval: Approval, min_lifetime: float = REMINDER_MIN_LIFETIME) -> float | None:

@@ -258,7 +258,7 @@ class SlackNotifier:
         *,
         public_url: str | None = None,
         redactor: Redactor = DEFAULT_REDACTOR,
-        retry_seconds: float = 3600.0,
+        retry_seconds: float = 24 * 3600.0,
         first_delay: float = 0.5,
         max_delay: float = MAX_DELAY,
         call_timeout: float = CALL_TIMEOUT,
@@ -272,7 +272,8 @@ class SlackNotifier:
         self._public_url = public_url
         self._redactor = redactor
         # How long to keep trying once the approval is no longer pending (while it is pending,
-        # there is no limit: someone may still decide it).
+        # there is no limit: someone may still decide it). A day: a Slack outage ends well
+        # within it, and then the message shows how the request ended.
         self._retry_seconds = retry_seconds
         self._first_delay = first_delay
         self._max_delay = max_delay

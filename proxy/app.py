@@ -55,6 +55,7 @@ from .store.memory import MemoryStore
 
 if TYPE_CHECKING:
     from .slack.delivery import SlackHealth
+    from .teams.delivery import TeamsHealth
 
 _log = structlog.get_logger("countersign")
 
@@ -76,6 +77,8 @@ RELOADABLE = ("routes", "policy", "identity")
 CONFIG_RELOADED = "config.reloaded"
 # What readyz reports for Slack (set when `notify.slack` has a bot token).
 SLACK_HEALTH: web.AppKey[SlackHealth] = web.AppKey("slack_health")
+# What readyz reports for Teams (set when `notify.teams` is set).
+TEAMS_HEALTH: web.AppKey[TeamsHealth] = web.AppKey("teams_health")
 CONFIG_RELOAD_FAILED = "config.reload_failed"
 
 
@@ -443,6 +446,7 @@ def start_teams(
     notify: NotifyHub,
     session: aiohttp.ClientSession,
     app: web.Application,
+    metrics: Metrics | None = None,
 ) -> None:
     """The Teams notifier and the activity handler, when `notify.teams` is set."""
     teams = settings.notify.teams
@@ -451,12 +455,13 @@ def start_teams(
     from .teams.app import TEAMS_BOT, TeamsBot
     from .teams.auth import ActivityVerifier
     from .teams.connector import BotConnector
-    from .teams.delivery import TeamsNotifier
+    from .teams.delivery import TeamsHealth, TeamsNotifier
 
     assert teams.app_id and teams.app_password and teams.tenant_id and teams.conversation
     connector = BotConnector(
         session, app_id=teams.app_id, app_password=teams.app_password, token_url=teams.token_url
     )
+    app[TEAMS_HEALTH] = TeamsHealth(connector)
     notify.add(
         TeamsNotifier(
             connector,
@@ -465,6 +470,7 @@ def start_teams(
             conversation=teams.conversation,
             public_url=settings.server.public_url,
             redactor=approvals.redactor,
+            on_fallback=metrics.teams_fallback if metrics is not None else None,
         )
     )
     verifier = ActivityVerifier(teams.app_id, teams.tenant_id, teams.openid_metadata_url, session)
@@ -611,7 +617,7 @@ def build_app(
                 )
             )
         slack = await start_slack(settings, approvals, store, notify, session, app, metrics)
-        start_teams(settings, approvals, store, notify, session, app)
+        start_teams(settings, approvals, store, notify, session, app, metrics)
         reloader.install(*parts)
         approvals.start()
         readiness.started = True
@@ -652,9 +658,15 @@ def build_app(
         probe = app.get(SLACK_HEALTH)
         return "not configured" if probe is None else await probe.state()
 
-    health = health_routes(
-        metrics, readiness, {"store": store_state, "idp": idp_state, "slack": slack_state}
-    )
+    dependencies = {"store": store_state, "idp": idp_state, "slack": slack_state}
+    if settings.notify.teams is not None and settings.notify.teams.enabled:
+
+        async def teams_state() -> str:
+            probe = app.get(TEAMS_HEALTH)
+            return "unknown" if probe is None else await probe.state()
+
+        dependencies["teams"] = teams_state
+    health = health_routes(metrics, readiness, dependencies)
     admin = settings.server.admin_address
     if admin is None:
         app.router.add_routes(health)

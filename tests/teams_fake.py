@@ -1,6 +1,6 @@
 """A local fake of Microsoft's side of a Teams bot: the Bot Framework OpenID metadata and JWKS
 (keys of a test RSA key), the token service (client credentials for one app id and password) and
-the Bot Connector REST API (post, update, roster), strict about what Teams refuses: a card
+the Bot Connector REST API (post, reply in a thread, update, roster), strict about what Teams refuses: a card
 message over `MAX_BYTES`, an unknown conversation, a missing or wrong bearer token. Failures can
 be queued (`fail_next`: status, optional Retry-After) to exercise the retry path.
 """
@@ -51,12 +51,14 @@ def _jwk(key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
 class FakeTeams:
     def __init__(self) -> None:
         self.activities: dict[str, dict[str, Any]] = {}  # id -> latest activity
-        self.posts: list[dict[str, Any]] = []
+        self.posts: list[dict[str, Any]] = []  # top-level posts (the cards)
+        self.replies: list[dict[str, Any]] = []  # thread replies, each with its `replyToId`
         self.updates: list[tuple[str, dict[str, Any]]] = []
         self.members: dict[str, dict[str, Any]] = {}
         self.tokens_issued = 0
         self.jwks_fetches = 0
         self.failures: list[tuple[int, float | None]] = []
+        self.reply_failures: list[int] = []  # statuses for the next thread replies only
         self._tokens: set[str] = set()
         self.server: TestServer | None = None
         self.kids = [KID]
@@ -179,7 +181,7 @@ class FakeTeams:
         auth = request.headers.get("Authorization", "")
         if not auth.startswith("Bearer ") or auth[7:] not in self._tokens:
             return web.json_response({"error": {"code": "Unauthorized"}}, status=401)
-        if request.match_info["conversation"] != CONVERSATION:
+        if _root(request.match_info["conversation"])[0] != CONVERSATION:
             return web.json_response({"error": {"code": "ConversationNotFound"}}, status=404)
         if self.failures:
             status, retry_after = self.failures.pop(0)
@@ -208,11 +210,20 @@ class FakeTeams:
         checked = await self._checked(request)
         if isinstance(checked, web.Response):
             return checked
-        activity_id = f"1{len(self.posts):012d}"
+        # A reply: to `{conversation};messageid={root}` (how Teams threads in a channel), or
+        # Bot Framework's ReplyToActivity path.
+        root = _root(request.match_info["conversation"])[1] or request.match_info.get("activity")
+        activity_id = f"1{len(self.posts) + len(self.replies):012d}"
         checked["id"] = activity_id
-        if "activity" in request.match_info:
-            checked["replyToId"] = request.match_info["activity"]
-        self.posts.append(checked)
+        if root is not None:
+            if root not in self.activities or checked.get("replyToId") != root:
+                return web.json_response({"error": {"code": "BadArgument"}}, status=400)
+            if self.reply_failures:
+                status = self.reply_failures.pop(0)
+                return web.json_response({"error": {"code": str(status)}}, status=status)
+            self.replies.append(checked)
+        else:
+            self.posts.append(checked)
         self.activities[activity_id] = checked
         return web.json_response({"id": activity_id}, status=201)
 
@@ -237,6 +248,19 @@ class FakeTeams:
                 {"error": {"code": "MemberNotFoundInConversation"}}, status=404
             )
         return web.json_response(member)
+
+
+def _root(conversation: str) -> tuple[str, str | None]:
+    """`19:…@thread.tacv2;messageid=123` as (the channel, the thread's root activity)."""
+    channel, _, root = conversation.partition(";messageid=")
+    return channel, root or None
+
+
+def replies_to(fake: FakeTeams, activity_id: str) -> list[str]:
+    """The text of each reply in the thread of `activity_id`, in order."""
+    return [
+        card_of(r)["body"][0]["text"] for r in fake.replies if r.get("replyToId") == activity_id
+    ]
 
 
 def card_of(activity: Mapping[str, Any]) -> dict[str, Any]:

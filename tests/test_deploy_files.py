@@ -439,3 +439,31 @@ def test_the_image_dependencies_are_all_pinned_by_the_lock() -> None:
                 sub_req = Requirement(sub)
                 if sub_req.marker is None or sub_req.marker.evaluate({"extra": extra}):
                     todo.append(sub_req)
+
+
+def test_the_teams_app_manifest_names_the_bot_and_its_endpoint() -> None:
+    """deploy/teams/: a valid JSON manifest (schema 1.17 or later) whose bot is the app id
+    placeholder in the team and group chat scopes, its icons at Teams' sizes, and the
+    packaging notes naming the messaging endpoint path the proxy serves."""
+    import json
+    import struct
+
+    from proxy.teams.app import MESSAGES_PATH
+
+    teams = DEPLOY / "teams"
+    manifest = json.loads((teams / "manifest.json").read_text(encoding="utf-8"))
+    major, minor = (int(part) for part in manifest["manifestVersion"].split("."))
+    assert (major, minor) >= (1, 17)
+    assert manifest["manifestVersion"] in manifest["$schema"]
+    [bot] = manifest["bots"]
+    assert bot["botId"] == manifest["id"] == "{{MICROSOFT_APP_ID}}"
+    assert set(bot["scopes"]) == {"team", "groupChat"}
+    for name, size in (("color", 192), ("outline", 32)):
+        data = (teams / manifest["icons"][name]).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        assert struct.unpack(">II", data[16:24]) == (size, size), name
+    notes = (teams / "README.md").read_text(encoding="utf-8")
+    assert "{server.public_url}" + MESSAGES_PATH in notes
+    assert "{{MICROSOFT_APP_ID}}" in notes
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert MESSAGES_PATH in readme and "deploy/teams/" in readme

@@ -15,7 +15,15 @@ from proxy.config import ApprovalsSettings, NotifySettings, Settings, TeamsSetti
 from proxy.teams.app import MESSAGES_PATH
 from tests.conftest import Factory
 from tests.helpers import AGENT_KEY, bearer, settings_for
-from tests.teams_fake import APP_ID, APP_PASSWORD, CONVERSATION, TENANT, FakeTeams, card_of
+from tests.teams_fake import (
+    APP_ID,
+    APP_PASSWORD,
+    CONVERSATION,
+    TENANT,
+    FakeTeams,
+    card_of,
+    replies_to,
+)
 
 AGENT = bearer(AGENT_KEY)
 PUBLIC_URL = "https://countersign.example.com"
@@ -109,3 +117,62 @@ def test_notify_teams_config() -> None:
         TeamsSettings(app_id="a", app_password="p")
     with pytest.raises(ValueError, match="http"):
         TeamsSettings(token_url="ftp://x")
+
+
+async def test_readyz_reports_teams_and_a_refused_card_is_counted(
+    make_proxy: Factory, upstream: TestServer, fake: FakeTeams
+) -> None:
+    client, _ = await make_proxy(teams_settings(upstream, fake))
+    fake.fail_next(413)  # the full card refused: the minimal one is sent and counted
+    call = asyncio.create_task(
+        client.post("/cloud/exports/customers", json={"format": "csv"}, headers=AGENT)
+    )
+    try:
+        await wait_for(lambda: fake.posts)
+        assert "Teams could not show its details" in str(card_of(fake.posts[0]))
+        text = await (await client.get("/_countersign/metrics")).text()
+        assert "countersign_teams_fallback_cards_total 1.0" in text
+        resp = await client.get("/_countersign/readyz")
+        assert resp.status == 200
+        assert (await resp.json())["dependencies"]["teams"] == "ok"
+    finally:
+        call.cancel()
+
+
+async def test_readyz_reports_teams_down_without_failing_readiness(
+    make_proxy: Factory, upstream: TestServer, fake: FakeTeams
+) -> None:
+    settings = teams_settings(upstream, fake)
+    assert settings.notify.teams is not None
+    wrong = settings.notify.teams.model_copy(update={"app_password": "wrong"})
+    client, _ = await make_proxy(
+        settings.model_copy(update={"notify": NotifySettings(teams=wrong)})
+    )
+    resp = await client.get("/_countersign/readyz")
+    body = await resp.json()
+    assert (resp.status, body["status"], body["dependencies"]["teams"]) == (200, "ready", "down")
+
+
+async def test_the_decision_and_outcome_are_replied_in_the_cards_thread(
+    make_proxy: Factory, upstream: TestServer, fake: FakeTeams
+) -> None:
+    client, _ = await make_proxy(teams_settings(upstream, fake))
+    call = asyncio.create_task(
+        client.post("/cloud/exports/customers", json={"format": "csv"}, headers=AGENT)
+    )
+    await wait_for(lambda: fake.posts)
+    root = fake.posts[0]["id"]
+    approval_id = card_of(fake.posts[0])["actions"][0]["data"]["approval_id"]
+    click = fake.activity(
+        type="invoke",
+        name="adaptiveCard/action",
+        **{"from": {"id": "29:carol", "aadObjectId": "aad-carol", "name": "Carol"}},
+        value={"action": {"verb": "approve", "data": {"approval_id": approval_id}}},
+    )
+    assert (await client.post(MESSAGES_PATH, json=click, headers=bearer(fake.sign()))).status == 200
+    assert (await asyncio.wait_for(call, 10)).status == 200
+    await wait_for(lambda: len(replies_to(fake, root)) == 2)
+    said = replies_to(fake, root)
+    assert said[0].startswith("carol\\@example\\.com approved via teams")
+    assert said[1].startswith("Executed. Executed by carol\\@example\\.com")
+    assert len(fake.posts) == 1

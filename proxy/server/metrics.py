@@ -94,6 +94,11 @@ class Metrics:
             "Approval messages Slack refused, sent instead as a minimal message with the link.",
             registry=registry,
         )
+        self.teams_fallback_cards = Counter(
+            "countersign_teams_fallback_cards",
+            "Approval cards Teams refused, sent instead as a minimal card with the link.",
+            registry=registry,
+        )
         self.upstream_errors = Counter(
             "countersign_upstream_errors",
             "Upstream failures (unreachable, timeout, broken answer), by route and kind.",
@@ -134,6 +139,10 @@ class Metrics:
     def slack_fallback(self) -> None:
         """Slack refused an approval's message; the minimal one with the link was sent."""
         self.slack_fallback_messages.inc()
+
+    def teams_fallback(self) -> None:
+        """Teams refused an approval's card; the minimal one with the link was sent."""
+        self.teams_fallback_cards.inc()
 
     def checkpoint(self) -> None:
         """A signed checkpoint was written to the audit file."""

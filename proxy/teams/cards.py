@@ -26,7 +26,7 @@ from typing import Any
 from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
 from ..audit.redact import Redactor
 from ..model import Approval, ApprovalState, Outcome, Verdict
-from ..model.approval import state_label
+from ..model.approval import distinct_persons, state_label
 from ..slack.mrkdwn import CUT, EMPTY, _is_invisible, marker
 
 CARD_CONTENT_TYPE = "application/vnd.microsoft.card.adaptive"
@@ -323,3 +323,56 @@ def fitted_card(
         if len(encoded(activity(card))) <= limit:
             return card
     return minimal_card(approval, public_url, notice)
+
+
+# -- thread replies: our words, the agent's values through `md` -------------------------------
+
+REPLY_NAMES = 20  # people named in a reminder, then "and N more"
+
+
+def reply_card(text: str) -> dict[str, Any]:
+    """A thread reply: one TextBlock (no actions)."""
+    return _card([_text(text)], [])
+
+
+def decision_reply(approval: Approval, index: int, redactor: Redactor = DEFAULT_REDACTOR) -> str:
+    """The reply for the approval's `index`-th decision, with the quorum progress after it."""
+    d = approval.decisions[index]
+    approving = distinct_persons(
+        tuple(x for x in approval.decisions[: index + 1] if x.verdict is Verdict.APPROVE)
+    )
+    progress = (
+        f" ({approving} of {approval.quorum} approvals)"
+        if d.verdict is Verdict.APPROVE and approval.quorum > 1
+        else ""
+    )
+    return _decision_line(approval, index, redactor, REASON_MAX) + progress
+
+
+def outcome_reply(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) -> str | None:
+    """The reply for how the approval ended, once it has (None while pending, approved and
+    waiting, or executed with no outcome recorded yet)."""
+    if approval.state in (ApprovalState.PENDING, ApprovalState.APPROVED):
+        return None
+    if approval.state is ApprovalState.EXECUTED and approval.outcome is None:
+        return None
+    return f"{state_label(approval)}. {outcome_text(approval, redactor)}"
+
+
+def reminder_reply(
+    approval: Approval, people: list[str], redactor: Redactor = DEFAULT_REDACTOR
+) -> str:
+    """The reminder before expiry: when it expires, how many approvals are still needed, who
+    may still decide (`people`: emails, shown literally; groups by name)."""
+    needed = max(approval.quorum - approval.approvals_count, 1)
+    named = [md(p, _NAME, redactor) for p in people[:REPLY_NAMES]]
+    if len(people) > REPLY_NAMES:
+        named.append(f"and {len(people) - REPLY_NAMES} more")
+    who = ", ".join(named) if named else "nobody listed by name"
+    if approval.approver_groups:
+        groups = ", ".join(md(g, _NAME, redactor) for g in approval.approver_groups)
+        who += f" (or anyone in {groups})"
+    return (
+        f"Still pending: expires {_when(approval.expires_at)}, {needed} more "
+        f"approval{'s' if needed != 1 else ''} needed. May still decide: {who}"
+    )

@@ -1,6 +1,8 @@
 """The Bot Connector REST API, as much of it as Countersign uses: a client-credentials token
 from the token endpoint (`notify.teams.token_url`, cached until shortly before it expires), post
-an activity to a conversation, update one in place, and read one member of the roster.
+an activity to a conversation, reply in a card's thread, update one in place, and read one
+member of the roster. Every call's outcome is kept (`seen`) as evidence for readyz
+(`delivery.TeamsHealth`).
 
 Errors are `ConnectorError` (with the HTTP status and the `Retry-After` Microsoft gave); what is
 worth retrying is `retryable`'s business, the waiting `notify.retry`'s.
@@ -70,6 +72,16 @@ class BotConnector:
         self._timeout = aiohttp.ClientTimeout(total=call_timeout)
         self._token: tuple[str, float] | None = None  # (token, monotonic expiry)
         self._lock = asyncio.Lock()
+        # (monotonic time, Microsoft answered and took our credentials) of the last call.
+        self.seen: tuple[float, bool] | None = None
+
+    def _record(self, status: int | None) -> None:
+        ok = status is not None and status < 500 and status not in (401, 403)
+        self.seen = (time.monotonic(), ok)
+
+    async def token(self) -> str:
+        """A client-credentials token: the cached one while it is valid, else a new one."""
+        return await self._bearer()
 
     async def _bearer(self) -> str:
         async with self._lock:
@@ -81,12 +93,17 @@ class BotConnector:
                 "client_secret": self._app_password,
                 "scope": SCOPE,
             }
-            async with self._session.post(
-                self._token_url, data=form, timeout=self._timeout, allow_redirects=False
-            ) as resp:
-                if resp.status != 200:
-                    raise ConnectorError("the token endpoint", resp.status, _retry_after(resp))
-                data = await resp.json(content_type=None)
+            try:
+                async with self._session.post(
+                    self._token_url, data=form, timeout=self._timeout, allow_redirects=False
+                ) as resp:
+                    self.seen = (time.monotonic(), resp.status == 200)
+                    if resp.status != 200:
+                        raise ConnectorError("the token endpoint", resp.status, _retry_after(resp))
+                    data = await resp.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError):
+                self._record(None)
+                raise
             token = str(data.get("access_token") or "")
             if not token:
                 raise ConnectorError("the token endpoint", 502, None, "no access_token")
@@ -102,15 +119,25 @@ class BotConnector:
         if payload is not None:
             body = encoded(payload)
             headers["Content-Type"] = "application/json; charset=utf-8"
-        async with self._session.request(
-            method, url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
-        ) as resp:
-            if resp.status == 401:
-                self._token = None  # fetch a new one next time
-            if resp.status >= 300:
-                detail = (await resp.text())[:200]
-                raise ConnectorError(what, resp.status, _retry_after(resp), detail)
-            data = await resp.json(content_type=None) if resp.content_length != 0 else {}
+        try:
+            async with self._session.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                self._record(resp.status)
+                if resp.status == 401:
+                    self._token = None  # fetch a new one next time
+                if resp.status >= 300:
+                    detail = (await resp.text())[:200]
+                    raise ConnectorError(what, resp.status, _retry_after(resp), detail)
+                data = await resp.json(content_type=None) if resp.content_length != 0 else {}
+        except (aiohttp.ClientError, TimeoutError):
+            self._record(None)
+            raise
         return data if isinstance(data, dict) else {}
 
     @staticmethod
@@ -121,6 +148,17 @@ class BotConnector:
         """Post `activity`; its id."""
         url = self._base(service_url, conversation) + "/activities"
         data = await self._call("POST", url, "posting the card", activity)
+        return str(data.get("id") or "")
+
+    async def reply(
+        self, service_url: str, conversation: str, activity_id: str, activity: dict[str, Any]
+    ) -> str:
+        """Post `activity` as a reply in the thread of `activity_id` (a channel message); its
+        id. Teams threads by the conversation id `<channel>;messageid=<root id>`."""
+        url = self._base(service_url, f"{conversation};messageid={activity_id}") + "/activities"
+        data = await self._call(
+            "POST", url, "replying in the thread", {**activity, "replyToId": activity_id}
+        )
         return str(data.get("id") or "")
 
     async def update(

@@ -1,4 +1,5 @@
-"""Delivering approval cards to Teams: one card per approval, posted once, updated in place.
+"""Delivering approval cards to Teams: one card per approval, posted once, updated in place,
+with what happened to it said in the card's thread.
 
 `TeamsNotifier.notify` brings the approval's card in step with the approval as the store has it
 *now*: posts it when it is not posted yet (keeping its activity id as a store note, so whichever
@@ -9,12 +10,25 @@ jitter, until `retry_seconds`; then `GaveUp` to the hub, which logs and counts i
 (`countersign_notify_failures_total{channel="teams"}`). When Teams refuses the card itself (413,
 400) the minimal card with the inbox link is sent instead and counted (`on_fallback`).
 
-Not built yet: the reminder before expiry and thread replies (Slack's `_follow_up`).
+Once the card shows the stored state, the notifier replies in the card's thread what it has not
+said yet: each decision and how the approval ended. Each is said once across replicas (`_once`:
+a store note `teams.once.<key>` records it, a store lease picks the replica that says it). One
+timer per notifier (not a task per approval) posts a reminder in the thread before expiry, with
+Slack's timing (`slack.delivery.reminder_at`: 80 % of the lifetime or 5 minutes before expiry,
+whichever is later; none for approvals shorter than 2 minutes), through the same `_once`.
+
+`TeamsHealth` is what readyz reports: the freshest of the last Bot Connector call's outcome and
+a client-credentials token (the cached one while it is valid).
+
+Not built yet: the owner's direct message and grant replies (Slack's `_tell_owner`, `grant`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,20 +37,60 @@ import structlog
 
 from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
 from ..audit.redact import Redactor
-from ..model import Approval
-from ..notify.retry import with_retries
+from ..model import Approval, ApprovalState, Verdict
+from ..model.persons import canonical_email
+from ..notify.retry import GaveUp, with_retries
+from ..slack.delivery import REMINDER_BEFORE, REMINDER_MIN_LIFETIME, reminder_at
 from ..store.base import Store
-from .cards import activity, fitted_card, minimal_card
+from .cards import (
+    activity,
+    decision_reply,
+    fitted_card,
+    minimal_card,
+    outcome_reply,
+    reminder_reply,
+    reply_card,
+)
 from .connector import CALL_TIMEOUT, BotConnector, refused_payload, retry_after, retryable
 
 log = structlog.get_logger("countersign.teams")
 
 MESSAGE_NOTE = "teams.activity"
+# What was said once per approval in the card's thread (a decision, the outcome, the reminder)
+# is kept as a note named `teams.once.<key>` (the reply's id, or why it failed).
+ONCE_NOTE = "teams.once."
 _LOCKS = 10_000
+_DONE_CACHE = 10_000
 
 
 def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+class TeamsHealth:
+    """What readyz reports for Teams: "ok" or "down", from the freshest evidence - the last Bot
+    Connector call's outcome, or a client-credentials token (the cached one while it is valid,
+    else one fetch bounded by `timeout`) when nothing newer than `ttl` seconds is known."""
+
+    def __init__(self, connector: BotConnector, *, ttl: float = 30.0, timeout: float = 1.5):
+        self._connector = connector
+        self._ttl = ttl
+        self._timeout = timeout
+
+    def _fresh(self) -> bool:
+        seen = self._connector.seen
+        return seen is not None and time.monotonic() - seen[0] < self._ttl
+
+    async def state(self) -> str:
+        seen = self._connector.seen
+        if self._fresh() and seen is not None:
+            return "ok" if seen[1] else "down"
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._connector.token()
+        except Exception:
+            return "down"
+        return "ok"
 
 
 class TeamsNotifier:
@@ -53,6 +107,7 @@ class TeamsNotifier:
         first_delay: float = 0.5,
         call_timeout: float = CALL_TIMEOUT,
         on_fallback: Callable[[], None] | None = None,
+        reminder_min_lifetime: float = REMINDER_MIN_LIFETIME,
     ) -> None:
         self._connector = connector
         self._store = store
@@ -65,6 +120,13 @@ class TeamsNotifier:
         self._call_timeout = call_timeout
         self._on_fallback = on_fallback
         self._locks: OrderedDict[str, asyncio.Lock] = OrderedDict()
+        self._said: OrderedDict[str, set[str]] = OrderedDict()  # approval id -> keys said
+        self._reminder_min_lifetime = reminder_min_lifetime
+        self._reminders: list[tuple[float, str]] = []
+        self._reminding: set[str] = set()  # scheduled here, not yet fired
+        self._reminder_wake = asyncio.Event()
+        self._reminder_timer: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     def _lock(self, approval_id: str) -> asyncio.Lock:
         lock = self._locks.get(approval_id)
@@ -74,11 +136,13 @@ class TeamsNotifier:
                 self._locks.popitem(last=False)
         return lock
 
-    async def _retrying(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    async def _retrying(
+        self, what: str, call: Callable[[], Awaitable[Any]], retry_seconds: float | None = None
+    ) -> Any:
         return await with_retries(
             call,
             what=what,
-            retry_seconds=self._retry_seconds,
+            retry_seconds=self._retry_seconds if retry_seconds is None else retry_seconds,
             first_delay=self._first_delay,
             retryable=retryable,
             retry_after=retry_after,
@@ -88,22 +152,32 @@ class TeamsNotifier:
         )
 
     async def notify(self, event: str, approval: Approval) -> None:
+        self._schedule_reminder(approval)
         async with self._lock(approval.id):
-            await self._retrying(f"teams card of {approval.id}", lambda: self._sync(approval))
+            shown = await self._retrying(
+                f"teams card of {approval.id}", lambda: self._sync(approval)
+            )
+            if shown is not None:
+                await self._retrying(
+                    f"teams thread of {approval.id}", lambda: self._follow_up(*shown)
+                )
 
-    async def _sync(self, approval: Approval) -> None:
+    async def _sync(self, approval: Approval) -> tuple[Approval, str] | None:
+        """Post or update the card; what it shows and its activity id (None: another replica
+        is posting it, and says what follows)."""
         latest = await self._store.get(approval.id) or approval
         ref = await self._store.get_note(approval.id, MESSAGE_NOTE)
         if ref is None:
             if not await self._store.lease(f"teams.{approval.id}.post", self._retry_seconds + 600):
-                return  # another replica is posting it; it updates it to the latest state
+                return None  # another replica is posting it; it updates it to the latest state
             ref = await self._send(latest, None)
             await self._store.set_note(approval.id, MESSAGE_NOTE, ref)
             again = await self._store.get(approval.id)
             if again is None or again == latest:
-                return
+                return latest, ref
             latest = again  # decided while we posted: show that
         await self._send(latest, ref)
+        return latest, ref
 
     async def _send(self, approval: Approval, ref: str | None) -> str:
         """Post (ref None) or update the card; the minimal card when Teams refuses the full
@@ -126,5 +200,161 @@ class TeamsNotifier:
         await self._connector.update(self._service_url, self._conversation, ref, payload)
         return ref
 
+    # -- the thread: decisions and the outcome ---------------------------------------------------
+
+    async def _follow_up(self, approval: Approval, ref: str) -> None:
+        """Say once, in the card's thread, each decision and how the approval ended. A
+        retryable failure raises at once (the whole follow-up is tried again: what was said is
+        not said twice); other failures are recorded and raised after the rest was tried."""
+        steps: list[tuple[str, str]] = [
+            (f"decision.{i}", decision_reply(approval, i, self._redactor))
+            for i in range(len(approval.decisions))
+        ]
+        ended = outcome_reply(approval, self._redactor)
+        if ended is not None:
+            steps.append(("outcome", ended))
+        failed: BaseException | None = None
+        for key, text in steps:
+            try:
+                await self._once(approval.id, key, self._replier(ref, text))
+            except Exception as exc:
+                if retryable(exc):
+                    raise
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+    def _replier(self, ref: str, text: str) -> Callable[[], Awaitable[str]]:
+        async def reply() -> str:
+            sent = await self._connector.reply(
+                self._service_url, self._conversation, ref, activity(reply_card(text))
+            )
+            return sent or "posted"
+
+        return reply
+
+    async def _once(self, approval_id: str, key: str, act: Callable[[], Awaitable[str]]) -> None:
+        """Run `act` unless it already ran for this approval, here or on another replica: its
+        note says it did; the store's lease makes one replica the one that tries. A failure
+        that will not get better is recorded too (never tried again) and raised."""
+        said = self._said.setdefault(approval_id, set())
+        self._said.move_to_end(approval_id)
+        while len(self._said) > _DONE_CACHE:
+            self._said.popitem(last=False)
+        if key in said:
+            return
+        note = ONCE_NOTE + key
+        if await self._store.get_note(approval_id, note) is not None:
+            said.add(key)
+            return
+        # Held for longer than this process keeps trying; if it dies meanwhile, that one reply
+        # is lost rather than said twice.
+        if not await self._store.lease(f"teams.{approval_id}.{key}", self._retry_seconds + 600):
+            return  # another replica is saying it
+        try:
+            result = await act()
+        except Exception as exc:
+            if retryable(exc):
+                raise
+            log.warning(
+                "teams.follow_up_failed", approval_id=approval_id, what=key, error=describe(exc)
+            )
+            await self._remember(approval_id, note, f"failed: {describe(exc)}")
+            said.add(key)
+            raise
+        await self._remember(approval_id, note, result)
+        said.add(key)
+
+    async def _remember(self, approval_id: str, note: str, value: str) -> None:
+        with contextlib.suppress(KeyError):  # the approval is gone: nothing will ask again
+            await self._store.set_note(approval_id, note, value)
+
+    # -- the reminder ---------------------------------------------------------------------------
+
+    def _schedule_reminder(self, approval: Approval) -> None:
+        """Remind approvers once before a pending approval expires (one timer for all)."""
+        if approval.state is not ApprovalState.PENDING or approval.id in self._reminding:
+            return
+        if "reminder" in self._said.get(approval.id, ()):
+            return
+        at = reminder_at(approval, self._reminder_min_lifetime)
+        if at is None or at >= approval.expires_at:
+            return
+        self._reminding.add(approval.id)
+        heapq.heappush(self._reminders, (at, approval.id))
+        self._reminder_wake.set()
+        if self._reminder_timer is None or self._reminder_timer.done():
+            self._reminder_timer = asyncio.create_task(
+                self._remind_when_due(), name="teams-reminders"
+            )
+
+    async def _remind_when_due(self) -> None:
+        while True:
+            self._reminder_wake.clear()
+            if not self._reminders:
+                await self._reminder_wake.wait()
+                continue
+            at, approval_id = self._reminders[0]
+            delay = at - time.time()
+            if delay > 0:
+                # Until the first is due, or until an earlier one is scheduled.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._reminder_wake.wait()
+                continue
+            heapq.heappop(self._reminders)
+            self._reminding.discard(approval_id)
+            task = asyncio.create_task(self._remind(approval_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _remind(self, approval_id: str) -> None:
+        try:
+            await self._retrying(
+                f"teams reminder of {approval_id}",
+                lambda: self._remind_once(approval_id),
+                retry_seconds=REMINDER_BEFORE,
+            )
+        except GaveUp as exc:
+            log.warning("teams.reminder_failed", approval_id=approval_id, error=str(exc))
+        except Exception as exc:  # refused for good: said, never retried
+            log.warning("teams.reminder_failed", approval_id=approval_id, error=describe(exc))
+
+    async def _remind_once(self, approval_id: str) -> None:
+        approval = await self._store.get(approval_id)
+        if approval is None or approval.state is not ApprovalState.PENDING:
+            return
+        if time.time() >= approval.expires_at:
+            return
+        ref = await self._store.get_note(approval_id, MESSAGE_NOTE)
+        if ref is None:
+            return  # never posted: nothing to reply to (the post itself is being retried)
+        text = reminder_reply(approval, still_deciding(approval), self._redactor)
+        await self._once(approval_id, "reminder", self._replier(ref, text))
+
     async def aclose(self) -> None:
-        return None
+        for task in (self._reminder_timer, *self._background):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
+def still_deciding(approval: Approval) -> list[str]:
+    """Who may still decide: the people the rule or its groups' directory names who have not
+    approved yet, never the requester or the agent's owner."""
+    excluded = {
+        canonical_email(d.person or d.approver_email)
+        for d in approval.decisions
+        if d.verdict is Verdict.APPROVE
+    }
+    excluded |= {
+        canonical_email(approval.requester.person),
+        canonical_email(approval.requester.owner),
+    }
+    people: list[str] = []
+    for listed in (*approval.approver_members, *approval.approver_users):
+        email = canonical_email(listed) or listed
+        if email not in excluded and email not in people:
+            people.append(email)
+    return people

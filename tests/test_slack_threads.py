@@ -19,8 +19,9 @@ from structlog.testing import capture_logs
 from proxy.config import GrantSettings, Settings
 from proxy.model import Approval, Requester, Verdict
 from proxy.notify import NotifyHub
+from proxy.notify.reminders import reminder_at
 from proxy.server.metrics import Metrics
-from proxy.slack.delivery import SlackNotifier, reminder_at
+from proxy.slack.delivery import SlackNotifier
 from proxy.store.memory import MemoryStore
 from tests.conftest import Factory
 from tests.helpers import AGENT_KEY, ALICE_KEY, bearer

@@ -15,8 +15,8 @@ import pytest
 
 from proxy.model import ApprovalState, Verdict
 from proxy.notify import NotifyHub
+from proxy.notify.reminders import reminder_at
 from proxy.notify.retry import GaveUp
-from proxy.slack.delivery import reminder_at
 from proxy.store.memory import MemoryStore
 from proxy.teams.connector import BotConnector
 from proxy.teams.delivery import MESSAGE_NOTE, ONCE_NOTE, TeamsHealth, TeamsNotifier

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import json
 import re
 import time
@@ -47,6 +46,11 @@ from ..model import Approval, ApprovalState, Verdict
 from ..model.grant import Grant
 from ..model.persons import canonical_email
 from ..notify import REQUESTED
+from ..notify.reminders import (
+    REMINDER_BEFORE,
+    REMINDER_MIN_LIFETIME,
+    Reminders,
+)
 from ..notify.retry import GaveUp, wait_for
 from ..notify.retry import with_retries as shared_with_retries
 from ..store.base import Store, StoreUnavailable
@@ -68,11 +72,6 @@ MESSAGE_NOTE = "slack.message"
 # What was said once per approval (a thread reply, the reminder, the owner's message) is kept as
 # a note named `slack.once.<key>` (its ts, or why it was skipped), so no replica says it again.
 ONCE_NOTE = "slack.once."
-# The reminder: when a pending approval has used 80% of its lifetime or is 5 minutes from expiry,
-# whichever is later; none for approvals shorter than this.
-REMINDER_MIN_LIFETIME = 120.0
-REMINDER_FRACTION = 0.8
-REMINDER_BEFORE = 300.0
 MAX_MENTIONS = 20
 # users.lookupByEmail answers (found or not), kept this long, at most this many.
 LOOKUP_TTL = 3600.0
@@ -179,16 +178,6 @@ async def with_retries(
     )
 
 
-def reminder_at(approval: Approval, min_lifetime: float = REMINDER_MIN_LIFETIME) -> float | None:
-    """When to remind approvers of a pending approval (unix time), or None for a short one."""
-    lifetime = approval.expires_at - approval.created_at
-    if lifetime < min_lifetime:
-        return None
-    return max(
-        approval.created_at + REMINDER_FRACTION * lifetime, approval.expires_at - REMINDER_BEFORE
-    )
-
-
 # Causes of a failure that say Slack itself did not answer usefully (not the store).
 _SLACK_UNREACHABLE = (SlackApiError, aiohttp.ClientError, TimeoutError)
 
@@ -284,12 +273,9 @@ class SlackNotifier:
         self._due: dict[str, _Due] = {}
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
-        # Reminders: one timer for all of them (a heap of (when, approval id)).
-        self._reminder_min_lifetime = reminder_min_lifetime
-        self._reminders: list[tuple[float, str]] = []
-        self._reminding: set[str] = set()  # scheduled here, not yet fired
-        self._reminder_wake = asyncio.Event()
-        self._reminder_timer: asyncio.Task[None] | None = None
+        self._reminders = Reminders(
+            self._remind, name=f"slack-reminders-{channel}", min_lifetime=reminder_min_lifetime
+        )
         self._background: set[asyncio.Task[None]] = set()
         # What this process knows was said once (approval id -> keys), and Slack user ids by
         # email (None: not on Slack) with when the answer goes stale.
@@ -624,40 +610,8 @@ class SlackNotifier:
 
     def _schedule_reminder(self, approval: Approval) -> None:
         """Remind approvers once before a pending approval expires (one timer for all)."""
-        if approval.state is not ApprovalState.PENDING or approval.id in self._reminding:
-            return
-        if "reminder" in self._said.get(approval.id, ()):
-            return
-        at = reminder_at(approval, self._reminder_min_lifetime)
-        if at is None or at >= approval.expires_at:
-            return
-        self._reminding.add(approval.id)
-        heapq.heappush(self._reminders, (at, approval.id))
-        self._reminder_wake.set()
-        if self._reminder_timer is None or self._reminder_timer.done():
-            self._reminder_timer = asyncio.create_task(
-                self._remind_when_due(), name=f"slack-reminders-{self._channel}"
-            )
-
-    async def _remind_when_due(self) -> None:
-        while True:
-            self._reminder_wake.clear()
-            if not self._reminders:
-                await self._reminder_wake.wait()
-                continue
-            at, approval_id = self._reminders[0]
-            delay = at - time.time()
-            if delay > 0:
-                # Until the first is due, or until an earlier one is scheduled.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._reminder_wake.wait()
-                continue
-            heapq.heappop(self._reminders)
-            self._reminding.discard(approval_id)
-            task = asyncio.create_task(self._remind(approval_id))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        if "reminder" not in self._said.get(approval.id, ()):
+            self._reminders.schedule(approval)
 
     async def _remind(self, approval_id: str) -> None:
         try:
@@ -718,7 +672,8 @@ class SlackNotifier:
         return reminder_reply(approval, mentions, list(approval.approver_groups), self._redactor)
 
     async def aclose(self) -> None:
-        for task in (self._reminder_timer, *self._background):
+        await self._reminders.aclose()
+        for task in self._background:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -14,7 +14,7 @@ Once the card shows the stored state, the notifier replies in the card's thread 
 said yet: each decision and how the approval ended. Each is said once across replicas (`_once`:
 a store note `teams.once.<key>` records it, a store lease picks the replica that says it). One
 timer per notifier (not a task per approval) posts a reminder in the thread before expiry, with
-Slack's timing (`slack.delivery.reminder_at`: 80 % of the lifetime or 5 minutes before expiry,
+Slack's timing (`notify.reminders.reminder_at`: 80 % of the lifetime or 5 minutes before expiry,
 whichever is later; none for approvals shorter than 2 minutes), through the same `_once`.
 
 `TeamsHealth` is what readyz reports: the freshest of the last Bot Connector call's outcome and
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -39,8 +38,8 @@ from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
 from ..audit.redact import Redactor
 from ..model import Approval, ApprovalState, Verdict
 from ..model.persons import canonical_email
+from ..notify.reminders import REMINDER_BEFORE, REMINDER_MIN_LIFETIME, Reminders
 from ..notify.retry import GaveUp, with_retries
-from ..slack.delivery import REMINDER_BEFORE, REMINDER_MIN_LIFETIME, reminder_at
 from ..store.base import Store
 from .cards import (
     activity,
@@ -121,11 +120,9 @@ class TeamsNotifier:
         self._on_fallback = on_fallback
         self._locks: OrderedDict[str, asyncio.Lock] = OrderedDict()
         self._said: OrderedDict[str, set[str]] = OrderedDict()  # approval id -> keys said
-        self._reminder_min_lifetime = reminder_min_lifetime
-        self._reminders: list[tuple[float, str]] = []
-        self._reminding: set[str] = set()  # scheduled here, not yet fired
-        self._reminder_wake = asyncio.Event()
-        self._reminder_timer: asyncio.Task[None] | None = None
+        self._reminders = Reminders(
+            self._remind, name="teams-reminders", min_lifetime=reminder_min_lifetime
+        )
         self._background: set[asyncio.Task[None]] = set()
 
     def _lock(self, approval_id: str) -> asyncio.Lock:
@@ -273,40 +270,8 @@ class TeamsNotifier:
 
     def _schedule_reminder(self, approval: Approval) -> None:
         """Remind approvers once before a pending approval expires (one timer for all)."""
-        if approval.state is not ApprovalState.PENDING or approval.id in self._reminding:
-            return
-        if "reminder" in self._said.get(approval.id, ()):
-            return
-        at = reminder_at(approval, self._reminder_min_lifetime)
-        if at is None or at >= approval.expires_at:
-            return
-        self._reminding.add(approval.id)
-        heapq.heappush(self._reminders, (at, approval.id))
-        self._reminder_wake.set()
-        if self._reminder_timer is None or self._reminder_timer.done():
-            self._reminder_timer = asyncio.create_task(
-                self._remind_when_due(), name="teams-reminders"
-            )
-
-    async def _remind_when_due(self) -> None:
-        while True:
-            self._reminder_wake.clear()
-            if not self._reminders:
-                await self._reminder_wake.wait()
-                continue
-            at, approval_id = self._reminders[0]
-            delay = at - time.time()
-            if delay > 0:
-                # Until the first is due, or until an earlier one is scheduled.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._reminder_wake.wait()
-                continue
-            heapq.heappop(self._reminders)
-            self._reminding.discard(approval_id)
-            task = asyncio.create_task(self._remind(approval_id))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        if "reminder" not in self._said.get(approval.id, ()):
+            self._reminders.schedule(approval)
 
     async def _remind(self, approval_id: str) -> None:
         try:
@@ -333,7 +298,8 @@ class TeamsNotifier:
         await self._once(approval_id, "reminder", self._replier(ref, text))
 
     async def aclose(self) -> None:
-        for task in (self._reminder_timer, *self._background):
+        await self._reminders.aclose()
+        for task in self._background:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

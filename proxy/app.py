@@ -471,6 +471,7 @@ def start_teams(
             public_url=settings.server.public_url,
             redactor=approvals.redactor,
             on_fallback=metrics.teams_fallback if metrics is not None else None,
+            tenant_id=teams.tenant_id,
         )
     )
     verifier = ActivityVerifier(teams.app_id, teams.tenant_id, teams.openid_metadata_url, session)

@@ -1,7 +1,8 @@
 """A local fake of Microsoft's side of a Teams bot: the Bot Framework OpenID metadata and JWKS
 (keys of a test RSA key), the token service (client credentials for one app id and password) and
-the Bot Connector REST API (post, reply in a thread, update, roster), strict about what Teams refuses: a card
-message over `MAX_BYTES`, an unknown conversation, a missing or wrong bearer token. Failures can
+the Bot Connector REST API (post, reply in a thread, update, one member or the whole roster, open
+a 1:1 conversation and post in it), strict about what Teams refuses: a card message over
+`MAX_BYTES`, an unknown conversation, a missing or wrong bearer token. Failures can
 be queued (`fail_next`: status, optional Retry-After) to exercise the retry path.
 """
 
@@ -55,6 +56,9 @@ class FakeTeams:
         self.replies: list[dict[str, Any]] = []  # thread replies, each with its `replyToId`
         self.updates: list[tuple[str, dict[str, Any]]] = []
         self.members: dict[str, dict[str, Any]] = {}
+        self.directs: dict[str, str] = {}  # 1:1 conversation id -> the member's id
+        self.direct_posts: list[dict[str, Any]] = []  # posts in 1:1s, each with `conversation`
+        self.roster_reads = 0
         self.tokens_issued = 0
         self.jwks_fetches = 0
         self.failures: list[tuple[int, float | None]] = []
@@ -92,6 +96,8 @@ class FakeTeams:
         app.router.add_post(base + "/activities/{activity}", self._post)  # a reply
         app.router.add_put(base + "/activities/{activity}", self._put)
         app.router.add_get(base + "/members/{member}", self._member)
+        app.router.add_get(base + "/members", self._roster)
+        app.router.add_post("/teams/v3/conversations", self._open_direct)
         self.server = TestServer(app)
         await self.server.start_server()
 
@@ -181,7 +187,8 @@ class FakeTeams:
         auth = request.headers.get("Authorization", "")
         if not auth.startswith("Bearer ") or auth[7:] not in self._tokens:
             return web.json_response({"error": {"code": "Unauthorized"}}, status=401)
-        if _root(request.match_info["conversation"])[0] != CONVERSATION:
+        conversation = _root(request.match_info.get("conversation", CONVERSATION))[0]
+        if conversation != CONVERSATION and conversation not in self.directs:
             return web.json_response({"error": {"code": "ConversationNotFound"}}, status=404)
         if self.failures:
             status, retry_after = self.failures.pop(0)
@@ -215,6 +222,11 @@ class FakeTeams:
         root = _root(request.match_info["conversation"])[1] or request.match_info.get("activity")
         activity_id = f"1{len(self.posts) + len(self.replies):012d}"
         checked["id"] = activity_id
+        conversation = request.match_info["conversation"]
+        if conversation in self.directs:
+            self.direct_posts.append({**checked, "conversation": conversation})
+            self.activities[activity_id] = checked
+            return web.json_response({"id": activity_id}, status=201)
         if root is not None:
             if root not in self.activities or checked.get("replyToId") != root:
                 return web.json_response({"error": {"code": "BadArgument"}}, status=400)
@@ -248,6 +260,39 @@ class FakeTeams:
                 {"error": {"code": "MemberNotFoundInConversation"}}, status=404
             )
         return web.json_response(member)
+
+    async def _roster(self, request: web.Request) -> web.Response:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        self.roster_reads += 1
+        return web.json_response(list(self.members.values()))
+
+    async def _open_direct(self, request: web.Request) -> web.Response:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        body = await request.json()
+        members = body.get("members") or []
+        tenant = body.get("tenantId") or ((body.get("channelData") or {}).get("tenant") or {})
+        tenant = tenant if isinstance(tenant, str) else tenant.get("id")
+        if (
+            len(members) != 1
+            or members[0].get("id") not in self.members
+            or tenant != TENANT
+            or (body.get("bot") or {}).get("id") != "28:" + APP_ID
+            or body.get("isGroup")
+        ):
+            return web.json_response({"error": {"code": "BadArgument"}}, status=400)
+        conversation = "a:direct-" + members[0]["id"]
+        self.directs[conversation] = members[0]["id"]
+        return web.json_response({"id": conversation}, status=201)
+
+    def direct_to(self, member_id: str) -> list[dict[str, Any]]:
+        """The cards posted in the 1:1 conversation with `member_id`."""
+        return [
+            card_of(p) for p in self.direct_posts if self.directs[p["conversation"]] == member_id
+        ]
 
 
 def _root(conversation: str) -> tuple[str, str | None]:

@@ -25,6 +25,7 @@ from proxy.teams.auth import ActivityVerifier
 from proxy.teams.cards import CARD_CONTENT_TYPE
 from proxy.teams.connector import BotConnector
 from proxy.teams.delivery import MESSAGE_NOTE, TeamsNotifier
+from proxy.teams.hosting import CountersignAgent
 from tests.helpers import ListSink
 from tests.store_conformance import make_approval
 from tests.teams_fake import APP_ID, APP_PASSWORD, CONVERSATION, TENANT, FakeTeams, card_of
@@ -197,3 +198,96 @@ async def test_other_activities_are_acknowledged(world: Any) -> None:
     fake, one, _, _ = world
     status, _ = await send(one, fake, fake.activity(type="conversationUpdate"))
     assert status == 200
+
+
+async def test_verified_activities_are_dispatched_by_the_agents_sdk(
+    world: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After Countersign's own check, the SDK's CloudAdapter runs the turn with the verified
+    claims as its ClaimsIdentity; a message is acknowledged and ignored, a forged one never
+    reaches it."""
+    fake, one, _, _ = world
+    seen: list[tuple[str, Any]] = []
+
+    async def on_message(self: CountersignAgent, turn_context: Any) -> None:
+        seen.append((turn_context.activity.type, turn_context.identity.claims))
+
+    monkeypatch.setattr(CountersignAgent, "on_message_activity", on_message)
+    status, _ = await send(one, fake, fake.activity(type="message", text="approve it"))
+    assert status == 200
+    [(kind, claims)] = seen
+    assert kind == "message" and claims["aud"] == APP_ID
+    assert claims["iss"] == "https://api.botframework.com"
+    status, _ = await send(one, fake, fake.activity(type="message"), forged=True)
+    assert status == 401 and len(seen) == 1
+    assert fake.posts == [] and fake.replies == []  # nothing said back in chat
+
+
+async def test_the_owner_hears_of_a_teams_decision_once_across_replicas(world: Any) -> None:
+    fake, one, two, store = world
+    approval_id = await posted(fake, one, store)
+    status, _ = await send(two, fake, click(fake, "carol", "approve", approval_id))
+    assert status == 200
+    await two.hub.aclose(grace_seconds=5)
+    approved = await store.get(approval_id)
+    one.hub("approval.decided", approved)  # the other replica sees the same event
+    await one.hub.aclose(grace_seconds=5)
+    [card] = fake.direct_to("29:bob")  # OWNER, found in the roster by email
+    assert "was approved by carol\\@example\\.com." in card["body"][0]["text"]
+    assert len(fake.direct_posts) == 1 and len(fake.posts) == 1
+
+
+async def test_approve_and_grant_from_the_card_within_the_rules_limits(world: Any) -> None:
+    fake, one, _, store = world
+    approval_id = await posted(fake, one, store, grant_max_uses=5, grant_max_seconds=1800)
+    card = card_of(fake.posts[0])
+    inputs = {b["id"]: b for b in card["body"] if b["type"] == "Input.Number"}
+    assert (inputs["grant_uses"]["max"], inputs["grant_time"]["max"]) == (5, 30)
+    assert "minutes" in inputs["grant_time"]["label"]
+    verbs = [a.get("verb") for a in card["actions"]]
+    assert verbs[:3] == ["approve", "deny", "approve_grant"]
+
+    # Beyond the rule's limits, or not a whole number: said on the card, nothing decided.
+    for uses, minutes, words in (
+        ("6", "30", "whole number of uses from 1 to 5"),
+        ("3", "x", "whole number of minutes from 1 to 30"),
+        ("0", "10", "whole number of uses from 1 to 5"),
+        ("²", "10", "whole number of uses from 1 to 5"),
+        (None, "10", "whole number of uses from 1 to 5"),
+    ):
+        data = {"grant_uses": uses, "grant_time": minutes}
+        status, answer = await send(
+            one, fake, click(fake, "carol", "approve_grant", approval_id, **data)
+        )
+        assert status == 200 and words in answer["value"]["body"][0]["text"], (uses, minutes)
+        assert answer["value"]["body"][0]["color"] == "Attention"
+    assert (await store.get(approval_id)).decisions == ()
+
+    data = {"grant_uses": "3", "grant_time": 10, "reason": "batch export"}
+    status, answer = await send(
+        one, fake, click(fake, "carol", "approve_grant", approval_id, **data)
+    )
+    assert status == 200 and answer["value"]["body"][0]["text"] == "Countersign approval: Approved"
+    approval = await store.get(approval_id)
+    assert approval.state is ApprovalState.APPROVED and approval.grant_id
+    decision = approval.decisions[0]
+    assert (decision.channel, decision.grant_uses, decision.grant_seconds) == ("teams", 3, 600)
+    grant = await store.get_grant(approval.grant_id)
+    assert grant is not None and grant.uses == 3
+
+
+async def test_no_grant_offered_or_taken_where_the_rule_allows_none(world: Any) -> None:
+    fake, one, _, store = world
+    approval_id = await posted(fake, one, store)
+    card = card_of(fake.posts[0])
+    assert "approve_grant" not in str(card) and "Input.Number" not in str(card)
+    data = {"grant_uses": "1", "grant_time": "1"}
+    _, answer = await send(one, fake, click(fake, "carol", "approve_grant", approval_id, **data))
+    assert "this rule does not offer grants" in answer["value"]["body"][0]["text"]
+    assert (await store.get(approval_id)).decisions == ()
+
+
+async def test_a_verified_body_that_is_not_an_activity_is_400(world: Any) -> None:
+    fake, one, _, _ = world
+    status, answer = await send(one, fake, fake.activity(**{"from": "not an account"}))
+    assert status == 400 and answer["error"]["code"] == "invalid_request"

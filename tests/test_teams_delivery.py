@@ -25,6 +25,7 @@ from tests.teams_fake import (
     APP_ID,
     APP_PASSWORD,
     CONVERSATION,
+    TENANT,
     FakeTeams,
     card_of,
     replies_to,
@@ -276,3 +277,56 @@ async def test_health_is_the_last_call_else_a_cached_token(
     await closed.close()
     gone = BotConnector(session, app_id=APP_ID, app_password=APP_PASSWORD, token_url=url)
     assert await TeamsHealth(gone).state() == "down"
+
+
+# -- the owner's direct message ------------------------------------------------------------------
+
+
+async def test_the_owner_is_told_once_in_a_direct_message(
+    fake: FakeTeams, session: aiohttp.ClientSession
+) -> None:
+    # The owner (alice@example.com) is found by UPN, case-insensitively; told once across
+    # replicas and events.
+    fake.add_member("29:alice", "aad-alice", "Alice@Example.COM", email=None)
+    fake.add_member("29:carol", "aad-carol", "carol@example.com")
+    store, leases = MemoryStore(), dict[str, str]()
+    one = notifier(fake, session, Replica(store, leases, "one"), tenant_id=TENANT)
+    two = notifier(fake, session, Replica(store, leases, "two"), tenant_id=TENANT)
+    approval = make_approval()
+    await store.create_or_join(approval)
+    await one.notify("approval.requested", approval)
+    assert fake.direct_posts == []  # nothing to tell while pending
+    denied = await store.decide(
+        approval.id, record(Verdict.DENY, "carol", reason="not *today*"), time.time()
+    )
+    await asyncio.gather(
+        one.notify("approval.decided", denied), two.notify("approval.decided", denied)
+    )
+    await two.notify("approval.decided", denied)
+    [card] = fake.direct_to("29:alice")
+    assert len(fake.direct_posts) == 1 and len(fake.posts) == 1
+    text = card["body"][0]["text"]
+    assert text.startswith("Your agent agent\\-7's request ")
+    assert "was denied by carol\\@example\\.com: not \\*today\\*." in text
+    assert card["actions"][0]["url"].endswith(approval.id)
+    assert await store.get_note(approval.id, ONCE_NOTE + "owner") == fake.direct_posts[0]["id"]
+
+
+async def test_an_owner_not_in_the_roster_is_skipped_quietly(
+    fake: FakeTeams, session: aiohttp.ClientSession
+) -> None:
+    fake.add_member("29:carol", "aad-carol", "carol@example.com")
+    store = MemoryStore()
+    approval = make_approval()
+    await store.create_or_join(approval)
+    teams = notifier(fake, session, store, tenant_id=TENANT)
+    await teams.notify("approval.requested", approval)
+    expired = await store.expire(approval.id, approval.expires_at + 1)
+    assert expired is not None
+    await teams.notify("approval.expired", expired)
+    assert fake.directs == {} and fake.direct_posts == []
+    note = await store.get_note(approval.id, ONCE_NOTE + "owner")
+    assert note is not None and note.startswith("skipped")
+    assert fake.roster_reads == 1
+    await teams.notify("approval.expired", expired)
+    assert fake.roster_reads == 1  # decided once, not looked up again

@@ -1,21 +1,27 @@
 """`POST /_countersign/teams/messages`: Bot Framework activities, and what a card click does.
 
 Every activity is checked first (`auth.ActivityVerifier`: the Bot Framework token, its
-`serviceurl`, the tenant); anything else is our JSON 401 and changes nothing. An `invoke` named
-`adaptiveCard/action` (Universal Actions, `Action.Execute`) with verb `approve` or `deny` is a
-decision: the clicker is identified by their Entra ID object id (`from.aadObjectId`) and the
-email (else UPN) the Teams roster of the approvals conversation gives for them (`GET
-…/members/{from.id}`, whose `aadObjectId` must match) - never the display name - so a Teams
-decision counts as the same person as their API, Slack and inbox decisions. The decision goes
-through `ApprovalService.decide(channel="teams")` with the same person rules (zero
-self-approval, approver authorization, quorum). The invoke is answered with the refreshed card
-(the notifier updates it in place for everyone); a refusal is answered with the card and the
-reason in words on top. Other activities are acknowledged and ignored.
+`serviceurl`, the tenant); anything else is our JSON 401 and changes nothing. A verified activity
+is then run by the Microsoft 365 Agents SDK (`hosting`: its `CloudAdapter` with the verified
+claims as the turn's `ClaimsIdentity`, dispatching to an `ActivityHandler`). An `invoke` named
+`adaptiveCard/action` (Universal Actions, `Action.Execute`) with verb `approve`, `deny` or
+`approve_grant` is a decision: the clicker is identified by their Entra ID object id
+(`from.aadObjectId`) and the email (else UPN) the Teams roster of the approvals conversation
+gives for them (`GET …/members/{from.id}`, whose `aadObjectId` must match) - never the display
+name - so a Teams decision counts as the same person as their API, Slack and inbox decisions.
+The decision goes through `ApprovalService.decide(channel="teams")` with the same person rules
+(zero self-approval, approver authorization, quorum). `approve_grant` also asks for a grant:
+the uses and time typed into the card, whole numbers within the rule's limits as the approval
+has them (else the card comes back with the error in words and nothing is decided). The invoke
+is answered with the refreshed card (the notifier updates it in place for everyone); a refusal
+is answered with the card and the reason in words on top. Other activities are acknowledged
+and ignored.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,14 +34,26 @@ from ..model import Identity, Verdict, state
 from ..server.responses import error_response
 from ..store.base import StoreUnavailable
 from .auth import ActivityVerifier, TeamsAuthError
-from .cards import APPROVE, CARD_CONTENT_TYPE, DENY, REASON_INPUT, fitted_card
+from .cards import (
+    APPROVE,
+    APPROVE_GRANT,
+    CARD_CONTENT_TYPE,
+    DENY,
+    GRANT_TIME_INPUT,
+    GRANT_USES_INPUT,
+    REASON_INPUT,
+    fitted_card,
+    grant_bounds,
+)
 from .connector import BotConnector, ConnectorError
+from .hosting import ACTION_INVOKE, AgentsHost
 
 log = structlog.get_logger("countersign.teams")
 
 MESSAGES_PATH = "/_countersign/teams/messages"
 MAX_ACTIVITY_BYTES = 256 * 1024
-ACTION_INVOKE = "adaptiveCard/action"
+_WHOLE = re.compile(r"[0-9]{1,9}")
+__all__ = ["ACTION_INVOKE", "MESSAGES_PATH", "TEAMS_BOT", "TeamsBot", "teams_routes"]
 
 
 class Refused(Exception):
@@ -61,8 +79,9 @@ class TeamsBot:
         self._conversation = conversation
         self._tenant_id = tenant_id
         self._public_url = public_url
+        self._host = AgentsHost(self._answer)
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         authorization = request.headers.get("Authorization")
         if not authorization:
             return _unauthorized("missing bearer token")
@@ -81,7 +100,7 @@ class TeamsBot:
                 return _unauthorized(str(exc))
             return error_response(400, "invalid_request", message="expected a JSON activity")
         try:
-            await self._verifier.verify(authorization, activity)
+            claims = await self._verifier.verify(authorization, activity)
         except TeamsAuthError as exc:
             log.info("teams.activity_refused", error=str(exc))
             return _unauthorized(str(exc))
@@ -93,10 +112,12 @@ class TeamsBot:
                 headers={"Retry-After": "5"},
                 message="cannot fetch the Bot Framework signing keys",
             )
-        if activity.get("type") == "invoke" and activity.get("name") == ACTION_INVOKE:
-            card = await self.action(activity)
-            return web.json_response({"statusCode": 200, "type": CARD_CONTENT_TYPE, "value": card})
-        return web.Response(status=200)
+        return await self._host.process(request, activity, claims)
+
+    async def _answer(self, activity: Mapping[str, Any]) -> dict[str, Any]:
+        """The invoke response body of an `Action.Execute`: the card to show the clicker."""
+        card = await self.action(activity)
+        return {"statusCode": 200, "type": CARD_CONTENT_TYPE, "value": card}
 
     async def action(self, activity: Mapping[str, Any]) -> dict[str, Any]:
         """One `Action.Execute`: decided, and the card to show the clicker."""
@@ -106,15 +127,18 @@ class TeamsBot:
         approval_id = str(data.get("approval_id") or "")
         notice: str | None = None
         try:
-            if verb in (APPROVE, DENY):
+            if verb in (APPROVE, DENY, APPROVE_GRANT):
+                grant = await self._grant(approval_id, data) if verb == APPROVE_GRANT else None
                 identity = await self.identify(activity)
                 reason = data.get(REASON_INPUT)
                 await self._service.decide(
                     approval_id,
                     identity,
-                    Verdict.APPROVE if verb == APPROVE else Verdict.DENY,
+                    Verdict.DENY if verb == DENY else Verdict.APPROVE,
                     str(reason) if isinstance(reason, str) else None,
                     channel="teams",
+                    grant_uses=grant[0] if grant else None,
+                    grant_seconds=grant[1] if grant else None,
                 )
         except (Refused, state.ApprovalError) as exc:
             notice = _explain(exc)
@@ -128,6 +152,29 @@ class TeamsBot:
         if approval is None:
             return minimal_notice(notice or "This approval no longer exists.")
         return fitted_card(approval, self._public_url, self._service.redactor, notice=notice)
+
+    async def _grant(self, approval_id: str, data: Mapping[str, Any]) -> tuple[int, int]:
+        """The (uses, seconds) an "Approve + grant" asks for, checked against the rule's
+        limits as the approval has them (not as the card said); `Refused` in words."""
+        approval = await self._service.get(approval_id)
+        bounds = grant_bounds(approval) if approval is not None else None
+        if bounds is None:
+            raise Refused("this rule does not offer grants")
+        most_uses, most_time, unit = bounds
+        unit_name = "minutes" if unit == 60 else "seconds"
+        asked: list[int] = []
+        for key, most, what in (
+            (GRANT_USES_INPUT, most_uses, "uses"),
+            (GRANT_TIME_INPUT, most_time, unit_name),
+        ):
+            text = str(data.get(key) if data.get(key) is not None else "").strip()
+            if not _WHOLE.fullmatch(text) or not 1 <= int(text) <= most:
+                raise Refused(
+                    f"enter a whole number of {what} from 1 to {most} (the rule's limit) for "
+                    "the grant"
+                )
+            asked.append(int(text))
+        return asked[0], asked[1] * unit
 
     async def identify(self, activity: Mapping[str, Any]) -> Identity:
         """The clicker as an approver: Entra ID object id and the roster's email (else UPN)."""
@@ -191,7 +238,7 @@ def teams_routes() -> web.RouteTableDef:
     routes = web.RouteTableDef()
 
     @routes.post(MESSAGES_PATH)
-    async def messages(request: web.Request) -> web.Response:
+    async def messages(request: web.Request) -> web.StreamResponse:
         return await request.app[TEAMS_BOT].handle(request)
 
     return routes

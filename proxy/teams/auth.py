@@ -57,8 +57,11 @@ class ActivityVerifier:
         )
         self._keys = _IssuerKeys(settings, session, refresh_cooldown)
 
-    async def verify(self, authorization: str | None, activity: Mapping[str, Any]) -> None:
-        """Raise `TeamsAuthError` unless the token and the activity are acceptable."""
+    async def verify(
+        self, authorization: str | None, activity: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The verified token's claims; `TeamsAuthError` unless the token and the activity are
+        acceptable."""
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise TeamsAuthError("missing bearer token")
@@ -100,3 +103,4 @@ class ActivityVerifier:
         tenant = ((activity.get("channelData") or {}).get("tenant") or {}).get("id")
         if not isinstance(tenant, str) or tenant.lower() != self._tenant_id:
             raise TeamsAuthError("activity is not from the configured tenant")
+        return dict(claims)

@@ -4,7 +4,9 @@ Pure functions, no I/O. The card is schema 1.5 (what Teams renders, Universal Ac
 the same context as the Slack message and the inbox (state header from `state_label`, rule,
 requester and owner, method and target, upstream URL, risk and rule note, who may approve, the
 decisions capped with "and N more", expiry, the inbox link), and while pending a reason field
-with `Action.Execute` buttons (verbs `approve` and `deny`, data `{approval_id}`).
+with `Action.Execute` buttons (verbs `approve` and `deny`, data `{approval_id}`); where the rule
+allows grants, uses and time inputs bounded by the rule and an "Approve + grant" button (verb
+`approve_grant`).
 
 Every value that is not ours goes through `md`: redacted, then each character shown literally
 in Adaptive Card Markdown - ASCII punctuation backslash-escaped (no bold, italic, strike, heading,
@@ -36,6 +38,9 @@ MAX_BYTES = 28 * 1024  # Teams refuses bigger messages (413); counted as sent, U
 APPROVE = "approve"
 DENY = "deny"
 REASON_INPUT = "reason"
+APPROVE_GRANT = "approve_grant"
+GRANT_USES_INPUT = "grant_uses"
+GRANT_TIME_INPUT = "grant_time"
 REASON_MAX = 1000
 MAX_DECISIONS_SHOWN = 10
 _NAME = 200
@@ -253,6 +258,18 @@ def approval_card(
             }
         )
         data = {"approval_id": approval.id}
+        bounds = grant_bounds(approval)
+        granting: list[dict[str, Any]] = []
+        if bounds is not None:
+            body += _grant_inputs(bounds)
+            granting = [
+                {
+                    "type": "Action.Execute",
+                    "title": "Approve + grant",
+                    "verb": APPROVE_GRANT,
+                    "data": data,
+                }
+            ]
         actions = [
             {
                 "type": "Action.Execute",
@@ -268,11 +285,51 @@ def approval_card(
                 "data": data,
                 "style": "destructive",
             },
+            *granting,
             *actions,
         ]
     else:
         body.append(_text(outcome_text(approval, redactor), weight="Bolder", spacing="Medium"))
     return _card(body, actions)
+
+
+def grant_bounds(approval: Approval) -> tuple[int, int, int] | None:
+    """The rule's grant limits as the card asks for them (Slack's modal's): (most uses, most
+    time, seconds per unit of time: 60 when the rule allows at least a minute, else 1). None:
+    the rule offers no grants."""
+    if approval.grant_max_uses is None or approval.grant_max_seconds is None:
+        return None
+    unit = 60 if approval.grant_max_seconds >= 60 else 1
+    return approval.grant_max_uses, approval.grant_max_seconds // unit, unit
+
+
+def _grant_inputs(bounds: tuple[int, int, int]) -> list[dict[str, Any]]:
+    most_uses, most_time, unit = bounds
+    unit_name = "minutes" if unit == 60 else "seconds"
+    return [
+        _text(
+            "Approve + grant also approves the agent's next requests of the same shape, "
+            "up to the uses and time below.",
+            isSubtle=True,
+            spacing="Medium",
+        ),
+        {
+            "type": "Input.Number",
+            "id": GRANT_USES_INPUT,
+            "label": f"Grant: further uses (1 to {most_uses})",
+            "min": 1,
+            "max": most_uses,
+            "value": 1,
+        },
+        {
+            "type": "Input.Number",
+            "id": GRANT_TIME_INPUT,
+            "label": f"Grant: for how many {unit_name} (1 to {most_time})",
+            "min": 1,
+            "max": most_time,
+            "value": min(most_time, 60 if unit == 60 else most_time),
+        },
+    ]
 
 
 def minimal_card(
@@ -376,3 +433,32 @@ def reminder_reply(
         f"Still pending: expires {_when(approval.expires_at)}, {needed} more "
         f"approval{'s' if needed != 1 else ''} needed. May still decide: {who}"
     )
+
+
+def owner_text(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) -> str:
+    """The direct message to the agent's owner once its request is decided."""
+    final = approval.final_decision
+    by = f" by {md(final.who, _NAME, redactor)}" if final else ""
+    agent = md(approval.requester.subject, _NAME, redactor)
+    request = md(f"{approval.method} {approval.target or approval.path}", 1000, redactor)
+    rule = md(approval.rule, _NAME, redactor)
+    if approval.state is ApprovalState.DENIED:
+        reason = f": {md(final.reason, REASON_MAX, redactor)}" if final and final.reason else ""
+        what = f"denied{by}{reason}"
+    elif approval.state is ApprovalState.EXPIRED:
+        what = "expired: nobody decided it in time"
+    else:
+        what = f"approved{by}"
+        if approval.state is ApprovalState.LAPSED:
+            what += ", but not used in time"
+    return f"Your agent {agent}'s request {request} (rule {rule}) was {what}."
+
+
+def owner_card(
+    approval: Approval, public_url: str | None, redactor: Redactor = DEFAULT_REDACTOR
+) -> dict[str, Any]:
+    """The owner's direct message: one TextBlock of `owner_text`, the inbox link or the id."""
+    body = [_text(owner_text(approval, redactor))]
+    if not public_url:
+        body.append(_text(f"Approval {md(approval.id, 100)}", isSubtle=True, size="Small"))
+    return _card(body, _link_action(public_url, approval.id))

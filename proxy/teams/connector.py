@@ -1,8 +1,8 @@
 """The Bot Connector REST API, as much of it as Countersign uses: a client-credentials token
 from the token endpoint (`notify.teams.token_url`, cached until shortly before it expires), post
-an activity to a conversation, reply in a card's thread, update one in place, and read one
-member of the roster. Every call's outcome is kept (`seen`) as evidence for readyz
-(`delivery.TeamsHealth`).
+an activity to a conversation, reply in a card's thread, update one in place, read one member
+or the whole roster, and open a 1:1 conversation with a member (the owner's direct message).
+Every call's outcome is kept (`seen`) as evidence for readyz (`delivery.TeamsHealth`).
 
 Errors are `ConnectorError` (with the HTTP status and the `Retry-After` Microsoft gave); what is
 worth retrying is `retryable`'s business, the waiting `notify.retry`'s.
@@ -114,6 +114,12 @@ class BotConnector:
     async def _call(
         self, method: str, url: str, what: str, payload: dict[str, Any] | None = None
     ) -> dict[str, Any]:
+        data = await self._json(method, url, what, payload)
+        return data if isinstance(data, dict) else {}
+
+    async def _json(
+        self, method: str, url: str, what: str, payload: dict[str, Any] | None = None
+    ) -> Any:
         headers = {"Authorization": "Bearer " + await self._bearer()}
         body = None
         if payload is not None:
@@ -138,7 +144,7 @@ class BotConnector:
         except (aiohttp.ClientError, TimeoutError):
             self._record(None)
             raise
-        return data if isinstance(data, dict) else {}
+        return data
 
     @staticmethod
     def _base(service_url: str, conversation: str) -> str:
@@ -170,3 +176,26 @@ class BotConnector:
     async def member(self, service_url: str, conversation: str, member_id: str) -> dict[str, Any]:
         url = f"{self._base(service_url, conversation)}/members/{quote(member_id, safe='')}"
         return await self._call("GET", url, "reading the roster")
+
+    async def members(self, service_url: str, conversation: str) -> list[dict[str, Any]]:
+        """The whole roster of `conversation`."""
+        url = f"{self._base(service_url, conversation)}/members"
+        data = await self._json("GET", url, "reading the roster")
+        return [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+
+    async def open_direct(self, service_url: str, member_id: str, tenant_id: str) -> str:
+        """A 1:1 conversation between the bot and `member_id` (Teams gives the existing one if
+        there is one); its id."""
+        url = f"{service_url.rstrip('/')}/v3/conversations"
+        payload = {
+            "bot": {"id": f"28:{self._app_id}"},
+            "members": [{"id": member_id}],
+            "isGroup": False,
+            "tenantId": tenant_id,
+            "channelData": {"tenant": {"id": tenant_id}},
+        }
+        data = await self._call("POST", url, "opening a direct conversation", payload)
+        conversation = str(data.get("id") or "")
+        if not conversation:
+            raise ConnectorError("opening a direct conversation", 502, None, "no id")
+        return conversation

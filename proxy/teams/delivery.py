@@ -20,7 +20,10 @@ whichever is later; none for approvals shorter than 2 minutes), through the same
 `TeamsHealth` is what readyz reports: the freshest of the last Bot Connector call's outcome and
 a client-credentials token (the cached one while it is valid).
 
-Not built yet: the owner's direct message and grant replies (Slack's `_tell_owner`, `grant`).
+Once the approval is decided (approved, denied, expired...), the agent's owner is told in a direct
+message, once across replicas (the same `_once`): the owner (`requester.owner`) is looked up in
+the approvals conversation's roster by email or UPN (case-insensitively), a 1:1 conversation is
+opened with them and a short card posted; skipped quietly when the owner is not in the roster.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from .cards import (
     fitted_card,
     minimal_card,
     outcome_reply,
+    owner_card,
     reminder_reply,
     reply_card,
 )
@@ -107,6 +111,7 @@ class TeamsNotifier:
         call_timeout: float = CALL_TIMEOUT,
         on_fallback: Callable[[], None] | None = None,
         reminder_min_lifetime: float = REMINDER_MIN_LIFETIME,
+        tenant_id: str | None = None,
     ) -> None:
         self._connector = connector
         self._store = store
@@ -118,6 +123,7 @@ class TeamsNotifier:
         self._first_delay = first_delay
         self._call_timeout = call_timeout
         self._on_fallback = on_fallback
+        self._tenant_id = tenant_id
         self._locks: OrderedDict[str, asyncio.Lock] = OrderedDict()
         self._said: OrderedDict[str, set[str]] = OrderedDict()  # approval id -> keys said
         self._reminders = Reminders(
@@ -210,10 +216,13 @@ class TeamsNotifier:
         ended = outcome_reply(approval, self._redactor)
         if ended is not None:
             steps.append(("outcome", ended))
+        acts = [(key, self._replier(ref, text)) for key, text in steps]
+        if approval.state is not ApprovalState.PENDING and approval.requester.owner:
+            acts.append(("owner", lambda: self._tell_owner(approval)))
         failed: BaseException | None = None
-        for key, text in steps:
+        for key, act in acts:
             try:
-                await self._once(approval.id, key, self._replier(ref, text))
+                await self._once(approval.id, key, act)
             except Exception as exc:
                 if retryable(exc):
                     raise
@@ -265,6 +274,32 @@ class TeamsNotifier:
     async def _remember(self, approval_id: str, note: str, value: str) -> None:
         with contextlib.suppress(KeyError):  # the approval is gone: nothing will ask again
             await self._store.set_note(approval_id, note, value)
+
+    # -- the owner's direct message ----------------------------------------------------------
+
+    async def _tell_owner(self, approval: Approval) -> str:
+        """A direct message to the agent's owner: what became of its request. Skipped (said at
+        debug) when the owner is not in the approvals conversation's roster."""
+        owner = canonical_email(approval.requester.owner)
+        member = await self._roster_member(owner) if owner else None
+        if member is None:
+            log.debug("teams.owner_not_in_roster", approval_id=approval.id)
+            return "skipped: the owner is not in the Teams roster"
+        tenant = self._tenant_id or str(member.get("tenantId") or "")
+        direct = await self._connector.open_direct(self._service_url, str(member["id"]), tenant)
+        card = owner_card(approval, self._public_url, self._redactor)
+        sent = await self._connector.post(self._service_url, direct, activity(card))
+        return sent or "posted"
+
+    async def _roster_member(self, email: str) -> dict[str, Any] | None:
+        """The roster entry of whoever in the approvals conversation has `email` as their
+        email or UPN (case-insensitively), else None."""
+        for member in await self._connector.members(self._service_url, self._conversation):
+            for field in ("email", "userPrincipalName"):
+                value = member.get(field)
+                if isinstance(value, str) and canonical_email(value) == email and member.get("id"):
+                    return member
+        return None
 
     # -- the reminder ---------------------------------------------------------------------------
 

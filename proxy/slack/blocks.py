@@ -18,6 +18,7 @@ from ..audit.redact import Redactor
 from ..model import Approval, ApprovalState, DecisionRecord, Outcome, Verdict
 from ..model.approval import distinct_persons, state_label
 from ..model.grant import Grant, GrantState, pattern_of
+from ..notify.outcome import ending, outcome_sentence
 from . import limits
 from .mrkdwn import fit, literal, plain
 
@@ -181,29 +182,29 @@ def decisions_text(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) ->
     return "\n".join(shown)
 
 
+_ENDING_ICONS = {
+    "approved": ":white_check_mark:",
+    "denied": ":no_entry:",
+    "expired": ":hourglass:",
+    "lapsed": ":hourglass:",
+    "ambiguous": ":warning:",
+    "executed": ":arrow_forward:",
+}
+
+
 def outcome_text(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) -> str:
     """What replaces the buttons once the approval is no longer pending."""
-    final = approval.final_decision
-    by = f" by {literal(final.who, _NAME, redactor)}" if final else ""
-    if approval.state is ApprovalState.APPROVED:
-        return f":white_check_mark: *Approved*{by}: waiting for the agent to run it"
-    if approval.state is ApprovalState.DENIED:
-        reason = f": {literal(final.reason, 1000, redactor)}" if final and final.reason else ""
-        return f":no_entry: *Denied*{by}{reason}"
-    if approval.state is ApprovalState.EXPIRED:
-        return ":hourglass: *Expired*: not decided in time"
-    if approval.state is ApprovalState.LAPSED:
-        return f":hourglass: *Lapsed*: approved{by}, but not used in time"
-    if approval.state is ApprovalState.EXECUTED and approval.outcome is Outcome.AMBIGUOUS:
-        return (
-            f":warning: *Sent*{by}, but the upstream failed before answering: it may or may not "
-            "have run"
-        )
-    if approval.state is ApprovalState.EXECUTED:
-        status = approval.upstream_status
-        answered = f", upstream answered *{status}*" if status is not None else ""
-        return f":arrow_forward: *Executed*{by}{answered}"
-    return ""
+    kind = ending(approval)
+    if kind is None:
+        return ""
+    sentence = outcome_sentence(
+        approval,
+        word=lambda word: f"*{word}*",
+        name=lambda who: literal(who, _NAME, redactor),
+        reason=lambda reason: literal(reason, 1000, redactor),
+        status=lambda status: f"*{status}*",
+    )
+    return f"{_ENDING_ICONS[kind]} {sentence}"
 
 
 def fallback_text(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) -> str:

@@ -27,8 +27,9 @@ from typing import Any
 
 from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
 from ..audit.redact import Redactor
-from ..model import Approval, ApprovalState, Outcome, Verdict
+from ..model import Approval, ApprovalState, Verdict
 from ..model.approval import distinct_persons, state_label
+from ..notify.outcome import outcome_sentence
 from ..slack.mrkdwn import CUT, EMPTY, _is_invisible, marker
 
 CARD_CONTENT_TYPE = "application/vnd.microsoft.card.adaptive"
@@ -122,23 +123,14 @@ def decisions_text(approval: Approval, redactor: Redactor, reason: int = 600) ->
 
 
 def outcome_text(approval: Approval, redactor: Redactor = DEFAULT_REDACTOR) -> str:
-    final = approval.final_decision
-    by = f" by {md(final.who, _NAME, redactor)}" if final else ""
-    if approval.state is ApprovalState.APPROVED:
-        return f"Approved{by}: waiting for the agent to run it"
-    if approval.state is ApprovalState.DENIED:
-        reason = f": {md(final.reason, 1000, redactor)}" if final and final.reason else ""
-        return f"Denied{by}{reason}"
-    if approval.state is ApprovalState.EXPIRED:
-        return "Expired: not decided in time"
-    if approval.state is ApprovalState.LAPSED:
-        return f"Lapsed: approved{by}, but not used in time"
-    if approval.state is ApprovalState.EXECUTED and approval.outcome is Outcome.AMBIGUOUS:
-        return f"Sent{by}, but the upstream failed before answering: it may or may not have run"
-    if approval.state is ApprovalState.EXECUTED:
-        status = approval.upstream_status
-        return f"Executed{by}" + (f", upstream answered {status}" if status is not None else "")
-    return ""
+    """How the approval ended ("" while pending), in the words Slack uses."""
+    return outcome_sentence(
+        approval,
+        word=str,
+        name=lambda who: md(who, _NAME, redactor),
+        reason=lambda reason: md(reason, 1000, redactor),
+        status=str,
+    )
 
 
 def _card(body: list[dict[str, Any]], actions: list[dict[str, Any]]) -> dict[str, Any]:

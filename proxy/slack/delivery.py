@@ -46,6 +46,7 @@ from ..model import Approval, ApprovalState, Verdict
 from ..model.grant import Grant
 from ..model.persons import canonical_email
 from ..notify import REQUESTED
+from ..notify.once import SaidOnce
 from ..notify.reminders import (
     REMINDER_BEFORE,
     REMINDER_MIN_LIFETIME,
@@ -71,12 +72,11 @@ log = structlog.get_logger("countersign.slack")
 MESSAGE_NOTE = "slack.message"
 # What was said once per approval (a thread reply, the reminder, the owner's message) is kept as
 # a note named `slack.once.<key>` (its ts, or why it was skipped), so no replica says it again.
-ONCE_NOTE = "slack.once."
+ONCE_NOTE = "slack.once."  # what SaidOnce keeps (see proxy/notify/once.py)
 MAX_MENTIONS = 20
 # users.lookupByEmail answers (found or not), kept this long, at most this many.
 LOOKUP_TTL = 3600.0
 _LOOKUP_CACHE = 2000
-_DONE_CACHE = 10_000
 _USER_ID = re.compile(r"[UW][A-Z0-9]{2,40}")
 # Per Web API call: slack_sdk's own client timeout, and this bound around every call.
 CALL_TIMEOUT = 10.0
@@ -277,9 +277,14 @@ class SlackNotifier:
             self._remind, name=f"slack-reminders-{channel}", min_lifetime=reminder_min_lifetime
         )
         self._background: set[asyncio.Task[None]] = set()
-        # What this process knows was said once (approval id -> keys), and Slack user ids by
-        # email (None: not on Slack) with when the answer goes stale.
-        self._said: OrderedDict[str, set[str]] = OrderedDict()
+        self._said_once = SaidOnce(
+            store,
+            channel="slack",
+            lease_seconds=retry_seconds + 600,
+            retryable=retryable,
+            describe=explain,
+        )
+        # Slack user ids by email (None: not on Slack) with when the answer goes stale.
         self._users: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
 
     async def notify(self, event: str, approval: Approval) -> None:
@@ -501,7 +506,7 @@ class SlackNotifier:
         failed: BaseException | None = None
         for key, act in steps:
             try:
-                await self._once(approval.id, key, act)
+                await self._said_once.say(approval.id, key, act)
             except Exception as exc:
                 if retryable(exc):
                     raise
@@ -522,44 +527,6 @@ class SlackNotifier:
             return str(resp.get("ts") or "posted")
 
         return reply
-
-    async def _once(self, approval_id: str, key: str, act: Callable[[], Awaitable[str]]) -> None:
-        """Run `act` unless it already ran for this approval, here or on another replica: its
-        note says it did; the store's lease makes one replica the one that tries. A failure
-        that will not get better is recorded too (said as failed, never tried again) and
-        raised."""
-        said = self._said.setdefault(approval_id, set())
-        self._said.move_to_end(approval_id)
-        while len(self._said) > _DONE_CACHE:
-            self._said.popitem(last=False)
-        if key in said:
-            return
-        note = ONCE_NOTE + key
-        if await self._store.get_note(approval_id, note) is not None:
-            said.add(key)
-            return
-        # Held for longer than this process keeps trying; if it dies meanwhile, that one
-        # message is lost rather than said twice.
-        if not await self._store.lease(f"slack.{approval_id}.{key}", self._retry_seconds + 600):
-            return  # another replica is saying it
-        try:
-            result = await act()
-        except Exception as exc:
-            if retryable(exc):
-                raise
-            log.warning(
-                "slack.follow_up_failed", approval_id=approval_id, what=key, error=explain(exc)
-            )
-            result = f"failed: {explain(exc)}"
-            await self._remember(approval_id, note, result)
-            said.add(key)
-            raise
-        await self._remember(approval_id, note, result)
-        said.add(key)
-
-    async def _remember(self, approval_id: str, note: str, value: str) -> None:
-        with contextlib.suppress(KeyError):  # the approval is gone: nothing will ask again
-            await self._store.set_note(approval_id, note, value)
 
     async def _tell_owner(self, approval: Approval) -> str:
         """A direct message to the agent's owner: what became of its request. Skipped (said at
@@ -610,7 +577,7 @@ class SlackNotifier:
 
     def _schedule_reminder(self, approval: Approval) -> None:
         """Remind approvers once before a pending approval expires (one timer for all)."""
-        if "reminder" not in self._said.get(approval.id, ()):
+        if not self._said_once.known(approval.id, "reminder"):
             self._reminders.schedule(approval)
 
     async def _remind(self, approval_id: str) -> None:
@@ -639,7 +606,7 @@ class SlackNotifier:
             text = await self._reminder_text(approval)
             return await self._replier(ref, text)()
 
-        await self._once(approval_id, "reminder", remind)
+        await self._said_once.say(approval_id, "reminder", remind)
 
     async def _reminder_text(self, approval: Approval) -> str:
         """Who may still decide: people named by the rule or its groups' directory who have

@@ -41,6 +41,7 @@ from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
 from ..audit.redact import Redactor
 from ..model import Approval, ApprovalState, Verdict
 from ..model.persons import canonical_email
+from ..notify.once import SaidOnce
 from ..notify.reminders import REMINDER_BEFORE, REMINDER_MIN_LIFETIME, Reminders
 from ..notify.retry import GaveUp, with_retries
 from ..store.base import Store
@@ -61,9 +62,8 @@ log = structlog.get_logger("countersign.teams")
 MESSAGE_NOTE = "teams.activity"
 # What was said once per approval in the card's thread (a decision, the outcome, the reminder)
 # is kept as a note named `teams.once.<key>` (the reply's id, or why it failed).
-ONCE_NOTE = "teams.once."
+ONCE_NOTE = "teams.once."  # what SaidOnce keeps (see proxy/notify/once.py)
 _LOCKS = 10_000
-_DONE_CACHE = 10_000
 
 
 def describe(exc: BaseException) -> str:
@@ -125,7 +125,13 @@ class TeamsNotifier:
         self._on_fallback = on_fallback
         self._tenant_id = tenant_id
         self._locks: OrderedDict[str, asyncio.Lock] = OrderedDict()
-        self._said: OrderedDict[str, set[str]] = OrderedDict()  # approval id -> keys said
+        self._said_once = SaidOnce(
+            store,
+            channel="teams",
+            lease_seconds=retry_seconds + 600,
+            retryable=retryable,
+            describe=describe,
+        )
         self._reminders = Reminders(
             self._remind, name="teams-reminders", min_lifetime=reminder_min_lifetime
         )
@@ -222,7 +228,7 @@ class TeamsNotifier:
         failed: BaseException | None = None
         for key, act in acts:
             try:
-                await self._once(approval.id, key, act)
+                await self._said_once.say(approval.id, key, act)
             except Exception as exc:
                 if retryable(exc):
                     raise
@@ -238,42 +244,6 @@ class TeamsNotifier:
             return sent or "posted"
 
         return reply
-
-    async def _once(self, approval_id: str, key: str, act: Callable[[], Awaitable[str]]) -> None:
-        """Run `act` unless it already ran for this approval, here or on another replica: its
-        note says it did; the store's lease makes one replica the one that tries. A failure
-        that will not get better is recorded too (never tried again) and raised."""
-        said = self._said.setdefault(approval_id, set())
-        self._said.move_to_end(approval_id)
-        while len(self._said) > _DONE_CACHE:
-            self._said.popitem(last=False)
-        if key in said:
-            return
-        note = ONCE_NOTE + key
-        if await self._store.get_note(approval_id, note) is not None:
-            said.add(key)
-            return
-        # Held for longer than this process keeps trying; if it dies meanwhile, that one reply
-        # is lost rather than said twice.
-        if not await self._store.lease(f"teams.{approval_id}.{key}", self._retry_seconds + 600):
-            return  # another replica is saying it
-        try:
-            result = await act()
-        except Exception as exc:
-            if retryable(exc):
-                raise
-            log.warning(
-                "teams.follow_up_failed", approval_id=approval_id, what=key, error=describe(exc)
-            )
-            await self._remember(approval_id, note, f"failed: {describe(exc)}")
-            said.add(key)
-            raise
-        await self._remember(approval_id, note, result)
-        said.add(key)
-
-    async def _remember(self, approval_id: str, note: str, value: str) -> None:
-        with contextlib.suppress(KeyError):  # the approval is gone: nothing will ask again
-            await self._store.set_note(approval_id, note, value)
 
     # -- the owner's direct message ----------------------------------------------------------
 
@@ -305,7 +275,7 @@ class TeamsNotifier:
 
     def _schedule_reminder(self, approval: Approval) -> None:
         """Remind approvers once before a pending approval expires (one timer for all)."""
-        if "reminder" not in self._said.get(approval.id, ()):
+        if not self._said_once.known(approval.id, "reminder"):
             self._reminders.schedule(approval)
 
     async def _remind(self, approval_id: str) -> None:
@@ -330,7 +300,7 @@ class TeamsNotifier:
         if ref is None:
             return  # never posted: nothing to reply to (the post itself is being retried)
         text = reminder_reply(approval, still_deciding(approval), self._redactor)
-        await self._once(approval_id, "reminder", self._replier(ref, text))
+        await self._said_once.say(approval_id, "reminder", self._replier(ref, text))
 
     async def aclose(self) -> None:
         await self._reminders.aclose()

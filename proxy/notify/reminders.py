@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ..model import Approval, ApprovalState
+from ..model import Approval, ApprovalState, Verdict
+from ..model.persons import canonical_email
 
 REMINDER_MIN_LIFETIME = 120.0
 REMINDER_FRACTION = 0.8
@@ -31,6 +32,26 @@ def reminder_at(approval: Approval, min_lifetime: float = REMINDER_MIN_LIFETIME)
     return max(
         approval.created_at + REMINDER_FRACTION * lifetime, approval.expires_at - REMINDER_BEFORE
     )
+
+
+def still_deciding(approval: Approval) -> list[str]:
+    """Who may still decide: the people the rule or its groups' directory names who have not
+    approved yet, never the requester or the agent's owner."""
+    excluded = {
+        canonical_email(d.person or d.approver_email)
+        for d in approval.decisions
+        if d.verdict is Verdict.APPROVE
+    }
+    excluded |= {
+        canonical_email(approval.requester.person),
+        canonical_email(approval.requester.owner),
+    }
+    people: list[str] = []
+    for listed in (*approval.approver_members, *approval.approver_users):
+        email = canonical_email(listed) or listed
+        if email not in excluded and email not in people:
+            people.append(email)
+    return people
 
 
 class Reminders:

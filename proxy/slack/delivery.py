@@ -42,7 +42,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
 from ..audit.redact import Redactor
-from ..model import Approval, ApprovalState, Verdict
+from ..model import Approval, ApprovalState
 from ..model.grant import Grant
 from ..model.persons import canonical_email
 from ..notify import REQUESTED
@@ -51,6 +51,7 @@ from ..notify.reminders import (
     REMINDER_BEFORE,
     REMINDER_MIN_LIFETIME,
     Reminders,
+    still_deciding,
 )
 from ..notify.retry import GaveUp, wait_for
 from ..notify.retry import with_retries as shared_with_retries
@@ -612,20 +613,7 @@ class SlackNotifier:
         """Who may still decide: people named by the rule or its groups' directory who have
         not approved yet (never the requester or the owner), as `<@U…>` when Slack knows
         their email, else the email; never a broadcast."""
-        excluded = {
-            canonical_email(d.person or d.approver_email)
-            for d in approval.decisions
-            if d.verdict is Verdict.APPROVE
-        }
-        excluded |= {
-            canonical_email(approval.requester.person),
-            canonical_email(approval.requester.owner),
-        }
-        candidates: list[str] = []
-        for listed in (*approval.approver_members, *approval.approver_users):
-            email = canonical_email(listed) or listed
-            if email not in excluded and email not in candidates:
-                candidates.append(email)
+        candidates = still_deciding(approval)
         mentions: list[str] = []
         for email in candidates[:MAX_MENTIONS]:
             try:

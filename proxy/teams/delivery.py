@@ -39,10 +39,10 @@ import structlog
 
 from ..audit.redact import DEFAULT as DEFAULT_REDACTOR
 from ..audit.redact import Redactor
-from ..model import Approval, ApprovalState, Verdict
+from ..model import Approval, ApprovalState
 from ..model.persons import canonical_email
 from ..notify.once import SaidOnce
-from ..notify.reminders import REMINDER_BEFORE, REMINDER_MIN_LIFETIME, Reminders
+from ..notify.reminders import REMINDER_BEFORE, REMINDER_MIN_LIFETIME, Reminders, still_deciding
 from ..notify.retry import GaveUp, with_retries
 from ..store.base import Store
 from .cards import (
@@ -309,23 +309,3 @@ class TeamsNotifier:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-
-
-def still_deciding(approval: Approval) -> list[str]:
-    """Who may still decide: the people the rule or its groups' directory names who have not
-    approved yet, never the requester or the agent's owner."""
-    excluded = {
-        canonical_email(d.person or d.approver_email)
-        for d in approval.decisions
-        if d.verdict is Verdict.APPROVE
-    }
-    excluded |= {
-        canonical_email(approval.requester.person),
-        canonical_email(approval.requester.owner),
-    }
-    people: list[str] = []
-    for listed in (*approval.approver_members, *approval.approver_users):
-        email = canonical_email(listed) or listed
-        if email not in excluded and email not in people:
-            people.append(email)
-    return people

@@ -32,6 +32,7 @@ from .authn.oidc import OIDCVerifier
 from .aws_resign import AwsUpstreamSigner
 from .config import AwsStaticCredentials, ConfigError, Settings, load_settings_text
 from .forward import Forwarder
+from .front.aiohttp_front import aiohttp_handler, defer_continue
 from .notify import NotifyHub
 from .notify.webhook import WebhookNotifier
 from .policy import Policy
@@ -49,7 +50,7 @@ from .server.internal import (
 )
 from .server.keys import AUTHENTICATOR, PROXY, SLACK_APP
 from .server.metrics import Metrics
-from .server.proxy_handler import ProxyHandler, defer_continue
+from .server.proxy_handler import ProxyHandler
 from .store.base import Store
 from .store.memory import MemoryStore
 
@@ -638,9 +639,6 @@ def build_app(
             await forwarder.aclose()
             await audit_log.aclose()
 
-    async def proxy(request: web.Request) -> web.StreamResponse:
-        return await request.app[PROXY].handle(request)
-
     app.cleanup_ctx.append(lifecycle)
 
     async def store_state() -> str:
@@ -696,6 +694,9 @@ def build_app(
         app.router.add_routes(teams_routes())
     # [\s\S] and not ".": a decoded path may hold a newline, and such a request must still reach
     # the proxy handler to be refused with a clear 400 rather than aiohttp's plain-text 404.
-    # `100 Continue` only once a request is judged (ProxyHandler.continue_upload).
+    # `100 Continue` only once a request is judged (Incoming.send_continue). `countersign run`
+    # serves proxied paths on its own front (proxy.front); this route serves them when the
+    # app alone is driven (in-process tests).
+    proxy = aiohttp_handler(lambda request: request.app[PROXY].handle)
     app.router.add_route("*", r"/{tail:[\s\S]*}", proxy, expect_handler=defer_continue)
     return app

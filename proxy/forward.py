@@ -21,6 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .h1.connection import UpstreamConnection
 from .h1.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .h1.pool import ConnectionPool, Origin
+from .h1.tunnel import TunnelProtocol
 from .model.binding import connection_tokens
 
 __all__ = [
@@ -126,6 +127,13 @@ class UpstreamResponse:
         assert self._conn.message_complete
         return self._conn.take_body()
 
+    def tunnel(self) -> TunnelProtocol:
+        """After a `101 Switching Protocols`: the upstream's end of the tunnel (the connection
+        leaves the pool)."""
+        assert self.status == 101 and not self._done
+        self._done = True
+        return self._conn.detach()
+
     def release(self) -> None:
         """The body was read to its end: the connection goes back to the pool if it can."""
         if self._done:
@@ -182,16 +190,23 @@ class Forwarder:
         *,
         read_timeout: float | None = None,
         before_send: Callable[[], Awaitable[None]] | None = None,
+        upgrade: str | None = None,
     ) -> UpstreamResponse:
         """Send a request to `url` (already normalized and encoded: sent as is).
+
+        `upgrade`: the protocol the client asks to switch to (`websocket`); the request goes
+        with `Connection: Upgrade` and `Upgrade`, and a `101` answer's connection becomes a
+        tunnel (`UpstreamResponse.tunnel`).
 
         `before_send` runs once a connection is open and before a byte is written: an
         approval is used (claimed) only when its request can actually leave, so a refused
         connection leaves it unused. What it raises is raised, nothing sent."""
         origin, target = self._split(url)
+        if upgrade is not None:
+            headers = [*headers, ("Connection", "Upgrade"), ("Upgrade", upgrade)]
         head, chunked = _request_head(method, target, origin.host_header, headers, body)
         timeout = read_timeout or self._read_timeout
-        retry = body is None and method in _RETRYABLE
+        retry = body is None and method in _RETRYABLE and upgrade is None
         while True:
             conn, reused = await self._pool.acquire(origin)
             if before_send is not None:
@@ -201,7 +216,9 @@ class Forwarder:
                     self._pool.discard(conn)
                     raise
                 before_send = None
-            response_head = conn.begin(head_only=method == "HEAD", read_timeout=timeout)
+            response_head = conn.begin(
+                head_only=method == "HEAD", read_timeout=timeout, upgrade=upgrade is not None
+            )
             writer: asyncio.Task[None] | None = None
             try:
                 if body is None:

@@ -35,6 +35,9 @@ GRANT_USED: Final = "grant.used"
 GRANT_EXHAUSTED: Final = "grant.exhausted"
 GRANT_EXPIRED: Final = "grant.expired"
 GRANT_REVOKED: Final = "grant.revoked"
+# A WebSocket (an allowed or approved upgrade) became a tunnel, and when it ended.
+WEBSOCKET_OPENED: Final = "websocket.opened"
+WEBSOCKET_CLOSED: Final = "websocket.closed"
 
 Processor = Callable[[Any, str, MutableMapping[str, Any]], Any]
 
@@ -116,6 +119,8 @@ __all__ = [
     "REQUEST_COMPLETED",
     "REQUEST_FORWARDED",
     "SCHEMA_VERSION",
+    "WEBSOCKET_CLOSED",
+    "WEBSOCKET_OPENED",
     "AuditLog",
     "AuditUnavailable",
     "ChainPosition",

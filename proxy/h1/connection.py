@@ -21,6 +21,7 @@ from typing import cast
 import httptools
 
 from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .tunnel import TunnelProtocol
 
 _HIGH_WATER = 256 * 1024
 # The most a response head may take (status line, headers, interim answers): as a browser or
@@ -53,6 +54,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._head: asyncio.Future[ResponseHead] | None = None
         self._head_only = False
         self._informational = False
+        # The request asked to switch protocols (WebSocket): a `101` ends HTTP on this
+        # connection, and what follows its head belongs to the tunnel.
+        self._upgrade = False
+        self._switched = False
+        self._after_switch = bytearray()
         self._reason = ""
         self._head_bytes = 0  # received while the head is incomplete (bounded)
         self._header_list: list[tuple[str, str]] = []
@@ -77,12 +83,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ used by the client
 
-    def begin(self, *, head_only: bool, read_timeout: float) -> asyncio.Future[ResponseHead]:
-        """Start an exchange: the returned future resolves when the response head is in."""
+    def begin(
+        self, *, head_only: bool, read_timeout: float, upgrade: bool = False
+    ) -> asyncio.Future[ResponseHead]:
+        """Start an exchange: the returned future resolves when the response head is in.
+        `upgrade`: the request asks to switch protocols, and a `101` answer is accepted."""
         self._busy = True
         self._parser = httptools.HttpResponseParser(self)
         self._head = self._loop.create_future()
         self._head_only = head_only
+        self._upgrade = upgrade
         self._informational = False
         self._header_list = []
         self._content_length = None
@@ -187,6 +197,25 @@ class UpstreamConnection(asyncio.Protocol):
             self._wake()
         self.abort()
 
+    def detach(self) -> TunnelProtocol:
+        """After a `101`: the connection leaves HTTP (and the pool's reuse) and becomes one
+        end of a tunnel; the pool still counts it until it closes."""
+        assert self._switched and self._transport is not None
+        self._busy = False
+        self._parser = None
+        self._cancel_timer()
+        lost_already = self.closed  # (then the pool has counted it gone)
+        tunnel = TunnelProtocol(
+            self._transport,
+            bytes(self._after_switch),
+            on_lost=None if lost_already else self.connection_lost,
+        )
+        self._after_switch.clear()
+        self._transport.set_protocol(tunnel)
+        if lost_already:  # lost before the switch was taken: the tunnel starts at its end
+            tunnel.connection_lost(None)
+        return tunnel
+
     # ------------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -194,6 +223,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._switched:  # the tunnel's, until it takes the transport over
+            self._after_switch += data
+            return
         parser = self._parser
         if parser is None or self._complete:
             # Bytes nobody asked for (a body after a HEAD answer, a stray response): the
@@ -209,8 +241,12 @@ class UpstreamConnection(asyncio.Protocol):
                 self._head_bytes += len(data)
                 if self._head_bytes > MAX_HEAD_BYTES:
                     self.fail(UpstreamUnavailable("the upstream's response head is too large"))
-        except httptools.HttpParserUpgrade:
-            self.fail(UpstreamUnavailable("the upstream switched protocols; not proxied"))
+        except httptools.HttpParserUpgrade as exc:
+            if self._switched:
+                self._after_switch += data[exc.args[0] :]
+                self._cancel_timer()  # the tunnel has its own life
+            else:
+                self.fail(UpstreamUnavailable("the upstream switched protocols; not proxied"))
         except httptools.HttpParserError as exc:
             self.fail(UpstreamUnavailable(f"invalid response from the upstream: {exc}"))
 
@@ -264,9 +300,15 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._informational = False
         if status == 101:
+            if self._upgrade:
+                self._switched = True
+                assert self._head is not None
+                if not self._head.done():
+                    self._head.set_result(ResponseHead(101, self._reason, self._header_list, None))
+                return
             # llhttp reports the switch (HttpParserUpgrade) only after ending the message, when
             # the answer already passes for a complete, bodiless 101 and fail() no longer
-            # applies: refuse it here. The proxy never asks for an upgrade.
+            # applies: refuse it here, when the request asked for no switch.
             self.fail(UpstreamUnavailable("the upstream switched protocols; not proxied"))
             return
         chunked = False
@@ -316,6 +358,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._switched:
+            return
         if self._informational:
             self._informational = False
             return

@@ -59,6 +59,9 @@ UNBOUND = frozenset(
         "x-forwarded-proto",
         "x-forwarded-host",
         "forwarded",
+        # A WebSocket handshake's nonce, new on every attempt: proof of this one connection,
+        # not part of the action (a re-sent handshake joins its approval).
+        "sec-websocket-key",
     }
 )
 _OURS_PREFIX = b"countersign-"

@@ -16,11 +16,12 @@ import json
 from typing import Any
 from xml.sax.saxutils import escape
 
-from aiohttp import web
+from multidict import CIMultiDictProxy
 
+from ..front.message import Answer
 from .responses import error_body, error_sentence
 
-__all__ = ["aws_error_response"]
+__all__ = ["aws_error_answer"]
 
 # Countersign code → (code in an XML answer, code in a JSON answer). SDKs retry throttling and
 # unavailability by these codes, and never retry access errors.
@@ -39,22 +40,22 @@ _AWS_CODES: dict[int, tuple[str, str]] = {
 _SIGNATURE = ("SignatureDoesNotMatch", "InvalidSignatureException")
 
 
-def _wants_json(request: web.BaseRequest, service: str | None) -> bool:
+def _wants_json(headers: CIMultiDictProxy[str], service: str | None) -> bool:
     """Whether the SDK that sent this reads errors as JSON: JSON-protocol services send
     `X-Amz-Target` or a JSON Content-Type, and REST-JSON ones (Lambda) are known by their
     model once the signing service is; the rest read XML."""
-    if "X-Amz-Target" in request.headers:
+    if "X-Amz-Target" in headers:
         return True
     if service is not None:
         from ..protocols.aws import speaks_json  # botocore: only where AWS routes exist
 
         if speaks_json(service):
             return True
-    return "json" in request.headers.get("Content-Type", "").lower()
+    return "json" in headers.get("Content-Type", "").lower()
 
 
-def aws_error_response(
-    request: web.BaseRequest,
+def aws_error_answer(
+    request_headers: CIMultiDictProxy[str],
     status: int,
     code: str,
     *,
@@ -63,7 +64,7 @@ def aws_error_response(
     service: str | None = None,
     message: str | None = None,
     **fields: Any,
-) -> web.Response:
+) -> Answer:
     body = error_body(status, code, message=message, request_id=request_id, **fields)
     xml_code, json_code = (
         _SIGNATURE
@@ -72,13 +73,12 @@ def aws_error_response(
     )
     sentence = error_sentence(body)
     out = {**headers, "Countersign-Error": code, "x-amzn-RequestId": request_id}
-    if _wants_json(request, service):
+    if _wants_json(request_headers, service):
         out["x-amzn-ErrorType"] = json_code
-        return web.Response(
-            status=status,
-            body=json.dumps({"__type": json_code, "message": sentence}).encode(),
-            content_type="application/x-amz-json-1.0",
-            headers=out,
+        return Answer(
+            status,
+            json.dumps({"__type": json_code, "message": sentence}).encode(),
+            [("Content-Type", "application/x-amz-json-1.0"), *out.items()],
         )
     xml = (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -86,4 +86,4 @@ def aws_error_response(
         f"<Message>{escape(sentence)}</Message></Error>"
         f"<RequestId>{escape(request_id)}</RequestId></ErrorResponse>"
     )
-    return web.Response(status=status, body=xml.encode(), content_type="text/xml", headers=out)
+    return Answer(status, xml.encode(), [("Content-Type", "text/xml"), *out.items()])

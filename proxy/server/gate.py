@@ -18,17 +18,19 @@ used, the approved request does reach the upstream and its outcome is recorded.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from ..approvals.receipts import RECEIPT_HEADER, ReceiptIssuer
 from ..approvals.service import ApprovalService
 from ..audit import AuditUnavailable
 from ..config import RuleSettings
 from ..forward import UpstreamError, UpstreamResponse
+from ..front.message import STREAMED, Answer, Reply
 from ..model import Approval, ApprovalState, Outcome, state
 from ..model.binding import binding_of, bound_headers, fingerprint
 from ..model.grant import Grant
@@ -64,11 +66,11 @@ _BACKGROUND: set[asyncio.Future[None]] = set()
 log = structlog.get_logger("countersign.approvals")
 
 
-def _prefers_async(request: web.Request) -> bool:
+def _prefers_async(headers: CIMultiDictProxy[str]) -> bool:
     """`Prefer: respond-async` (RFC 7240), among other preferences or not."""
     return any(
         token.strip().split("=", 1)[0].strip().lower() == "respond-async"
-        for value in request.headers.getall("Prefer", ())
+        for value in headers.getall("Prefer", ())
         for token in value.split(",")
     )
 
@@ -161,9 +163,7 @@ class ApprovalGate:
     def draining(self) -> bool:
         return self._draining.is_set()
 
-    def _shutting_down(
-        self, proxy: ProxyHandler, exchange: Exchange, approval: Approval
-    ) -> web.Response:
+    def _shutting_down(self, proxy: ProxyHandler, exchange: Exchange, approval: Approval) -> Answer:
         """The refusal of a held request at shutdown; audited, its approval untouched."""
         return proxy.refuse(
             exchange,
@@ -183,7 +183,7 @@ class ApprovalGate:
         rule: str,
         message: str,
         retry_after: int = _RETRY_AFTER_SECONDS,
-    ) -> web.Response:
+    ) -> Answer:
         return proxy.refuse(
             exchange,
             429,
@@ -193,9 +193,7 @@ class ApprovalGate:
             headers={"Retry-After": str(retry_after)},
         )
 
-    async def handle(
-        self, proxy: ProxyHandler, exchange: Exchange, rule: RuleSettings
-    ) -> web.StreamResponse:
+    async def handle(self, proxy: ProxyHandler, exchange: Exchange, rule: RuleSettings) -> Reply:
         request = exchange.request
         route = exchange.route
         assert exchange.identity is not None and route is not None
@@ -216,9 +214,9 @@ class ApprovalGate:
             try:
                 if announced > self._max_body:
                     raise BodyTooLarge
-                await proxy.continue_upload(exchange)
+                await request.send_continue()  # judged: now the body may come
                 body = bytearray()
-                async for chunk in request.content.iter_any():
+                async for chunk in request.body():
                     body += chunk
                     if len(body) > self._max_body:
                         raise BodyTooLarge
@@ -245,7 +243,7 @@ class ApprovalGate:
 
     async def _gate(
         self, proxy: ProxyHandler, exchange: Exchange, rule: RuleSettings, body: bytes
-    ) -> web.StreamResponse:
+    ) -> Reply:
         request = exchange.request
         identity = exchange.identity
         route = exchange.route
@@ -307,7 +305,7 @@ class ApprovalGate:
                     actions=exchange.actions,
                 )
             if approval.state is ApprovalState.PENDING:
-                asked_async = _prefers_async(request)
+                asked_async = _prefers_async(request.headers)
                 if asked_async or (rule.mode or service.mode) == "async":
                     return self._accepted(exchange, approval, asked_async)
                 call = exchange.mcp_call
@@ -345,7 +343,7 @@ class ApprovalGate:
     @staticmethod
     async def _forward_granted(
         proxy: ProxyHandler, exchange: Exchange, grant: Grant, body: bytes
-    ) -> web.StreamResponse:
+    ) -> Reply:
         """Forward a request a grant covers (one use already taken and audited): exactly the
         buffered bytes, as an approved request is, answered with `Countersign-Grant-Id`. The
         use is spent even if the upstream cannot be reached."""
@@ -363,34 +361,34 @@ class ApprovalGate:
         approval: Approval,
         body: bytes,
         call: McpCall,
-    ) -> web.StreamResponse:
+    ) -> Reply:
         """An MCP tools/call held while a human decides: answered at once as an SSE stream
         that says it is waiting (progress notifications, or comments), then carries the tool's
         result or the refusal as a tool result. A client that leaves is recorded as abandoned,
         as for any held request."""
-        stream = web.StreamResponse(
-            status=200,
-            headers={
-                "Content-Type": SSE_CONTENT_TYPE,
-                "Cache-Control": "no-cache",
-                COUNTERSIGN_REQUEST_ID_HEADER: exchange.request_id,
-                APPROVAL_ID_HEADER: approval.id,
+        request = exchange.request
+        await request.start(
+            200,
+            [
+                ("Content-Type", SSE_CONTENT_TYPE),
+                ("Cache-Control", "no-cache"),
+                (COUNTERSIGN_REQUEST_ID_HEADER, exchange.request_id),
+                (APPROVAL_ID_HEADER, approval.id),
                 # Sent before the decision: a refused call's receipt URL answers why it has none.
-                **(
-                    {RECEIPT_HEADER: self._receipts.url(approval.id)}
+                *(
+                    ((RECEIPT_HEADER, self._receipts.url(approval.id)),)
                     if self._receipts is not None
-                    else {}
+                    else ()
                 ),
-            },
+            ],
         )
-        await stream.prepare(exchange.request)
-        exchange.sent_status = stream.status  # what the client has, whatever comes next
+        exchange.sent_status = 200  # what the client has, whatever comes next
         waiting = asyncio.ensure_future(self._wait(approval))
         progress = 0
         try:
             while True:
                 progress += 1
-                await stream.write(progress_event(call, progress, _waiting_text(call, approval)))
+                await request.write(progress_event(call, progress, _waiting_text(call, approval)))
                 done, _ = await asyncio.wait({waiting}, timeout=self.mcp_progress_seconds)
                 if done:
                     break
@@ -399,19 +397,18 @@ class ApprovalGate:
             # records the abandonment.
             waiting.cancel()
             raise
-        answer: web.StreamResponse
+        answer: Reply
         try:
             approval = waiting.result()
         except Draining:
             answer = self._shutting_down(proxy, exchange, approval)
         else:
-            answer = await self._conclude(proxy, exchange, approval, body, into=stream)
-        if answer is not stream:
+            answer = await self._conclude(proxy, exchange, approval, body, streaming=True)
+        if isinstance(answer, Answer):
             # A refusal, already a JSON-RPC tool result: it goes on as the stream's last event.
-            assert isinstance(answer, web.Response) and isinstance(answer.body, bytes)
-            await stream.write(sse_data(answer.body))
-            await stream.write_eof()
-        return stream
+            await request.write(sse_data(answer.body))
+            await request.finish()
+        return STREAMED
 
     async def _wait(self, approval: Approval) -> Approval:
         """Hold until the decision; a client that leaves meanwhile is recorded as abandoned.
@@ -438,7 +435,7 @@ class ApprovalGate:
         deciding.cancel()
         raise Draining
 
-    def _accepted(self, exchange: Exchange, approval: Approval, asked: bool) -> web.Response:
+    def _accepted(self, exchange: Exchange, approval: Approval, asked: bool) -> Answer:
         """The async answer: not an error, a receipt for a pending approval."""
         location = API_PATH + approval.id
         headers = {
@@ -449,18 +446,19 @@ class ApprovalGate:
         }
         if asked:
             headers["Preference-Applied"] = "respond-async"
-        return web.json_response(
-            {
-                "approval_id": approval.id,
-                "state": approval.state.value,
-                "expires_at": approval.expires_at,
-                "rule": approval.rule,
-                "request_id": exchange.request_id,
-                "message": f"waiting for approval; re-send this exact request with "
-                f"'{APPROVAL_HEADER}: {approval.id}' once it is approved (see {location})",
-            },
-            status=202,
-            headers=headers,
+        body = {
+            "approval_id": approval.id,
+            "state": approval.state.value,
+            "expires_at": approval.expires_at,
+            "rule": approval.rule,
+            "request_id": exchange.request_id,
+            "message": f"waiting for approval; re-send this exact request with "
+            f"'{APPROVAL_HEADER}: {approval.id}' once it is approved (see {location})",
+        }
+        return Answer(
+            202,
+            json.dumps(body).encode(),
+            [("Content-Type", "application/json; charset=utf-8"), *headers.items()],
         )
 
     async def _conclude(
@@ -470,8 +468,8 @@ class ApprovalGate:
         approval: Approval,
         body: bytes,
         *,
-        into: web.StreamResponse | None = None,
-    ) -> web.StreamResponse:
+        streaming: bool = False,
+    ) -> Reply:
         if approval.state is ApprovalState.DENIED:
             return proxy.refuse(exchange, 403, "approval_denied", **decision_fields(approval))
         if approval.state is ApprovalState.EXPIRED:
@@ -502,13 +500,16 @@ class ApprovalGate:
             else None
         )
         return await proxy.relay(
-            exchange, upstream, started, approval_id=approval.id, into=into, receipt=receipt
+            exchange,
+            upstream,
+            started,
+            approval_id=approval.id,
+            streaming=streaming,
+            receipt=receipt,
         )
 
     @staticmethod
-    def _refused(
-        proxy: ProxyHandler, exchange: Exchange, approval: Approval, code: str
-    ) -> web.Response:
+    def _refused(proxy: ProxyHandler, exchange: Exchange, approval: Approval, code: str) -> Answer:
         """A 403 for an approval that cannot (or can no longer) run this request."""
         return proxy.refuse(
             exchange,

@@ -24,8 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from multidict import CIMultiDictProxy
 
+from ..front.message import Answer
 from ..model import RequestBody
 
 __all__ = [
@@ -57,7 +58,7 @@ class McpCall:
     stateless: bool = False
 
 
-def mcp_tool_call(request: web.BaseRequest, body: RequestBody | None) -> McpCall | None:
+def mcp_tool_call(headers: CIMultiDictProxy[str], body: RequestBody | None) -> McpCall | None:
     """The `tools/call` this request is, or None (another method, a batch, a notification)."""
     if body is None:
         return None
@@ -74,8 +75,8 @@ def mcp_tool_call(request: web.BaseRequest, body: RequestBody | None) -> McpCall
         return None
     meta = params.get("_meta")
     token = meta.get("progressToken") if isinstance(meta, dict) else None
-    accept = ",".join(request.headers.getall("Accept", ())).lower()
-    version = request.headers.get("MCP-Protocol-Version", "")
+    accept = ",".join(headers.getall("Accept", ())).lower()
+    version = headers.get("MCP-Protocol-Version", "")
     if isinstance(meta, dict) and isinstance(meta.get(_VERSION_META), str):
         version = meta[_VERSION_META]
     return McpCall(
@@ -121,9 +122,13 @@ def progress_event(call: McpCall, progress: int, text: str) -> bytes:
     )
 
 
-def json_answer(message: dict[str, Any], headers: dict[str, str]) -> web.Response:
+def json_answer(message: dict[str, Any], headers: dict[str, str]) -> Answer:
     """A JSON-RPC message as a plain `application/json` answer (HTTP 200, as MCP expects)."""
-    return web.json_response(message, headers=headers)
+    return Answer(
+        200,
+        json.dumps(message).encode(),
+        [("Content-Type", "application/json; charset=utf-8"), *headers.items()],
+    )
 
 
 def filter_tools(body: bytes, keep: Callable[[str], bool]) -> bytes | None:

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from aiohttp import web
-
 from .. import audit
 from ..approvals.receipts import RECEIPT_HEADER, ReceiptTicket, Relayed
 from ..audit import AuditLog, AuditUnavailable, ChainPosition
@@ -42,6 +40,8 @@ from ..forward import (
     UpstreamUnavailable,
     connection_named,
 )
+from ..front.message import STREAMED, Answer, Incoming, Reply
+from ..h1.tunnel import relay_both_ways
 from ..model import Action, AmbiguousField, Identity, RequestBody, RequestInfo, UnreadableBody
 from ..paths import (
     AmbiguousRequest,
@@ -52,7 +52,7 @@ from ..paths import (
 from ..policy import Policy
 from ..protocols import Message, Recognizer, Unrecognized, recognizer_for
 from ..routing import RouteTable, upstream_path, upstream_target
-from .aws_errors import aws_error_response
+from .aws_errors import aws_error_answer
 from .mcp_answers import (
     McpCall,
     filter_tools,
@@ -67,8 +67,8 @@ from .responses import (
     COUNTERSIGN_REQUEST_ID_HEADER,
     GRANT_ID_HEADER,
     NO_APPROVERS_MESSAGE,
+    error_answer,
     error_body,
-    error_response,
     error_sentence,
 )
 
@@ -94,6 +94,11 @@ _MCP_TOOL_REFUSALS = frozenset({403, 409, 429, 502, 503, 504})
 # Checked once per header: what never goes upstream as the client sent it. A route's injected
 # headers replace the client's of the same name.
 _NOT_FORWARDED = HOP_BY_HOP | _CLIENT_ONLY | _X_FORWARDED
+# Answer headers only Countersign sets: an upstream's of these names are dropped.
+_OURS = frozenset(
+    name.lower()
+    for name in (COUNTERSIGN_REQUEST_ID_HEADER, APPROVAL_ID_HEADER, RECEIPT_HEADER, GRANT_ID_HEADER)
+)
 
 
 class _Route:
@@ -127,36 +132,11 @@ class BodyTooLarge(Exception):
     """The body is over `server.max_body_bytes` (413)."""
 
 
-def expects_continue(request: web.Request) -> bool:
-    """Whether the client sent `Expect: 100-continue` and waits before sending its body."""
-    expect = request.headers.get("Expect")
-    return (
-        expect is not None
-        and expect.strip().lower() == "100-continue"
-        and request.version >= (1, 1)
-        and request.body_exists
-    )
-
-
-async def defer_continue(request: web.Request) -> web.StreamResponse | None:
-    """aiohttp's expect handler for proxied routes: `100 Continue` is not sent here, before
-    anything is checked, but by `ProxyHandler.continue_upload` once the request is judged (a
-    refused upload is never sent). Any other expectation is refused, as RFC 9110 says."""
-    expect = request.headers.get("Expect", "")
-    if expect.strip().lower() == "100-continue":
-        return None
-    return error_response(
-        417,
-        "expectation_failed",
-        message=f"unknown expectation {expect!r}: only 100-continue is understood",
-    )
-
-
 @dataclass(slots=True)
 class Exchange:
     """One request on its way through the proxy, as far as it has got."""
 
-    request: web.Request
+    request: Incoming
     request_id: str
     raw_path: str
     query: str
@@ -166,9 +146,6 @@ class Exchange:
     rule: str | None = None
     forwarded: bool = False  # the upstream's answer is what the client gets
     body: bytes | None = None  # None: not read (it streams through when forwarded)
-    # `Expect: 100-continue`: the client waits for `100 Continue` before it sends the body,
-    # which Countersign sends only once the request is authenticated and judged.
-    awaits_continue: bool = False
     actions: tuple[str, ...] = ()  # what the route's protocol named
     # Lower-case names of the headers the caller's credential came from: never forwarded, never
     # bound into an approval.
@@ -251,24 +228,22 @@ class ProxyHandler:
             )
         return info
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: Incoming) -> None:
+        """Run one request through the stages and answer it through its front."""
         started = time.monotonic()
-        raw_path, _, query = request.raw_path.partition("?")
+        raw_path, _, query = request.target.partition("?")
         request_id = f"{self._id_prefix}{next(self._id_counter):016x}"
         exchange = Exchange(request, request_id, raw_path, query)
-        exchange.awaits_continue = expects_continue(request)
         status = 0
         try:
-            response = await self._handle(exchange)
-            status = response.status
-            if exchange.awaits_continue:
-                # Answered before the body was asked for (a refusal): the client will not send
-                # it, so the connection cannot carry another request.
-                response.force_close()
-            if exchange.bytes_sent is None:  # answered by the proxy itself
-                body = getattr(response, "body", None)
-                exchange.bytes_sent = len(body) if isinstance(body, bytes) else 0
-            return response
+            reply = await self._handle(exchange)
+            if isinstance(reply, Answer):
+                status = reply.status
+                if exchange.bytes_sent is None:  # answered by the proxy itself
+                    exchange.bytes_sent = len(reply.body)
+                await request.respond(reply)
+            else:
+                status = exchange.sent_status
         except (asyncio.CancelledError, ConnectionError):
             # The client left. Counted as what it was sent: an answer already relayed (its audit
             # fsync was still running), or 499 (nginx's "client closed request") when none was.
@@ -330,7 +305,7 @@ class ProxyHandler:
         *,
         headers: dict[str, str] | None = None,
         **fields: Any,
-    ) -> web.Response:
+    ) -> Answer:
         """A JSON refusal, audited in the exchange's `request.completed` (status, error and
         `fields`); `headers` go on the answer only."""
         exchange.status = status
@@ -349,8 +324,8 @@ class ProxyHandler:
             return json_answer(tool_error(call, error_sentence(body)), headers)
         if route is not None and route.settings.protocol == "aws":
             # AWS SDKs read AWS's error shapes, not ours.
-            return aws_error_response(
-                exchange.request,
+            return aws_error_answer(
+                exchange.request.headers,
                 status,
                 error,
                 request_id=exchange.request_id,
@@ -368,28 +343,19 @@ class ProxyHandler:
                 headers["WWW-Authenticate"] = (
                     f'Bearer error="invalid_token", error_description="{description}"'
                 )
-        return error_response(
+        return error_answer(
             status, error, request_id=exchange.request_id, headers=headers, **fields
         )
 
-    async def continue_upload(self, exchange: Exchange) -> None:
-        """Ask for the body now (`100 Continue`), if the client waits to be asked: call just
-        before reading it, once the request has been judged worth receiving."""
-        if exchange.awaits_continue:
-            exchange.awaits_continue = False
-            writer = exchange.request.writer
-            await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            writer.output_size = 0  # (as aiohttp does) the answer itself has not begun
-
-    async def _handle(self, exchange: Exchange) -> web.StreamResponse:
+    async def _handle(self, exchange: Exchange) -> Reply:
         for stage in self._stages:
             answer = await stage(exchange)
             if answer is not None:
                 return answer
         body: AsyncIterable[bytes] | bytes | None = exchange.body
         if body is None and exchange.request.body_exists:
-            await self.continue_upload(exchange)
-            body = exchange.request.content.iter_any()
+            await exchange.request.send_continue()  # judged: now the body may come
+            body = exchange.request.body()
         try:
             upstream = await self.open_upstream(exchange, body)
         except UpstreamError as exc:
@@ -425,12 +391,11 @@ class ProxyHandler:
         except (AmbiguousField, UnreadableBody):
             return True
 
-    async def _relay_tools_list(
-        self, exchange: Exchange, upstream: UpstreamResponse
-    ) -> web.StreamResponse:
+    async def _relay_tools_list(self, exchange: Exchange, upstream: UpstreamResponse) -> Reply:
         """A tools/list answer without the tools this caller may never call (the route's
         `hide_denied_tools`). Read whole: a list of tools is small."""
         started = time.monotonic()
+        request = exchange.request
         exchange.forwarded = True
         whole = bytearray()
         try:
@@ -438,28 +403,28 @@ class ProxyHandler:
                 whole += chunk
                 if len(whole) > self._max_body:
                     # Too big to rewrite here: sent as it is, what was read and then the rest.
-                    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                    self._copy_headers(response, exchange, upstream, None)
-                    await response.prepare(exchange.request)
-                    await response.write(bytes(whole))
+                    headers = self._answer_headers(exchange, upstream, None)
+                    await request.start(upstream.status, headers, reason=upstream.reason)
+                    exchange.sent_status = upstream.status
+                    await request.write(bytes(whole))
                     while chunk := await upstream.read():
-                        await response.write(chunk)
-                    await response.write_eof()
+                        await request.write(chunk)
+                    await request.finish()
                     upstream.release()
-                    return response
+                    return STREAMED
         except UpstreamError as exc:
             upstream.close()
             return self.upstream_failed(exchange, exc)
         upstream.release()
         filtered = filter_tools(bytes(whole), lambda tool: self._may_call(exchange, tool))
         body = bytes(whole) if filtered is None else filtered
-        response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
-        self._copy_headers(response, exchange, upstream, None)
-        response.headers.popall("Content-Length", None)
-        await response.prepare(exchange.request)
-        await response.write_eof()
         self._forwarded(exchange, started, upstream.status, len(body))
-        return response
+        return Answer(
+            upstream.status,
+            body,
+            self._answer_headers(exchange, upstream, None),
+            upstream.reason,
+        )
 
     def _forwarded(
         self,
@@ -503,13 +468,22 @@ class ProxyHandler:
 
     # -- stages: each returns None to go on, or the answer --------------------------------
 
-    async def _check(self, exchange: Exchange) -> web.StreamResponse | None:
+    async def _check(self, exchange: Exchange) -> Reply | None:
         """What no route may receive: CONNECT, lower-case methods, method overrides, ambiguous
         paths."""
         request = exchange.request
         if request.method == "CONNECT":
             return self.refuse(
                 exchange, 405, "method_not_allowed", message="CONNECT is not proxied"
+            )
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.strip().lower() != "100-continue":
+            # RFC 9110 §10.1.1: an expectation the server does not understand is refused.
+            return self.refuse(
+                exchange,
+                417,
+                "expectation_failed",
+                message=f"unknown expectation {expect!r}: only 100-continue is understood",
             )
         try:
             check_method(request.method)
@@ -524,7 +498,7 @@ class ProxyHandler:
             return self._ambiguous(exchange, exc.reason, exc.message)
         return None
 
-    async def _find_route(self, exchange: Exchange) -> web.StreamResponse | None:
+    async def _find_route(self, exchange: Exchange) -> Reply | None:
         """The route by prefix. With no route the caller is still authenticated first (as a
         bearer), so an anonymous caller learns nothing about which prefixes exist."""
         settings = self._routes.match(exchange.path)
@@ -540,7 +514,7 @@ class ProxyHandler:
                 return self._ambiguous(exchange, exc.reason, exc.message)
         return None
 
-    async def _authenticate(self, exchange: Exchange) -> web.StreamResponse | None:
+    async def _authenticate(self, exchange: Exchange) -> Reply | None:
         request = exchange.request
         route = exchange.route
         sources = route.settings.caller_credentials if route is not None else ("bearer",)
@@ -552,7 +526,7 @@ class ProxyHandler:
             authenticated = await self._authenticator.authenticate_request(
                 sources,
                 method=request.method,
-                target=request.raw_path,
+                target=request.target,
                 host=request.headers.get("Host", ""),
                 headers=request.headers,
                 body=exchange.body,
@@ -585,7 +559,7 @@ class ProxyHandler:
             )
         return None
 
-    async def _recognize(self, exchange: Exchange) -> web.StreamResponse | None:
+    async def _recognize(self, exchange: Exchange) -> Reply | None:
         """The actions the route's protocol names (`iam:CreateRole`, `tool:delete_repo`)."""
         route = exchange.route
         assert route is not None
@@ -608,7 +582,7 @@ class ProxyHandler:
             service=exchange.sigv4.service if exchange.sigv4 is not None else None,
         )
         if route.settings.protocol == "mcp":
-            exchange.mcp_call = mcp_tool_call(request, message.body)
+            exchange.mcp_call = mcp_tool_call(request.headers, message.body)
         try:
             exchange.actions = await recognizer.recognize(message)
         except AmbiguousField as exc:
@@ -619,7 +593,7 @@ class ProxyHandler:
             )
         return None
 
-    async def _decide(self, exchange: Exchange) -> web.StreamResponse | None:
+    async def _decide(self, exchange: Exchange) -> Reply | None:
         """The policy's verdict: deny answers, approve hands over to the gate, allow goes on."""
         request = exchange.request
         route = exchange.route
@@ -683,10 +657,10 @@ class ProxyHandler:
 
     # -- helpers of the stages -------------------------------------------------------------
 
-    def _ambiguous(self, exchange: Exchange, reason: str, message: str) -> web.Response:
+    def _ambiguous(self, exchange: Exchange, reason: str, message: str) -> Answer:
         return self.refuse(exchange, 400, "ambiguous_request", reason=reason, message=message)
 
-    async def _read_body(self, exchange: Exchange) -> web.StreamResponse | None:
+    async def _read_body(self, exchange: Exchange) -> Reply | None:
         """Read the whole body into `exchange.body`, bounded by `server.max_body_bytes`."""
         request = exchange.request
         if not request.body_exists:
@@ -696,9 +670,9 @@ class ProxyHandler:
         try:
             if (request.content_length or 0) > limit:
                 raise BodyTooLarge
-            await self.continue_upload(exchange)
+            await request.send_continue()  # judged worth reading: now the body may come
             body = bytearray()
-            async for chunk in request.content.iter_any():
+            async for chunk in request.body():
                 body += chunk
                 if len(body) > limit:
                     raise BodyTooLarge
@@ -716,7 +690,7 @@ class ProxyHandler:
 
     def _upstream_headers(
         self,
-        request: web.Request,
+        request: Incoming,
         route: _Route,
         request_id: str,
         *,
@@ -830,11 +804,10 @@ class ProxyHandler:
             body,
             read_timeout=route.settings.timeout_seconds or self._read_timeout,
             before_send=before_send,
+            upgrade=_websocket(exchange.request),
         )
 
-    def upstream_failed(
-        self, exchange: Exchange, exc: UpstreamError, **fields: Any
-    ) -> web.Response:
+    def upstream_failed(self, exchange: Exchange, exc: UpstreamError, **fields: Any) -> Answer:
         """The 502/504 for an upstream that failed. After an approved request was sent, the
         agent is told it may have run and that a retry needs a new approval."""
         route = exchange.route.settings.name if exchange.route else None
@@ -880,33 +853,25 @@ class ProxyHandler:
         )
 
     @staticmethod
-    def _copy_headers(
-        response: web.StreamResponse,
+    def _answer_headers(
         exchange: Exchange,
         upstream: UpstreamResponse,
         approval_id: str | None,
         receipt_url: str | None = None,
         grant_id: str | None = None,
-    ) -> None:
+    ) -> list[tuple[str, str]]:
         """The upstream's headers as it sent them (its own `X-Request-Id` included), plus ours:
-        `Countersign-Request-Id`, `Countersign-Approval-Id` and `Countersign-Receipt`, never
-        the upstream's."""
-        headers = response.headers
-        headers.extend(upstream.headers)
-        headers[COUNTERSIGN_REQUEST_ID_HEADER] = exchange.request_id
+        `Countersign-Request-Id`, `Countersign-Approval-Id`, `Countersign-Receipt` and
+        `Countersign-Grant-Id` — only Countersign says these, never the upstream."""
+        headers = [item for item in upstream.headers if item[0].lower() not in _OURS]
+        headers.append((COUNTERSIGN_REQUEST_ID_HEADER, exchange.request_id))
         if approval_id is not None:
-            headers[APPROVAL_ID_HEADER] = approval_id
-        elif APPROVAL_ID_HEADER in headers:
-            # Only Countersign says which approval an answer ran under.
-            del headers[APPROVAL_ID_HEADER]
+            headers.append((APPROVAL_ID_HEADER, approval_id))
         if receipt_url is not None:
-            headers[RECEIPT_HEADER] = receipt_url
-        elif RECEIPT_HEADER in headers:
-            del headers[RECEIPT_HEADER]
+            headers.append((RECEIPT_HEADER, receipt_url))
         if grant_id is not None:
-            headers[GRANT_ID_HEADER] = grant_id
-        elif GRANT_ID_HEADER in headers:
-            del headers[GRANT_ID_HEADER]
+            headers.append((GRANT_ID_HEADER, grant_id))
+        return headers
 
     async def relay(
         self,
@@ -915,35 +880,37 @@ class ProxyHandler:
         started: float,
         *,
         approval_id: str | None = None,
-        into: web.StreamResponse | None = None,
+        streaming: bool = False,
         receipt: ReceiptTicket | None = None,
         grant_id: str | None = None,
-    ) -> web.StreamResponse:
-        """Stream the upstream's answer back to the client, then audit `request.forwarded`.
+    ) -> Reply:
+        """Send the upstream's answer back to the client, then audit `request.forwarded`.
 
-        `into` is an SSE answer already under way (an MCP call held while a human decided):
-        the upstream's answer continues it as SSE events. With a `receipt` (an approved
-        request, receipts on) the answer names its receipt, and the SHA-256 of the body bytes
-        relayed (for `into`: of the upstream's body) goes into it once relayed."""
+        `streaming`: an SSE answer is already under way (an MCP call held while a human
+        decided): the upstream's answer continues it as SSE events. With a `receipt` (an
+        approved request, receipts on) the answer names its receipt, and the SHA-256 of the body
+        bytes relayed (when streaming: of the upstream's body) goes into it once relayed."""
         request = exchange.request
         exchange.forwarded = True
+        if upstream.status == 101:
+            return await self._tunnel(
+                exchange, upstream, started, approval_id=approval_id, grant_id=grant_id
+            )
         has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
-        response: web.StreamResponse
+        reply: Reply = STREAMED
         sent = 0
         failure: str | None = None
         digest = hashlib.sha256() if receipt is not None else None
         receipt_url = receipt.url if receipt is not None else None
         try:
-            if into is not None:
-                response = into
-                exchange.sent_status = into.status
+            if streaming:
                 streamed = any(
                     name.lower() == "content-type" and "text/event-stream" in value
                     for name, value in upstream.headers
                 )
                 if streamed:  # already SSE: the bytes go on as they come
                     while chunk := await upstream.read():
-                        await response.write(chunk)
+                        await request.write(chunk)
                         sent += len(chunk)
                         if digest is not None:
                             digest.update(chunk)
@@ -951,37 +918,45 @@ class ProxyHandler:
                     whole = bytearray()
                     while chunk := await upstream.read():
                         whole += chunk
-                    await response.write(sse_data(bytes(whole)))
+                    await request.write(sse_data(bytes(whole)))
                     sent = len(whole)
                     if digest is not None:
                         digest.update(whole)
-                await response.write_eof()
+                await request.finish()
             elif has_body and upstream.body_complete:
                 # The whole (small) answer is in already: status, headers and body leave in
                 # one write, where streaming would take two.
                 body = upstream.read_all()
-                response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
-                self._copy_headers(response, exchange, upstream, approval_id, receipt_url, grant_id)
-                await response.prepare(request)
-                exchange.sent_status = upstream.status
-                await response.write_eof()
+                headers = self._answer_headers(
+                    exchange, upstream, approval_id, receipt_url, grant_id
+                )
+                answer = Answer(upstream.status, body, headers, upstream.reason)
+                if approval_id is None and grant_id is None:
+                    reply = answer  # sent by `handle` as this returns
+                else:  # sent before its audit line is synced, as a streamed one is
+                    await request.respond(answer)
+                    exchange.sent_status = upstream.status
                 sent = len(body)
                 if digest is not None:
                     digest.update(body)
             else:
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                self._copy_headers(response, exchange, upstream, approval_id, receipt_url, grant_id)
-                if upstream.content_length is not None:
-                    response.content_length = upstream.content_length
-                await response.prepare(request)
+                headers = self._answer_headers(
+                    exchange, upstream, approval_id, receipt_url, grant_id
+                )
+                await request.start(
+                    upstream.status,
+                    headers,
+                    reason=upstream.reason,
+                    content_length=upstream.content_length,
+                )
                 exchange.sent_status = upstream.status
                 if has_body:
                     while chunk := await upstream.read():
-                        await response.write(chunk)
+                        await request.write(chunk)
                         sent += len(chunk)
                         if digest is not None:
                             digest.update(chunk)
-                await response.write_eof()
+                await request.finish()
             upstream.release()  # fully read: the connection goes back to the pool
         except UpstreamError as exc:
             # The status line is already sent, so the only honest signal left is to cut the
@@ -990,12 +965,11 @@ class ProxyHandler:
             route_name = exchange.route.settings.name if exchange.route else NO_ROUTE
             self._metrics.upstream_error(route_name, "truncated")
             upstream.close()
-            if request.transport is not None:
-                request.transport.abort()
+            request.abort()
         except (ConnectionError, asyncio.CancelledError):
             failure = "client_disconnected"
             upstream.close()
-            raise  # aiohttp drops the connection quietly
+            raise  # the front drops the connection quietly
         finally:
             position = self._forwarded(
                 exchange,
@@ -1014,7 +988,80 @@ class ProxyHandler:
                 )
         if approval_id is not None or grant_id is not None:
             # An approved request's execution is on disk before its exchange is over. (The
-            # answer has been relayed already; a failing disk is logged by the sink.)
+            # answer has been relayed already or is about to be; a failing disk is logged by
+            # the sink.)
             with contextlib.suppress(AuditUnavailable):
                 await self._audit.sync()
-        return response
+        return reply
+
+    async def _tunnel(
+        self,
+        exchange: Exchange,
+        upstream: UpstreamResponse,
+        started: float,
+        *,
+        approval_id: str | None,
+        grant_id: str | None,
+    ) -> Reply:
+        """The upstream accepted a WebSocket handshake (`101`): the client gets the upstream's
+        `101` and the bytes go both ways until either side closes. Audited when it opens
+        (`websocket.opened`) and when it closes (`websocket.closed`, with byte counts); the
+        frames themselves are not judged — the handshake was."""
+        request = exchange.request
+        upstream_end = upstream.tunnel()
+        headers = self._answer_headers(exchange, upstream, approval_id, None, grant_id)
+        headers += [("Connection", "Upgrade"), ("Upgrade", _websocket(request) or "websocket")]
+        try:
+            client_end = await request.switch(headers)
+        except BaseException:
+            upstream_end.abort()
+            raise
+        exchange.sent_status = exchange.status = 101
+        route = exchange.route.settings.name if exchange.route else None
+        common = {
+            "request_id": exchange.request_id,
+            "identity": exchange.identity_log(),
+            "path": exchange.path,
+            "route": route,
+            "rule": exchange.rule,
+            **({"approval_id": approval_id} if approval_id is not None else {}),
+            **({"grant_id": grant_id} if grant_id is not None else {}),
+        }
+        self._audit.emit(audit.WEBSOCKET_OPENED, **common)
+        opened = time.monotonic()
+        failure: str | None = None
+        try:
+            await relay_both_ways(client_end, upstream_end)
+        except asyncio.CancelledError:
+            failure = "cancelled"
+            client_end.abort()
+            upstream_end.abort()
+            raise
+        finally:
+            self._audit.emit(
+                audit.WEBSOCKET_CLOSED,
+                **common,
+                bytes_from_client=client_end.bytes_in,
+                bytes_to_client=client_end.bytes_out,
+                duration_ms=round((time.monotonic() - opened) * 1000, 3),
+                error=failure,
+            )
+            self._forwarded(
+                exchange,
+                started,
+                101,
+                client_end.bytes_out,
+                approval_id=approval_id,
+                failure=failure,
+                grant_id=grant_id,
+            )
+        return STREAMED
+
+
+def _websocket(request: Incoming) -> str | None:
+    """`websocket` when the request is a WebSocket handshake this front can tunnel (RFC 6455:
+    a GET asking to switch); other upgrades go as plain requests, without the switch."""
+    upgrade = request.upgrade
+    if upgrade is not None and upgrade == "websocket" and request.method == "GET":
+        return upgrade
+    return None

@@ -18,6 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
+from ..front.message import Answer
+
 # Countersign's own id of a request: sent upstream and on every answer. `X-Request-Id` is the
 # client's going up and the upstream's coming back; only answers Countersign makes itself carry
 # ours under that name too (no upstream id exists there).
@@ -141,6 +143,46 @@ def error_sentence(body: dict[str, Any]) -> str:
     return f"{message} [countersign {error['code']}: {', '.join(context)}]" if context else message
 
 
+def error_answer(
+    status: int,
+    error: str,
+    *,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+    message: str | None = None,
+    **fields: Any,
+) -> Answer:
+    """A JSON error answer; `error` is the code. `Countersign-Request-Id` and `X-Request-Id`
+    are set when the id is known; 429 and 503 carry `Retry-After` unless `headers` name one."""
+    body = error_body(status, error, message=message, request_id=request_id, **fields)
+    out_headers = dict(headers or {})
+    if request_id is not None:
+        out_headers[COUNTERSIGN_REQUEST_ID_HEADER] = request_id
+        out_headers[REQUEST_ID_HEADER] = request_id
+    retry_after = DEFAULT_RETRY_AFTER.get(status)
+    if retry_after is not None and not any(k.lower() == "retry-after" for k in out_headers):
+        out_headers["Retry-After"] = retry_after
+    return Answer(
+        status,
+        json.dumps(body).encode(),
+        [("Content-Type", "application/json"), *out_headers.items()],
+    )
+
+
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
+
+
+def to_web(answer: Answer) -> web.Response:
+    """An `Answer` as aiohttp's response (the control plane, and the aiohttp front)."""
+    response = web.Response(status=answer.status, reason=answer.reason, body=answer.body)
+    # The framing is the body's own, as a front sets it (an upstream's length may describe a
+    # body the proxy rewrote).
+    response.headers.extend(item for item in answer.headers if item[0].lower() not in _FRAMING)
+    if answer.close:
+        response.force_close()
+    return response
+
+
 def error_response(
     status: int,
     error: str,
@@ -150,21 +192,11 @@ def error_response(
     message: str | None = None,
     **fields: Any,
 ) -> web.Response:
-    """A JSON error answer; `error` is the code. `Countersign-Request-Id` and `X-Request-Id`
-    are set when the id is known."""
-    body = error_body(status, error, message=message, request_id=request_id, **fields)
-    out_headers = dict(headers or {})
-    if request_id is not None:
-        out_headers[COUNTERSIGN_REQUEST_ID_HEADER] = request_id
-        out_headers[REQUEST_ID_HEADER] = request_id
-    retry_after = DEFAULT_RETRY_AFTER.get(status)
-    if retry_after is not None and not any(k.lower() == "retry-after" for k in out_headers):
-        out_headers["Retry-After"] = retry_after
-    return web.Response(
-        status=status,
-        body=json.dumps(body).encode(),
-        content_type="application/json",
-        headers=out_headers,
+    """`error_answer` as aiohttp's response."""
+    return to_web(
+        error_answer(
+            status, error, request_id=request_id, headers=headers, message=message, **fields
+        )
     )
 
 

@@ -156,8 +156,17 @@ class ServerSettings(_Model):
     public_url: str | None = None
     max_body_bytes: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
     trusted_proxies: tuple[str, ...] = ()
-    # The longest request header line accepted; longer: 431 header_too_large.
+    # The largest request head (request line and headers) accepted; larger: 431
+    # header_too_large.
     max_header_bytes: Annotated[int, Field(ge=8192, le=1024 * 1024)] = 65536
+    # A request head must be complete this long after its first byte (or after the connection
+    # opened): slow heads (slowloris) are closed, and hold no file descriptor longer.
+    header_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    # A keep-alive connection with no request in progress is closed after this long.
+    idle_timeout_seconds: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    # Client connections open at once, per process; more are refused (closed at once). Keep it
+    # below the process's open-file limit (`ulimit -n`) less the upstream and store connections.
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     # Processes serving the same port (SO_REUSEPORT); more than one needs a shared store.
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     # uvloop (libuv) costs less CPU per request than asyncio's own loop; "asyncio" to compare.

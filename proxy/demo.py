@@ -165,7 +165,7 @@ async def run_demo(port: int = 8080) -> None:
     upstream_port = int(upstream_runner.addresses[0][1])
     settings = demo_settings(port, upstream_port)
     try:
-        runner = await start(settings)
+        serving = await start(settings)
     except OSError as exc:
         await upstream_runner.cleanup()
         raise listen_error(port, exc) from None
@@ -177,5 +177,5 @@ async def run_demo(port: int = 8080) -> None:
     try:
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await serving.cleanup()
         await upstream_runner.cleanup()

@@ -215,9 +215,9 @@ async def test_admin_listen_moves_health_and_metrics_off_the_public_port(
     server = settings.server.model_copy(update={"admin_listen": "127.0.0.1:0"})
     settings = settings.model_copy(update={"server": server})
     app = build_app(settings)
-    runner = await start(settings, app)
+    serving = await start(settings, app)
     try:
-        public = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        public = f"http://127.0.0.1:{serving.front.port}"
         admin = f"http://127.0.0.1:{app[ADMIN_SERVER].bound_port}"
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{public}/cloud/buckets", headers=AGENT) as resp:
@@ -234,7 +234,7 @@ async def test_admin_listen_moves_health_and_metrics_off_the_public_port(
                 counted = samples(parse(await resp.text()), "countersign_requests_total")
         assert counted == {(("decision", "allow"), ("route", "cloud"), ("status", "200")): 1.0}
     finally:
-        await runner.cleanup()
+        await serving.cleanup()
     assert app[ADMIN_SERVER].bound_port is None, "stopped with the app"
 
 

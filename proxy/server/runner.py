@@ -17,10 +17,11 @@ import asyncio
 import contextlib
 import gc
 import os
+import resource
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 import structlog
@@ -38,10 +39,13 @@ from ..app import (
 from ..audit.chain import ChainError
 from ..audit.signing import SigningKeyError
 from ..config import ConfigError, Settings, load_settings
+from ..front.message import Incoming
+from ..front.server import FrontLimits, FrontServer
 from ..logs import configure_logging
 from ..policy import Policy
 from ..routing import RouteTable
 from .internal import ADMIN_SERVER
+from .keys import PROXY
 from .metrics import multiprocess_directory, worker_exited
 from .parse_errors import use_json_parse_errors
 
@@ -50,46 +54,114 @@ log = structlog.get_logger("countersign")
 DRAIN_RETRY_AFTER_SECONDS = 5
 
 
+class Serving:
+    """What `start` started: the front on the public port (proxied traffic, with control-plane
+    requests handed to the app's aiohttp server) and the app's runner."""
+
+    def __init__(self, app: web.Application, runner: web.AppRunner, front: FrontServer) -> None:
+        self.app = app
+        self.runner = runner
+        self.front = front
+
+    async def stop_listening(self) -> None:
+        await self.front.stop_listening()
+
+    async def cleanup(self, drain_seconds: float = 0.0) -> None:
+        """Let requests in progress finish for up to `drain_seconds`, then close everything
+        (the app's parts last: the audit is flushed)."""
+        await self.front.shutdown(drain_seconds)
+        await self.runner.cleanup()
+
+
 async def start(
     settings: Settings,
     app: web.Application | None = None,
     *,
     reuse_port: bool = False,
     worker: int | None = None,
-) -> web.AppRunner:
-    """Start serving `settings.server.listen`; the caller owns the returned runner."""
+) -> Serving:
+    """Start serving `settings.server.listen`; the caller owns what is returned."""
     app = app if app is not None else build_app(settings, worker=worker)
-    # handler_cancellation: a client that hangs up while its request is held for approval
-    # stops waiting at once (the approval stays pending for its retry to join).
+    server = settings.server
+    # handler_cancellation: a client that hangs up on a control-plane request stops it.
     runner = web.AppRunner(
         app,
         access_log=None,
         handle_signals=False,
-        # On SIGTERM, requests being forwarded get this long to finish (then are cancelled).
-        shutdown_timeout=settings.server.drain_seconds,
+        # On SIGTERM, control-plane requests in progress get this long to finish.
+        shutdown_timeout=server.drain_seconds,
         handler_cancellation=True,
-        # A header line may be as long as the whole head may be (a large bearer token still
-        # gets a 401, not the parser's 400).
-        max_line_size=settings.server.max_header_bytes,
-        max_field_size=settings.server.max_header_bytes,
-        # A compressed request body passes as the client sent it, with its Content-Encoding:
-        # what an approval binds (and approvers download) is what the upstream receives.
+        max_line_size=server.max_header_bytes,
+        max_field_size=server.max_header_bytes,
+        # A compressed request body passes as the client sent it, with its Content-Encoding.
         auto_decompress=False,
     )
-    await runner.setup()
+    await runner.setup()  # runs the app's start-up (store, audit, approvals, notifiers)
     assert runner.server is not None
     use_json_parse_errors(runner.server)
-    site = web.TCPSite(
-        runner,
-        settings.server.host,
-        settings.server.port,
-        backlog=4096,
-        reuse_port=reuse_port or None,
+
+    def handle(incoming: Incoming) -> Awaitable[None]:
+        # Looked up per request: a reload (SIGHUP) swaps the request path in force.
+        return app[PROXY].handle(incoming)
+
+    front = FrontServer(
+        handle,
+        limits=FrontLimits(
+            header_timeout=server.header_timeout_seconds,
+            idle_timeout=server.idle_timeout_seconds,
+            max_header_bytes=server.max_header_bytes,
+            max_connections=connection_cap(server.max_connections),
+            max_body_bytes=server.max_body_bytes,
+        ),
+        control=runner.server,
     )
-    await site.start()
+    try:
+        await front.start(server.host, server.port, reuse_port=reuse_port, backlog=4096)
+    except BaseException:
+        await runner.cleanup()
+        raise
     if ADMIN_SERVER in app:  # `server.admin_listen`: health and metrics, after the public port
         await app[ADMIN_SERVER].start(reuse_port=reuse_port)
-    return runner
+    return Serving(app, runner, front)
+
+
+# File descriptors kept for what is not a client connection: upstream connections (the pool
+# holds at most 1,000), Redis, the audit files, the listeners.
+_NON_CLIENT_FDS = 1_100
+
+
+def connection_cap(configured: int) -> int:
+    """`server.max_connections`, within what the open-file limit allows.
+
+    The soft limit is raised to the hard one first (as Go's runtime and nginx's
+    `worker_rlimit_nofile` do): 1,024 descriptors, a common soft default, would let a thousand
+    idle connections starve everyone else with `EMFILE` on accept. Where even the hard limit is
+    too low for the configured cap, the cap is lowered, so that the front refuses connections
+    cleanly (503) before the kernel refuses file descriptors, and a warning says so."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            wanted = configured + _NON_CLIENT_FDS
+            target = wanted if hard == resource.RLIM_INFINITY else min(hard, max(wanted, soft))
+            if target > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+    except (ValueError, OSError):  # not allowed here: keep what there is
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    allowed = max(soft - _NON_CLIENT_FDS, soft // 2)
+    if configured > allowed:
+        log.warning(
+            "server.max_connections_lowered",
+            configured=configured,
+            effective=allowed,
+            open_file_limit=soft,
+            hint="raise the open-file limit (ulimit -n, LimitNOFILE=, or the container's "
+            "nofile ulimit) to serve more connections",
+        )
+        return allowed
+    return configured
 
 
 async def serve(
@@ -128,7 +200,7 @@ async def serve(
         log.error("server.start_failed", error=str(exc))
         sys.exit(1)
     try:
-        runner = await start(settings, app, reuse_port=reuse_port)
+        serving_parts = await start(settings, app, reuse_port=reuse_port)
     except OSError as exc:
         log.error("server.listen_failed", listen=settings.server.listen, error=str(exc))
         sys.exit(1)
@@ -150,20 +222,19 @@ async def serve(
         log.info("server.stopping", pid=os.getpid(), drain_seconds=settings.server.drain_seconds)
         for task in reloads:
             task.cancel()
-        await drain(app, runner)
+        await drain(app, serving_parts, settings.server.drain_seconds)
         log.info("server.stopped", pid=os.getpid())
 
 
-async def drain(app: web.Application, runner: web.AppRunner) -> None:
-    """Stop taking work and finish what is running: close the listeners, report not ready,
+async def drain(app: web.Application, serving: Serving, drain_seconds: float) -> None:
+    """Stop taking work and finish what is running: close the listener, report not ready,
     answer held requests `503 shutting_down` (their approvals stay open, for a retry to join,
-    on another replica with a shared store), give requests being forwarded up to the runner's
-    shutdown timeout (`server.drain_seconds`), then close every part (the audit is flushed)."""
+    on another replica with a shared store), give requests being forwarded up to
+    `server.drain_seconds`, then close every part (the audit is flushed)."""
     app[DRAINING].set()  # readyz answers 503 from now on (the app's Readiness reads it)
-    for site in list(runner.sites):
-        await site.stop()
+    await serving.stop_listening()
     app[GATE].drain(retry_after=DRAIN_RETRY_AFTER_SECONDS)
-    await runner.cleanup()
+    await serving.cleanup(drain_seconds)
 
 
 # Collect young objects every this many net allocations (Python's default: 700), gen-1 every

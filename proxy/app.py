@@ -66,6 +66,7 @@ class StartupError(RuntimeError):
 
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
+METRICS_KEY = web.AppKey("metrics", Metrics)
 AUDIT_KEY = web.AppKey("audit", AuditLog)
 # Set on SIGTERM (proxy.server.runner): the process no longer accepts work and is not ready.
 DRAINING = web.AppKey("draining", asyncio.Event)
@@ -562,6 +563,7 @@ def build_app(
     # are streamed and never read whole.
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[json_errors])
     app[SETTINGS_KEY] = settings
+    app[METRICS_KEY] = metrics
     app[AUDIT_KEY] = audit_log
     app[DRAINING] = asyncio.Event()
     # readyz answers 503 once DRAINING is set.

@@ -45,6 +45,11 @@ class FrontServer:
         return len(self._ctx.connections)
 
     @property
+    def listening(self) -> bool:
+        """Started, and not yet told to stop."""
+        return self._server is not None and self._server.is_serving()
+
+    @property
     def port(self) -> int:
         if self._server is None or not self._server.sockets:
             raise RuntimeError("the front is not listening")

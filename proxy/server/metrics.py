@@ -16,7 +16,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -116,6 +116,22 @@ class Metrics:
             ["anchor"],
             registry=registry,
         )
+        self.connections_open = Gauge(
+            "countersign_connections_open",
+            "Client connections open on the front (the public port).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.connections_closed = Counter(
+            "countersign_connections_closed",
+            "Client connections the front closed or refused for a limit, by reason "
+            "(header_timeout, idle_timeout, max_connections, header_too_large, invalid_request).",
+            ["reason"],
+            registry=registry,
+        )
+        self._front_counted: dict[str, int] = {}
+        # Run before each render: values kept elsewhere (the front's counters) are copied in.
+        self.before_render: list[Callable[[], None]] = []
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def request(self, route: str, decision: str, status: int, seconds: float) -> None:
@@ -152,6 +168,16 @@ class Metrics:
         """An attempt to deliver to `anchor` (its URL without secrets) failed."""
         self.audit_anchor_failures.labels(anchor).inc()
 
+    def front(self, open_connections: int, closed: Mapping[str, int]) -> None:
+        """The front's connections now, and its running totals of closes by reason (only the
+        growth since the last call is added)."""
+        self.connections_open.set(open_connections)
+        for reason, total in closed.items():
+            grown = total - self._front_counted.get(reason, 0)
+            if grown > 0:
+                self.connections_closed.labels(reason).inc(grown)
+                self._front_counted[reason] = total
+
     def held(self, delta: int) -> None:
         """`delta` more (or fewer) requests of this process wait for a decision."""
         self.approvals_pending.inc(delta)
@@ -163,6 +189,8 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every family (of every worker, in multiprocess
         mode)."""
+        for hook in self.before_render:
+            hook()
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
         registry = CollectorRegistry(auto_describe=False)

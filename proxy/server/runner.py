@@ -30,6 +30,7 @@ from aiohttp import web
 from ..app import (
     DRAINING,
     GATE,
+    METRICS_KEY,
     RELOADABLE,
     RELOADER,
     StartupError,
@@ -46,7 +47,7 @@ from ..policy import Policy
 from ..routing import RouteTable
 from .internal import ADMIN_SERVER
 from .keys import PROXY
-from .metrics import multiprocess_directory, worker_exited
+from .metrics import Metrics, multiprocess_directory, worker_exited
 from .parse_errors import use_json_parse_errors
 
 log = structlog.get_logger("countersign")
@@ -120,9 +121,39 @@ async def start(
     except BaseException:
         await runner.cleanup()
         raise
+    _export_front_metrics(app[METRICS_KEY], front)
     if ADMIN_SERVER in app:  # `server.admin_listen`: health and metrics, after the public port
         await app[ADMIN_SERVER].start(reuse_port=reuse_port)
     return Serving(app, runner, front)
+
+
+def _export_front_metrics(metrics: Metrics, front: FrontServer) -> None:
+    """The front counts in plain integers (nothing on its hot path); they are copied into
+    Prometheus before each scrape, and every second (so that, with several workers, a scrape
+    of one shows the others' too)."""
+
+    def export() -> None:
+        stats = front.stats
+        metrics.front(
+            front.connections,
+            {
+                "header_timeout": stats.head_timeouts,
+                "idle_timeout": stats.idle_closes,
+                "max_connections": stats.refused,
+                "header_too_large": stats.heads_too_large,
+                "invalid_request": stats.parse_errors,
+            },
+        )
+
+    loop = asyncio.get_running_loop()
+
+    def every_second() -> None:
+        export()
+        if front.listening:
+            loop.call_later(1.0, every_second)
+
+    metrics.before_render.append(export)
+    loop.call_later(1.0, every_second)
 
 
 # File descriptors kept for what is not a client connection: upstream connections (the pool

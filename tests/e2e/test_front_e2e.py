@@ -192,6 +192,14 @@ async def test_connections_beyond_the_cap_are_refused_and_earlier_ones_served(
         w.write(f"GET /cloud/hello HTTP/1.1\r\nHost: x\r\n{AUTH_LINE}\r\n".encode())
         status, _, _ = await read_answer(r)
         assert status.startswith(b"HTTP/1.1 200 ")
+    # The refusal is counted for the operator (on one of the held connections: the cap).
+    r, w = held[0]
+    w.write(b"GET /_countersign/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    _, _, body = await read_answer(r)
+    text = body.decode()
+    assert 'countersign_connections_closed_total{reason="max_connections"} 1.0' in text
+    assert "countersign_connections_open 3.0" in text
+    for _, w in held:
         w.close()
 
 

@@ -89,6 +89,16 @@ def _invalid_request() -> Answer:
     return error_answer(400, "invalid_request", message="the request is not valid HTTP/1.1")
 
 
+def _unknown_method() -> Answer:
+    # llhttp knows every registered method (RFC 9110, WebDAV, …); anything else, a lower-case
+    # `get` included, is no method any upstream would agree on.
+    return error_answer(
+        405,
+        "method_not_allowed",
+        message="the method is not a known HTTP method (methods are case-sensitive)",
+    )
+
+
 def _head_too_large() -> Answer:
     return error_answer(
         431,
@@ -664,6 +674,8 @@ class FrontProtocol(asyncio.Protocol):
             else:
                 log.error("front_parser_callback_failed", exc_info=refuse)
                 self._refuse(_internal_error(), parse_error=False)
+        except httptools.HttpParserInvalidMethodError:
+            self._refuse(_unknown_method(), parse_error=True)
         except httptools.HttpParserError:
             self._refuse(_invalid_request(), parse_error=True)
         else:

@@ -271,3 +271,18 @@ async def test_a_client_that_leaves_mid_body_cancels_its_upstream_exchange(
             break
         await asyncio.sleep(0.05)
     assert open_fds(proc) <= baseline
+
+
+async def test_connect_and_unknown_methods_are_405_in_the_json_shape(
+    run_countersign: StartFn, recording_upstream: tuple[TestServer, Upstream], tmp_path: Path
+) -> None:
+    server, _ = recording_upstream
+    port = free_port()
+    run_countersign(config(port, str(server.make_url("/")), tmp_path / "a.jsonl"), port)
+    for request_line in ("CONNECT example.com:443", "BREW /cloud/pot", "get /cloud/hello"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"{request_line} HTTP/1.1\r\nHost: x\r\n{AUTH_LINE}\r\n".encode())
+        status, _, body = await read_answer(reader)
+        assert status.startswith(b"HTTP/1.1 405 "), (request_line, status)
+        assert json.loads(body)["error"]["code"] == "method_not_allowed"
+        writer.close()

@@ -210,7 +210,7 @@ async def test_bad_chunk_fails_the_body_reader_and_the_front_answers_400() -> No
 async def test_an_error_after_a_good_request_is_answered_in_turn() -> None:
     async with serve() as front:
         client = await Client.connect(front)
-        await client.send(b"GET /good HTTP/1.1\r\nHost: a\r\n\r\nGARBAGE\r\n\r\n")
+        await client.send(b"GET /good HTTP/1.1\r\nHost: a\r\n\r\nGET /x HTTP/9.9\r\n\r\n")
         first = await client.read()
         assert (first.status, first.body) == (200, b"ok:/good")
         assert (await client.read()).status == 400

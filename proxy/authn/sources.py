@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from dataclasses import dataclass
 
 from ..model.request import HeaderView
@@ -80,6 +81,7 @@ def describe_sources(sources: tuple[str, ...]) -> str:
     return ", ".join(words[:-1]) + " or " + words[-1]
 
 
+@functools.cache  # a route's sources: a handful of tuples per configuration
 def _read_headers(sources: tuple[str, ...]) -> frozenset[str]:
     """The lower-case names of the headers the route's sources read."""
     names: set[str] = set()
@@ -94,11 +96,17 @@ def _read_headers(sources: tuple[str, ...]) -> frozenset[str]:
     return frozenset(names)
 
 
+@functools.cache
+def _once_only(sources: tuple[str, ...]) -> tuple[str, ...]:
+    """The headers that may carry a credential at most once (the SigV4 verifier checks its own
+    X-Amz-* headers), in a stable order for the error message."""
+    return tuple(sorted(_read_headers(sources) - (SIGV4_CREDENTIAL_HEADERS - {"authorization"})))
+
+
 def find_credential(sources: tuple[str, ...], headers: HeaderView, target: str) -> Credential:
     """The credential of the first of `sources` present in the request; else `AuthError`."""
     read = _read_headers(sources)
-    # The SigV4 verifier checks its own X-Amz-* headers.
-    for name in sorted(read - (SIGV4_CREDENTIAL_HEADERS - {"authorization"})):
+    for name in _once_only(sources):
         if len(headers.getall(name, [])) > 1:
             raise AuthError(f"more than one credential: the {name} header appears more than once")
     # Which headers are present among those read: none of them goes upstream.

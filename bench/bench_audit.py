@@ -3,7 +3,7 @@
 Run from the repository root:  python bench/bench_audit.py [requests]   (default 50,000)
 
 Every request the proxy lets through emits one event, `request.completed`, with everything its
-steps knew (proxy/server/proxy_handler.py; until 2026-11-30 it was three: `request.received`,
+steps knew (proxy/pipeline.py; until 2026-11-30 it was three: `request.received`,
 `policy.decided` and `request.forwarded`, 27.4 µs/request here). This builds an `AuditLog` the way
 `proxy.app.build_audit` does: the hash-chained file sink (in a temporary directory, group commit
 as configured by default) and a `Redactor` holding a few known secrets, as `build_redactor` makes

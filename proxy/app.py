@@ -35,6 +35,7 @@ from .forward import Forwarder
 from .front.aiohttp_front import aiohttp_handler, defer_continue
 from .notify import NotifyHub
 from .notify.webhook import WebhookNotifier
+from .pipeline import ProxyHandler
 from .policy import Policy
 from .routing import RouteTable
 from .server.api import api_routes
@@ -50,7 +51,6 @@ from .server.internal import (
 )
 from .server.keys import AUTHENTICATOR, PROXY, SLACK_APP
 from .server.metrics import Metrics
-from .server.proxy_handler import ProxyHandler
 from .store.base import Store
 from .store.memory import MemoryStore
 

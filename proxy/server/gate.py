@@ -46,7 +46,7 @@ from .responses import (
 )
 
 if TYPE_CHECKING:
-    from .proxy_handler import Exchange, ProxyHandler
+    from ..pipeline import Exchange, ProxyHandler
 
 API_PATH = "/_countersign/api/approvals/"
 _RETRY_AFTER_SECONDS = 30

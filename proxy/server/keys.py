@@ -13,8 +13,8 @@ from aiohttp import web
 
 if TYPE_CHECKING:  # importing them here would pull Slack's SDK into every process
     from ..authn import Authenticator
+    from ..pipeline import ProxyHandler
     from ..slack.app import SlackApp
-    from .proxy_handler import ProxyHandler
 
 AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 PROXY: web.AppKey[ProxyHandler] = web.AppKey("proxy")

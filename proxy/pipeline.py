@@ -1,4 +1,4 @@
-"""The proxy handler: the request path as stages over one `Exchange` (DESIGN §1).
+"""The pipeline: the request path as stages over one `Exchange` (DESIGN §1, §3).
 
     check → route → authenticate → recognize → decide → (gate) → forward
 
@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .. import audit
-from ..approvals.receipts import RECEIPT_HEADER, ReceiptTicket, Relayed
-from ..audit import AuditLog, AuditUnavailable, ChainPosition
-from ..authn import Authenticator, AuthError, IdentityUnavailable, SigV4Caller
-from ..aws_resign import AwsCredentialsUnavailable, AwsUpstreamSigner
-from ..config import RouteSettings, ServerSettings
-from ..forward import (
+from . import audit
+from .approvals.receipts import RECEIPT_HEADER, ReceiptTicket, Relayed
+from .audit import AuditLog, AuditUnavailable, ChainPosition
+from .authn import Authenticator, AuthError, IdentityUnavailable, SigV4Caller
+from .aws_resign import AwsCredentialsUnavailable, AwsUpstreamSigner
+from .config import RouteSettings, ServerSettings
+from .forward import (
     HOP_BY_HOP,
     Forwarder,
     UpstreamError,
@@ -40,20 +40,20 @@ from ..forward import (
     UpstreamUnavailable,
     connection_named,
 )
-from ..front.message import STREAMED, Answer, Incoming, Reply
-from ..h1.tunnel import relay_both_ways
-from ..model import Action, AmbiguousField, Identity, RequestBody, RequestInfo, UnreadableBody
-from ..paths import (
+from .front.message import STREAMED, Answer, Incoming, Reply
+from .h1.tunnel import relay_both_ways
+from .model import Action, AmbiguousField, Identity, RequestBody, RequestInfo, UnreadableBody
+from .paths import (
     AmbiguousRequest,
     check_method,
     check_method_override,
     normalize_path,
 )
-from ..policy import Policy
-from ..protocols import Message, Recognizer, Unrecognized, recognizer_for
-from ..routing import RouteTable, upstream_path, upstream_target
-from .aws_errors import aws_error_answer
-from .mcp_answers import (
+from .policy import Policy
+from .protocols import Message, Recognizer, Unrecognized, recognizer_for
+from .routing import RouteTable, upstream_path, upstream_target
+from .server.aws_errors import aws_error_answer
+from .server.mcp_answers import (
     McpCall,
     filter_tools,
     json_answer,
@@ -61,8 +61,8 @@ from .mcp_answers import (
     sse_data,
     tool_error,
 )
-from .metrics import NO_DECISION, NO_ROUTE, Metrics
-from .responses import (
+from .server.metrics import NO_DECISION, NO_ROUTE, Metrics
+from .server.responses import (
     APPROVAL_ID_HEADER,
     COUNTERSIGN_REQUEST_ID_HEADER,
     GRANT_ID_HEADER,
@@ -73,7 +73,7 @@ from .responses import (
 )
 
 if TYPE_CHECKING:
-    from .gate import ApprovalGate
+    from .server.gate import ApprovalGate
 
 # Headers the client sends for us, never for the upstream.
 _CLIENT_ONLY = frozenset(

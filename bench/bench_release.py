@@ -1,13 +1,15 @@
 """Issue 14 part 6: N held requests released by ONE bulk decision.
 
     .venv/bin/python bench/bench_release.py [--count 10000] [--clients 1] [--redis]
-                                            [--py-spy .venv/bin/py-spy]
+                                            [--py-spy .venv/bin/py-spy] [--gc-probe]
 
 Starts a small aiohttp upstream in its own process, `countersign run` (memory store, or with
 `--redis` a throwaway redis-server as tests/redis_fixture.py starts it) whose `exports` rule
 approves `POST /cloud/exports/**`, `approvals.max_pending_per_identity` 20,000, a long approval
-timeout, audit to a file in a temp directory (stdout off). The soft RLIMIT_NOFILE is raised to
-the hard limit first (the proxy and the clients inherit it).
+timeout, `server.max_connections` 19,000 (above the 10,000 held), audit to a file in a temp
+directory (stdout off). The soft RLIMIT_NOFILE is raised to the hard limit first (the proxy and
+the clients inherit it). `--gc-probe` runs the proxy under a wrapper that times its garbage
+collections and prints those made during the release.
 
 `--clients` child processes (raw asyncio streams on uvloop, so the client costs little) open
 `--count` concurrent `POST /cloud/exports/bulk` requests, each with a distinct JSON body (each
@@ -67,6 +69,39 @@ app.router.add_route("*", "/{tail:.*}", answer)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None,
             backlog=4096)
 """
+
+
+# `--gc-probe`: the proxy runs under this wrapper, which keeps, per GC generation, the number of
+# collections and the seconds they took in a JSON file (rewritten after each gen 1/2 collection
+# and every 200th of gen 0), so the bench can tell how much of the release is the collector.
+GC_PROBE = r"""
+import gc, json, os, sys, time
+path = os.environ["CS_GC_PROBE"]
+stats = {"count": [0, 0, 0], "seconds": [0.0, 0.0, 0.0]}
+started = [0.0]
+def probe(phase, info):
+    if phase == "start":
+        started[0] = time.perf_counter()
+        return
+    generation = info["generation"]
+    stats["count"][generation] += 1
+    stats["seconds"][generation] += time.perf_counter() - started[0]
+    if generation or stats["count"][0] % 200 == 0:
+        with open(path + ".tmp", "w") as f:
+            json.dump(stats, f)
+        os.replace(path + ".tmp", path)
+gc.callbacks.append(probe)
+sys.argv[0] = "countersign"
+from proxy.cli import main
+sys.exit(main())
+"""
+
+
+def gc_stats(path: Path) -> dict[str, list[float]]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {"count": [0, 0, 0], "seconds": [0.0, 0.0, 0.0]}
 
 
 def free_port() -> int:
@@ -149,7 +184,8 @@ def wait_ready(url: str, proc: subprocess.Popen[Any], log: Path, timeout: float 
 def config(port: int, upstream: int, store: str, audit: Path, store_timeout: float) -> str:
     return json.dumps(
         {
-            "server": {"listen": f"127.0.0.1:{port}"},
+            # 10,000 held connections plus the bench's own API calls: above the default cap.
+            "server": {"listen": f"127.0.0.1:{port}", "max_connections": 19_000},
             "identity": {
                 "api_keys": [
                     {
@@ -170,8 +206,6 @@ def config(port: int, upstream: int, store: str, audit: Path, store_timeout: flo
             "routes": [
                 {"name": "cloud", "prefix": "/cloud/", "upstream": f"http://127.0.0.1:{upstream}/"}
             ],
-            # server.max_connections does not exist yet (the aiohttp server has no cap; the
-            # front server of issue 14 part 1 adds it): nothing to raise there.
             "approvals": {
                 "mode": "hold",
                 "timeout_seconds": 3600,
@@ -361,7 +395,11 @@ def bench(
     (tmp / "c.yaml").write_text(config(port, up, store, tmp / "audit.jsonl", args.store_timeout))
     log = tmp / "countersign.log"
     env = {"PYTHONUNBUFFERED": "1"}
-    proxy = spawn([COUNTERSIGN, "run", "-c", str(tmp / "c.yaml")], log, env)
+    command = [COUNTERSIGN]
+    if args.gc_probe:
+        command = [sys.executable, "-c", GC_PROBE]
+        env = {**(env or {}), "CS_GC_PROBE": str(tmp / "gc.json")}
+    proxy = spawn([*command, "run", "-c", str(tmp / "c.yaml")], log, env)
     procs.append(proxy)
     base = f"http://127.0.0.1:{port}"
     wait_ready(base + "/_countersign/readyz", proxy, log)
@@ -444,6 +482,7 @@ def bench(
     pids = {"proxy": proxy.pid, "upstream": upstream.pid}
     pids.update({f"client{k}": c.pid for k, c in enumerate(clients)})
     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+    gc0 = gc_stats(tmp / "gc.json")
     spy = None
     if args.py_spy:
         spy = subprocess.Popen(
@@ -484,6 +523,7 @@ def bench(
             raise RuntimeError(f"client {k} has no result after {args.release_timeout} s")
         results.append(json.loads(path.read_text()))
     cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
+    gc1 = gc_stats(tmp / "gc.json")
     if spy is not None:
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=60)
@@ -524,6 +564,16 @@ def bench(
         "CPU s during release               "
         + ", ".join(f"{k} {cpu1[k] - cpu0[k]:.2f}" for k in pids)
     )
+    if args.gc_probe:
+        print(
+            "proxy GC during release (gen 0/1/2) "
+            + " / ".join(
+                f"{gc1['count'][g] - gc0['count'][g]:.0f}x "
+                f"{gc1['seconds'][g] - gc0['seconds'][g]:.3f} s"
+                for g in range(3)
+            )
+            + " (gen 0 counted every 200th)"
+        )
     print(f"responses                          {json.dumps(dict(statuses))}")
     early = sum(a < t0 for a in arrivals)
     unfinished = sum(r["unfinished"] for r in results)
@@ -552,6 +602,9 @@ def main() -> None:
     parser.add_argument("--hold-timeout", type=float, default=300)
     parser.add_argument("--release-timeout", type=float, default=120)
     parser.add_argument("--py-spy", help="py-spy binary: profile the proxy during the release")
+    parser.add_argument(
+        "--gc-probe", action="store_true", help="time the proxy's garbage collections"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -5,8 +5,9 @@ Every transition (`proxy.model.state`) returns a new value, which a store swaps 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any
 
 from .identity import Identity
 from .persons import mailbox
@@ -175,6 +176,9 @@ class Approval:
     @property
     def approvals_count(self) -> int:
         """Distinct people who approved (one person counts once, whatever token they used)."""
+        decisions = self.decisions
+        if len(decisions) == 1:  # the usual case, and a bulk decision's 10,000 times
+            return 1 if decisions[0].verdict is Verdict.APPROVE else 0
         return distinct_persons(tuple(d for d in self.decisions if d.verdict is Verdict.APPROVE))
 
     @property
@@ -193,6 +197,49 @@ class Approval:
         ):
             return self.decisions[-1] if self.decisions else None
         return None
+
+
+def _make_evolve() -> Any:
+    """Build `evolve`: straight-line code that copies every slot of an `Approval` through its
+    slot descriptor (as `dataclasses` itself generates `__init__`), taking the changed ones
+    from keyword arguments. About 4x cheaper than `dataclasses.replace`, which loops over the
+    fields, builds a dict and calls the frozen `__init__` (one `object.__setattr__` per
+    field): a bulk release makes three transitions per approval, 10,000 approvals at once."""
+    names = [f.name for f in fields(Approval)]
+    namespace: dict[str, Any] = {"_KEEP": object(), "_new": object.__new__, "_cls": Approval}
+    lines = ["def evolve(approval, /, *, " + ", ".join(f"{n}=_KEEP" for n in names) + "):"]
+    lines.append("    new = _new(_cls)")
+    for name in names:
+        namespace[f"_set_{name}"] = getattr(Approval, name).__set__
+        lines.append(f"    _set_{name}(new, approval.{name} if {name} is _KEEP else {name})")
+    lines.append("    return new")
+    exec("\n".join(lines), namespace)  # our own field names only, nothing from outside
+    made = namespace["evolve"]
+    made.__doc__ = "`dataclasses.replace(approval, **changes)` for an `Approval`, faster."
+    return made
+
+
+if TYPE_CHECKING:
+
+    def evolve(
+        approval: Approval,
+        /,
+        *,
+        state: ApprovalState = ...,
+        expires_at: float = ...,
+        decisions: tuple[DecisionRecord, ...] = ...,
+        executed_at: float | None = ...,
+        upstream_status: int | None = ...,
+        outcome: Outcome | None = ...,
+        abandoned_at: float | None = ...,
+        grant_id: str | None = ...,
+        grant_uses: int | None = ...,
+        grant_seconds: int | None = ...,
+    ) -> Approval:
+        """`dataclasses.replace(approval, **changes)`, faster. Typed here for the fields the
+        state machine changes (the function itself accepts every field)."""
+else:
+    evolve = _make_evolve()
 
 
 _LABELS = {

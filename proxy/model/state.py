@@ -12,9 +12,16 @@ and no HTTP: errors carry a `code` (DESIGN §2's error codes) that the edge maps
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 
-from .approval import Approval, ApprovalState, DecisionRecord, Outcome, Verdict
+from .approval import (
+    Approval,
+    ApprovalState,
+    DecisionRecord,
+    Outcome,
+    Verdict,
+    distinct_persons,
+    evolve,
+)
 from .grant import grant_id_for
 from .identity import Identity
 from .persons import canonical_email, same_person
@@ -178,19 +185,16 @@ def _granted(approval: Approval) -> Approval:
     """An approval that just reached its quorum, with the grant its approvers asked for: only
     when the rule allows grants and every approving decision asked for one; the smallest uses
     and the smallest seconds win (and never beyond the rule's limits)."""
+    if approval.grant_max_uses is None or approval.grant_max_seconds is None:
+        return approval  # the rule offers no grants (the usual case): nothing to look at
     approving = [d for d in approval.decisions if d.verdict is Verdict.APPROVE]
-    if (
-        approval.grant_max_uses is None
-        or approval.grant_max_seconds is None
-        or not approving
-        or any(d.grant_uses is None or d.grant_seconds is None for d in approving)
-    ):
+    if not approving or any(d.grant_uses is None or d.grant_seconds is None for d in approving):
         return approval
     uses = min(min(d.grant_uses or 0 for d in approving), approval.grant_max_uses)
     seconds = min(min(d.grant_seconds or 0 for d in approving), approval.grant_max_seconds)
     if uses < 1 or seconds < 1:
         return approval
-    return replace(
+    return evolve(
         approval, grant_id=grant_id_for(approval.id), grant_uses=uses, grant_seconds=seconds
     )
 
@@ -238,19 +242,30 @@ def decide(approval: Approval, record: DecisionRecord, now: float) -> Approval:
         raise NotPending(f"approval is {approval.state.value}", approval)
     if now >= approval.expires_at:
         raise NotPending("approval is expired", expire(approval, now))
+    earlier = approval.decisions
+    decisions = (*earlier, record)
     if record.verdict is Verdict.DENY:
-        return replace(
-            approval, state=ApprovalState.DENIED, decisions=(*approval.decisions, record)
+        return evolve(approval, state=ApprovalState.DENIED, decisions=decisions)
+    # One copy per decision (a bulk release makes 10,000 at once): the quorum is counted on
+    # the decisions before the new approval is built. The first decision (the usual case)
+    # is one person and nobody's duplicate.
+    if earlier:
+        if any(d.verdict is Verdict.APPROVE and d.same_person(record) for d in earlier):
+            raise DuplicateApprover("you already approved this request", approval)
+        approvals = distinct_persons(tuple(d for d in decisions if d.verdict is Verdict.APPROVE))
+    else:
+        approvals = 1
+    if approvals < approval.quorum:
+        return evolve(approval, decisions=decisions)
+    # From now on the deadline is the claim window: use it, or it lapses.
+    return _granted(
+        evolve(
+            approval,
+            decisions=decisions,
+            state=ApprovalState.APPROVED,
+            expires_at=now + approval.claim_seconds,
         )
-    if any(d.verdict is Verdict.APPROVE and d.same_person(record) for d in approval.decisions):
-        raise DuplicateApprover("you already approved this request", approval)
-    updated = replace(approval, decisions=(*approval.decisions, record))
-    if updated.approvals_count >= approval.quorum:
-        # From now on the deadline is the claim window: use it, or it lapses.
-        updated = _granted(
-            replace(updated, state=ApprovalState.APPROVED, expires_at=now + approval.claim_seconds)
-        )
-    return updated
+    )
 
 
 def claim(approval: Approval, now: float) -> Approval:
@@ -260,7 +275,7 @@ def claim(approval: Approval, now: float) -> Approval:
     if is_due(approval, now):
         # Not saved here: `expire` makes that transition, so exactly one caller audits it.
         raise NotClaimable("approval lapsed before it was used", expire(approval, now))
-    return replace(approval, state=ApprovalState.EXECUTED, executed_at=now)
+    return evolve(approval, state=ApprovalState.EXECUTED, executed_at=now)
 
 
 def expire(approval: Approval, now: float) -> Approval:
@@ -268,8 +283,8 @@ def expire(approval: Approval, now: float) -> Approval:
     if not is_due(approval, now):
         return approval
     if approval.state is ApprovalState.APPROVED:
-        return replace(approval, state=ApprovalState.LAPSED)
-    return replace(approval, state=ApprovalState.EXPIRED)
+        return evolve(approval, state=ApprovalState.LAPSED)
+    return evolve(approval, state=ApprovalState.EXPIRED)
 
 
 def abandon(approval: Approval, now: float) -> Approval:
@@ -277,14 +292,14 @@ def abandon(approval: Approval, now: float) -> Approval:
     identical request joins it. Unchanged when it is not pending or already noted."""
     if approval.state is not ApprovalState.PENDING or approval.abandoned_at is not None:
         return approval
-    return replace(approval, abandoned_at=now)
+    return evolve(approval, abandoned_at=now)
 
 
 def record_outcome(approval: Approval, outcome: Outcome, upstream_status: int | None) -> Approval:
     """Note what became of the executed request."""
     if approval.state is not ApprovalState.EXECUTED:
         raise NotClaimable(f"approval is {approval.state.value}", approval)
-    return replace(approval, outcome=outcome, upstream_status=upstream_status)
+    return evolve(approval, outcome=outcome, upstream_status=upstream_status)
 
 
 def joinable(approval: Approval) -> bool:

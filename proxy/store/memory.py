@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import heapq
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -23,6 +24,7 @@ from ..model import state as transitions
 from ..model.grant import Grant
 from .base import StoreUnavailable, cursor_after, parse_cursor
 
+_EXPIRABLE = (ApprovalState.PENDING, ApprovalState.APPROVED)
 _FINISHED = (
     ApprovalState.DENIED,
     ApprovalState.EXPIRED,
@@ -35,7 +37,9 @@ class MemoryStore:
     def __init__(self, retention_seconds: float = 24 * 3600, max_finished: int = 100_000) -> None:
         self._approvals: dict[str, Approval] = {}
         self._by_fingerprint: dict[str, str] = {}
-        self._changed: dict[str, asyncio.Event] = {}
+        # approval id -> futures of its waiters, settled (and dropped) on its next change: one
+        # future each, no task and no Event, since a bulk release wakes 10,000 at once.
+        self._changed: dict[str, list[asyncio.Future[None]]] = {}
         self._retention = retention_seconds
         self._max_finished = max_finished
         self._finished: dict[str, float] = {}  # id -> when it finished (insertion ordered)
@@ -49,6 +53,11 @@ class MemoryStore:
         self._by_state: dict[ApprovalState, list[tuple[float, str]]] = {
             s: [] for s in ApprovalState
         }
+        # (expires_at, id) of pending and approved approvals, a heap, so `due` (the sweeper,
+        # twice a second) reads only what is due rather than every approval kept. An entry
+        # whose approval has moved on (another state or deadline, or gone) is stale: skipped
+        # when reached, and dropped for good when the heap is rebuilt.
+        self._deadlines: list[tuple[float, str]] = []
         # Grants (insertion ordered: oldest first), their scope index, and the usable ones'
         # deadlines (left when exhausted, revoked or reported expired).
         self._grants: dict[str, Grant] = {}
@@ -56,31 +65,61 @@ class MemoryStore:
         self._grant_deadlines: dict[str, float] = {}
 
     def _save(self, approval: Approval) -> Approval:
-        previous = self._approvals.get(approval.id)
-        self._approvals[approval.id] = approval
-        position = (approval.created_at, approval.id)
-        if previous is None:
-            bisect.insort(self._created, position)
-            bisect.insort(self._by_state[approval.state], position)
-        elif previous.state is not approval.state:
-            _discard(self._by_state[previous.state], (previous.created_at, previous.id))
-            bisect.insort(self._by_state[approval.state], position)
-        key = approval.requester_key
-        if approval.state is ApprovalState.PENDING:
-            self._pending.setdefault(key, set()).add(approval.id)
-        elif previous is not None and previous.state is ApprovalState.PENDING:
-            self._unpend(key, approval.id)
+        # Runs for every transition (three per released request): attributes read once.
+        approval_id = approval.id
+        state = approval.state
+        previous = self._approvals.get(approval_id)
+        self._approvals[approval_id] = approval
+        before = None if previous is None else previous.state
+        if before is not state:
+            position = (approval.created_at, approval_id)
+            if previous is None:
+                bisect.insort(self._created, position)
+            else:
+                _discard(self._by_state[previous.state], (previous.created_at, approval_id))
+            bisect.insort(self._by_state[state], position)
+            if state is ApprovalState.PENDING:
+                self._pending.setdefault(approval.requester_key, set()).add(approval_id)
+            elif before is ApprovalState.PENDING:
+                self._unpend(approval.requester_key, approval_id)
+        if state in _EXPIRABLE and (
+            previous is None
+            or before not in _EXPIRABLE
+            or previous.expires_at != approval.expires_at
+        ):
+            self._add_deadline(approval)
         if transitions.joinable(approval):
-            self._by_fingerprint[approval.fingerprint] = approval.id
-        elif self._by_fingerprint.get(approval.fingerprint) == approval.id:
+            self._by_fingerprint[approval.fingerprint] = approval_id
+        elif self._by_fingerprint.get(approval.fingerprint) == approval_id:
             del self._by_fingerprint[approval.fingerprint]
-        if approval.state in _FINISHED and approval.id not in self._finished:
-            self._finished[approval.id] = time.time()
+        if state in _FINISHED and approval_id not in self._finished:
+            self._finished[approval_id] = time.time()
             self._prune()
-        event = self._changed.pop(approval.id, None)
-        if event is not None:
-            event.set()  # wake every waiter; the next wait() makes a fresh event
+        waiters = self._changed.pop(approval_id, None)
+        if waiters is not None:
+            _wake(waiters)  # every waiter; the next wait() registers afresh
         return approval
+
+    def _add_deadline(self, approval: Approval) -> None:
+        heapq.heappush(self._deadlines, (approval.expires_at, approval.id))
+        live = len(self._by_state[ApprovalState.PENDING]) + len(
+            self._by_state[ApprovalState.APPROVED]
+        )
+        if len(self._deadlines) > 2 * live + 1024:  # mostly stale: keep the live ones only
+            self._deadlines = [
+                (self._approvals[approval_id].expires_at, approval_id)
+                for state in _EXPIRABLE
+                for _, approval_id in self._by_state[state]
+            ]
+            heapq.heapify(self._deadlines)
+
+    def _live_deadline(self, entry: tuple[float, str]) -> bool:
+        approval = self._approvals.get(entry[1])
+        return (
+            approval is not None
+            and approval.state in _EXPIRABLE
+            and approval.expires_at == entry[0]
+        )
 
     def _prune(self) -> None:
         cutoff = time.time() - self._retention
@@ -173,8 +212,19 @@ class MemoryStore:
         return self._save(transitions.expire(approval, now))
 
     async def due(self, now: float, limit: int = 100) -> list[str]:
-        ids = [a.id for a in self._approvals.values() if transitions.is_due(a, now)]
-        return ids[:limit]
+        # Soonest deadline first. The live entries read are put back: they leave the heap as
+        # stale once `expire` has moved their approval on.
+        heap = self._deadlines
+        found: dict[str, None] = {}
+        live: list[tuple[float, str]] = []
+        while heap and heap[0][0] <= now and len(found) < limit:
+            entry = heapq.heappop(heap)
+            if self._live_deadline(entry) and entry[1] not in found:
+                found[entry[1]] = None
+                live.append(entry)
+        for entry in live:
+            heapq.heappush(heap, entry)
+        return list(found)
 
     async def list(
         self, state: ApprovalState | None = None, limit: int = 100, cursor: str | None = None
@@ -189,9 +239,22 @@ class MemoryStore:
         approval = self._approvals.get(approval_id)
         if approval is None or approval.state is not ApprovalState.PENDING:
             return approval
-        event = self._changed.setdefault(approval_id, asyncio.Event())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), seconds)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        waiters = self._changed.setdefault(approval_id, [])
+        waiters.append(waiter)
+        timer = loop.call_later(seconds, _settle, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            if not waiter.done():  # cancelled from outside: forget it
+                waiter.cancel()
+            if self._changed.get(approval_id) is waiters:
+                with contextlib.suppress(ValueError):
+                    waiters.remove(waiter)
+                if not waiters:
+                    del self._changed[approval_id]
         return self._approvals.get(approval_id)
 
     async def set_note(self, approval_id: str, name: str, value: str) -> None:
@@ -281,8 +344,8 @@ class MemoryStore:
         return True
 
     async def aclose(self) -> None:
-        for event in self._changed.values():
-            event.set()
+        for waiters in self._changed.values():
+            _wake(waiters)
         self._changed.clear()
 
 
@@ -291,3 +354,14 @@ def _discard(index: list[tuple[float, str]], position: tuple[float, str]) -> Non
     at = bisect.bisect_left(index, position)
     if at < len(index) and index[at] == position:
         del index[at]
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    """Let a waiter go (a change, or its time is up), unless it has gone already."""
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        _settle(waiter)

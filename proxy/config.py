@@ -164,6 +164,9 @@ class ServerSettings(_Model):
     header_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
     # A keep-alive connection with no request in progress is closed after this long.
     idle_timeout_seconds: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    # A request body being read must deliver a byte at least this often (slow uploads, and
+    # slow-body attacks on what is read before authentication: control-plane and SigV4 bodies).
+    body_timeout_seconds: Annotated[float, Field(gt=0, le=86400)] = 60.0
     # Client connections open at once, per process; more are refused (closed at once). Keep it
     # below the process's open-file limit (`ulimit -n`) less the upstream and store connections.
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000

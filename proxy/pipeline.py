@@ -40,7 +40,14 @@ from .forward import (
     UpstreamUnavailable,
     connection_named,
 )
-from .front.message import STREAMED, Answer, Incoming, Reply
+from .front.message import (
+    STREAMED,
+    Answer,
+    Incoming,
+    Reply,
+    RequestBodyError,
+    RequestBodyTimeout,
+)
 from .h1.tunnel import relay_both_ways
 from .model import Action, AmbiguousField, Identity, RequestBody, RequestInfo, UnreadableBody
 from .paths import (
@@ -244,6 +251,12 @@ class ProxyHandler:
                 await request.respond(reply)
             else:
                 status = exchange.sent_status
+        except RequestBodyError as exc:
+            # The front answers it (408 for a stalled upload, else 400) and closes.
+            timeout = isinstance(exc, RequestBodyTimeout)
+            status = exchange.sent_status or (408 if timeout else 400)
+            exchange.error = exchange.error or ("request_timeout" if timeout else "invalid_request")
+            raise
         except (asyncio.CancelledError, ConnectionError):
             # The client left. Counted as what it was sent: an answer already relayed (its audit
             # fsync was still running), or 499 (nginx's "client closed request") when none was.

@@ -34,6 +34,17 @@ class Answer:
     close: bool = False
 
 
+class RequestBodyError(Exception):
+    """The request body cannot be read to its end: its framing was invalid, or the client closed
+    the connection before sending all of it. Raised by `Incoming.body()`; a handler that lets it
+    propagate before answering gets a `400` from the front."""
+
+
+class RequestBodyTimeout(RequestBodyError):
+    """No byte of the request body arrived for `server.body_timeout_seconds` while it was being
+    read (a stalled or deliberately slow upload): the front answers `408` and closes."""
+
+
 class Streamed:
     """The answer went out streamed (`Incoming.start` … `finish`): nothing is left to send."""
 

@@ -50,7 +50,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from ..h1.tunnel import TunnelProtocol
 from ..server.responses import error_answer
 from .handoff import ControlSession, serve_control
-from .message import Answer, Incoming
+from .message import Answer, Incoming, RequestBodyError, RequestBodyTimeout
 
 log = structlog.get_logger("countersign.front")
 
@@ -118,6 +118,7 @@ class FrontLimits:
     max_header_bytes: int = 65536  # request line + headers; over it: 431
     max_connections: int = 10000  # more concurrent connections are refused
     max_body_bytes: int = 10485760  # control-plane bodies buffered for the hand-off; over: 413
+    body_timeout: float = 60.0  # a body being read must make progress this often; else 408
 
 
 @dataclass(slots=True)
@@ -128,16 +129,11 @@ class FrontStats:
     refused: int = 0  # connections over max_connections
     requests: int = 0
     head_timeouts: int = 0
+    body_timeouts: int = 0  # uploads cut for stalling (408)
     idle_closes: int = 0
     parse_errors: int = 0  # 400 answered by the front
     heads_too_large: int = 0  # 431
     handler_errors: int = 0  # 500 answered by the front, or an aborted answer
-
-
-class RequestBodyError(Exception):
-    """The request body cannot be read to its end: its framing was invalid, or the client closed
-    the connection before sending all of it. A handler that lets it propagate before answering
-    gets a `400` from the front."""
 
 
 class _Refuse(Exception):
@@ -223,12 +219,22 @@ class _BodyReader:
                 # Reading the body is the handler's consent: a client waiting for `100 Continue`
                 # would otherwise wait for its own timeout before sending.
                 await request.send_continue()
-            waiter = request._conn._loop.create_future()
+            conn = request._conn
+            waiter = conn._loop.create_future()
             request._waiter = waiter
+            # Waiting on the client (nothing buffered, reading not paused): it must send some
+            # of the body within body_timeout, or the upload is cut (slow-body attacks).
+            timer = conn._loop.call_later(conn._ctx.limits.body_timeout, _stalled, waiter)
             try:
                 await waiter
             finally:
                 request._waiter = None
+                timer.cancel()
+
+
+def _stalled(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(RequestBodyTimeout("no byte of the request body arrived in time"))
 
 
 class FrontRequest:
@@ -830,6 +836,14 @@ class FrontProtocol(asyncio.Protocol):
             await handler(request)
         except asyncio.CancelledError:
             raise
+        except RequestBodyTimeout:
+            self._ctx.stats.body_timeouts += 1
+            fallback = error_answer(
+                408,
+                "request_timeout",
+                message="the request body stopped arriving (server.body_timeout_seconds)",
+            )
+            fallback.close = True
         except RequestBodyError:
             fallback = _invalid_request_closing()
         except ConnectionError:

@@ -15,10 +15,10 @@ import contextlib
 import socket
 from collections.abc import Awaitable, Callable
 
-from .message import Incoming
-from .protocol import FrontContext, FrontLimits, FrontProtocol, FrontStats, RequestBodyError
+from .message import Incoming, RequestBodyError, RequestBodyTimeout
+from .protocol import FrontContext, FrontLimits, FrontProtocol, FrontStats
 
-__all__ = ["FrontLimits", "FrontServer", "FrontStats", "RequestBodyError"]
+__all__ = ["FrontLimits", "FrontServer", "FrontStats", "RequestBodyError", "RequestBodyTimeout"]
 
 
 class FrontServer:

@@ -125,7 +125,8 @@ class Metrics:
         self.connections_closed = Counter(
             "countersign_connections_closed",
             "Client connections the front closed or refused for a limit, by reason "
-            "(header_timeout, idle_timeout, max_connections, header_too_large, invalid_request).",
+            "(header_timeout, body_timeout, idle_timeout, max_connections, header_too_large, "
+            "invalid_request).",
             ["reason"],
             registry=registry,
         )

@@ -113,6 +113,7 @@ async def start(
             max_header_bytes=server.max_header_bytes,
             max_connections=connection_cap(server.max_connections),
             max_body_bytes=server.max_body_bytes,
+            body_timeout=server.body_timeout_seconds,
         ),
         control=runner.server,
     )
@@ -138,6 +139,7 @@ def _export_front_metrics(metrics: Metrics, front: FrontServer) -> None:
             front.connections,
             {
                 "header_timeout": stats.head_timeouts,
+                "body_timeout": stats.body_timeouts,
                 "idle_timeout": stats.idle_closes,
                 "max_connections": stats.refused,
                 "header_too_large": stats.heads_too_large,

@@ -286,3 +286,31 @@ async def test_connect_and_unknown_methods_are_405_in_the_json_shape(
         assert status.startswith(b"HTTP/1.1 405 "), (request_line, status)
         assert json.loads(body)["error"]["code"] == "method_not_allowed"
         writer.close()
+
+
+async def test_a_stalled_body_is_cut_on_the_control_plane_and_on_proxied_uploads(
+    run_countersign: StartFn, recording_upstream: tuple[TestServer, Upstream], tmp_path: Path
+) -> None:
+    """Bodies read before anyone is authenticated (a control-plane request is read whole before
+    aiohttp sees it) must not hold a connection forever: no byte for
+    `server.body_timeout_seconds` is `408` and the connection closes."""
+    server, _ = recording_upstream
+    port = free_port()
+    run_countersign(
+        config(port, str(server.make_url("/")), tmp_path / "a.jsonl", body_timeout_seconds=0.5),
+        port,
+    )
+    for head in (
+        "POST /_countersign/api/decisions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n",
+        f"POST /cloud/upload HTTP/1.1\r\nHost: x\r\n{AUTH_LINE}Content-Length: 1000\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head.encode() + b"{")
+        await writer.drain()
+        started = time.monotonic()
+        answer = await closed_within(reader, 5)
+        assert 0.4 <= time.monotonic() - started < 3, head
+        writer.close()
+        if head.startswith("POST /_countersign"):
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:60]
+            assert b"request_timeout" in answer

@@ -406,3 +406,34 @@ async def test_a_refused_upload_still_reads_its_answer() -> None:
         assert (reply.status, reply.header("Connection")) == (401, "close")
         await asyncio.wait_for(uploading, 10)
         assert await client.closed()
+
+
+async def test_a_stalled_request_body_is_cut_at_the_body_timeout() -> None:
+    """Slow-body attacks (R.U.D.Y.): a body being read must keep arriving. Bytes that keep
+    coming, however slowly, are not cut; a pause longer than the body timeout is `408`."""
+    received: list[int] = []
+
+    async def reads_the_body(incoming: Incoming) -> None:
+        size = 0
+        async for chunk in incoming.body():
+            size += len(chunk)
+        received.append(size)
+        await incoming.respond(Answer(200, str(size).encode()))
+
+    async with serve(reads_the_body, body_timeout=0.3) as front:
+        client = await Client.connect(front)
+        await client.send(b"POST /u HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+        for byte in b"12345":  # slow but steady: never 0.3 s without a byte
+            await client.send(bytes([byte]))
+            await asyncio.sleep(0.1)
+        start = time.monotonic()
+        reply = await client.read()  # then nothing more: the upload stalls
+        assert reply.status == 408
+        assert json.loads(reply.body)["error"]["code"] == "request_timeout"
+        assert await client.closed()
+        assert 0.2 < time.monotonic() - start < 1.5
+        assert received == [] and front.stats.body_timeouts == 1
+        # A body that arrives in time is read whole.
+        client = await Client.connect(front)
+        await client.send(b"POST /u HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+        assert (await client.read()).body == b"3"

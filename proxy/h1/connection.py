@@ -161,6 +161,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._buffered -= size
         if self._reading_paused and self._buffered <= _LOW_WATER:
             self._reading_paused = False
+            # The wait on the upstream starts again now: until here it was our client's (a
+            # timer due right after this would otherwise count the client's pause against the
+            # upstream and fail a healthy exchange with a read timeout).
+            self._last_progress = self._loop.time()
             if self._transport is not None and not self.closed:
                 self._transport.resume_reading()
 

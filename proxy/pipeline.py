@@ -285,6 +285,7 @@ class ProxyHandler:
         route = exchange.route
         decision = exchange.decision
         fields: dict[str, Any] = {
+            "event": audit.REQUEST_COMPLETED,
             "request_id": exchange.request_id,
             "method": request.method,
             "path": exchange.path or exchange.raw_path,
@@ -308,7 +309,7 @@ class ProxyHandler:
             fields["grant_id"] = exchange.grant_id
         if exchange.refusal:
             fields.update(exchange.refusal)
-        self._audit.emit(audit.REQUEST_COMPLETED, **fields)
+        self._audit.emit_soon(fields)
 
     def refuse(
         self,

@@ -338,3 +338,39 @@ async def test_a_burst_past_max_lines_schedules_one_flush(monkeypatch: pytest.Mo
     await sink.aclose()
     lines = out.getvalue().splitlines()
     assert [f'{{"event":"x","i":{i}}}' for i in range(1100)] == lines
+
+
+async def test_emit_soon_batches_a_loop_turn_and_keeps_the_chain_in_emission_order(
+    tmp_path: Path,
+) -> None:
+    """`request.completed` goes through `emit_soon`: written at the end of the loop turn, with
+    the others of that turn, yet never after an event emitted later, and always before `sync`
+    returns; the chained file verifies."""
+    sink = ChainedFileSink(tmp_path / "audit.jsonl")
+    sink.open()
+    log = AuditLog([sink])
+    log.emit_soon({"event": "request.completed", "request_id": "r1", "token": "sk-" + "a" * 40})
+    log.emit_soon({"event": "request.completed", "request_id": "r2"})
+    assert sink.head.seq == 0  # not yet: at the end of this turn
+    log.emit("request.forwarded", request_id="r3")  # emitted later: written after them
+    log.emit_soon({"event": "request.completed", "request_id": "r4"})
+    await asyncio.sleep(0)  # the turn ends
+    log.emit_soon({"event": "request.completed", "request_id": "r5"})
+    await log.sync()  # pending ones are written before it returns
+    await log.aclose()
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    import json
+
+    events = [json.loads(line) for line in lines]
+    assert [e["request_id"] for e in events] == ["r1", "r2", "r3", "r4", "r5"]
+    assert all(e["v"] == audit_module.SCHEMA_VERSION and "ts" in e for e in events)
+    assert "sk-" not in lines[0]  # redacted like any event
+    assert verify_files([tmp_path / "audit.jsonl"]).ok
+
+
+def test_emit_soon_without_a_loop_writes_at_once(tmp_path: Path) -> None:
+    sink = ChainedFileSink(tmp_path / "audit.jsonl")
+    sink.open()
+    log = AuditLog([sink])
+    log.emit_soon({"event": "request.completed", "request_id": "cli"})
+    assert sink.head.seq == 1

@@ -9,6 +9,7 @@ event loop on allowed traffic.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any, Final
 
@@ -72,11 +73,46 @@ class AuditLog:
             _add_schema,
             redactor if redactor is not None else DEFAULT_REDACTOR,
         ]
+        self._soon: list[dict[str, Any]] = []  # `emit_soon`'s events of this loop turn
+        self._soon_scheduled = False
+
+    def emit_soon(self, data: dict[str, Any]) -> None:
+        """Emit `data` (`{"event": name, …}`) at the end of this turn of the event loop, with
+        the others of the same turn: for the one event every request has (`request.completed`),
+        whose place in the chain nobody waits for. Processing events in a batch costs the
+        process less than interleaving each with the request path. Order is kept: `emit`,
+        `sync` and `aclose` write what is pending first."""
+        if not self._sinks:
+            return
+        self._soon.append(data)
+        if self._soon_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a CLI command): at once
+            self._flush_soon()
+            return
+        self._soon_scheduled = True
+        loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._soon_scheduled = False
+        pending, self._soon = self._soon, []
+        processors = self._processors
+        sinks = self._sinks
+        for data in pending:
+            event: MutableMapping[str, Any] = data
+            for processor in processors:
+                event = processor(None, "info", event)
+            for sink in sinks:
+                sink.write(event)
 
     def emit(self, event: str, **fields: Any) -> ChainPosition | None:
         """Send the event to every sink; where it landed in the chained file, if there is one."""
         if not self._sinks:
             return None
+        if self._soon:
+            self._flush_soon()  # events emitted earlier come first in the chain
         data: MutableMapping[str, Any] = {"event": event, **fields}
         for processor in self._processors:
             data = processor(None, "info", data)
@@ -94,10 +130,14 @@ class AuditLog:
 
     async def sync(self) -> None:
         """Wait until everything emitted so far is durable."""
+        if self._soon:
+            self._flush_soon()
         for sink in self._sinks:
             await sink.sync()
 
     async def aclose(self) -> None:
+        if self._soon:
+            self._flush_soon()
         for sink in self._sinks:
             await sink.aclose()
         for close in self._after_close:

@@ -46,7 +46,6 @@ from .front.message import (
     Incoming,
     Reply,
     RequestBodyError,
-    RequestBodyTimeout,
 )
 from .h1.tunnel import relay_both_ways
 from .model import Action, AmbiguousField, Identity, RequestBody, RequestInfo, UnreadableBody
@@ -252,10 +251,9 @@ class ProxyHandler:
             else:
                 status = exchange.sent_status
         except RequestBodyError as exc:
-            # The front answers it (408 for a stalled upload, else 400) and closes.
-            timeout = isinstance(exc, RequestBodyTimeout)
-            status = exchange.sent_status or (408 if timeout else 400)
-            exchange.error = exchange.error or ("request_timeout" if timeout else "invalid_request")
+            # The front answers it (exc.status: 408 for a stalled upload, else 400) and closes.
+            status = exchange.sent_status or exc.status
+            exchange.error = exchange.error or exc.code
             raise
         except (asyncio.CancelledError, ConnectionError):
             # The client left. Counted as what it was sent: an answer already relayed (its audit
@@ -1024,7 +1022,7 @@ class ProxyHandler:
         request = exchange.request
         upstream_end = upstream.tunnel()
         headers = self._answer_headers(exchange, upstream, approval_id, None, grant_id)
-        headers += [("Connection", "Upgrade"), ("Upgrade", _websocket(request) or "websocket")]
+        headers += [("Connection", "Upgrade"), ("Upgrade", "websocket")]  # (only one tunnelled)
         try:
             client_end = await request.switch(headers)
         except BaseException:
@@ -1075,7 +1073,6 @@ class ProxyHandler:
 def _websocket(request: Incoming) -> str | None:
     """`websocket` when the request is a WebSocket handshake this front can tunnel (RFC 6455:
     a GET asking to switch); other upgrades go as plain requests, without the switch."""
-    upgrade = request.upgrade
-    if upgrade is not None and upgrade == "websocket" and request.method == "GET":
-        return upgrade
+    if request.upgrade == "websocket" and request.method == "GET":
+        return "websocket"
     return None

@@ -457,3 +457,16 @@ async def test_request_smuggling_framings_are_refused(make_proxy: Factory, frami
     assert answer.split(b"\r\n", 1)[0].endswith(b"400 Bad Request")
     # Nothing reached the upstream: no request completed without an error.
     assert not [e for e in sink.named("request.completed") if e["error"] is None]
+
+
+async def test_an_unknown_expectation_is_refused_by_the_pipeline_on_aiohttps_front_too(
+    make_proxy: Factory,
+) -> None:
+    """The pipeline's first stage refuses what it does not understand in `Expect`, whichever
+    front carries the request (here aiohttp's, in process)."""
+    client, sink = await make_proxy()
+    resp = await client.post("/cloud/uploads/x", headers={**AGENT, "Expect": "teapot"}, data=b"abc")
+    assert resp.status == 417
+    assert (await resp.json())["error"]["code"] == "expectation_failed"
+    completed = sink.named("request.completed")
+    assert completed[-1]["status"] == 417 and completed[-1]["error"] == "expectation_failed"

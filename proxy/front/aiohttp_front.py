@@ -27,17 +27,11 @@ def _expects_continue(request: web.Request) -> bool:
 
 
 async def defer_continue(request: web.Request) -> web.StreamResponse | None:
-    """aiohttp's expect handler for proxied routes: `100 Continue` is not sent here, before
-    anything is checked, but by `Incoming.send_continue` once the request is judged (a refused
-    upload is never sent). Any other expectation is refused, as RFC 9110 says."""
-    expect = request.headers.get("Expect", "")
-    if expect.strip().lower() == "100-continue":
-        return None
-    return error_response(
-        417,
-        "expectation_failed",
-        message=f"unknown expectation {expect!r}: only 100-continue is understood",
-    )
+    """aiohttp's expect handler for proxied routes: nothing is answered here, before anything
+    is checked. `100 Continue` is sent by `Incoming.send_continue` once the request is judged (a
+    refused upload is never sent), and any other expectation is refused by the pipeline's first
+    stage (417), as on every front."""
+    return None
 
 
 class AiohttpIncoming:

@@ -37,12 +37,21 @@ class Answer:
 class RequestBodyError(Exception):
     """The request body cannot be read to its end: its framing was invalid, or the client closed
     the connection before sending all of it. Raised by `Incoming.body()`; a handler that lets it
-    propagate before answering gets a `400` from the front."""
+    propagate before answering gets the answer below from the front (which then closes), and the
+    pipeline audits the same status and code."""
+
+    status = 400
+    code = "invalid_request"
+    sentence = "the request is not valid HTTP/1.1"
 
 
 class RequestBodyTimeout(RequestBodyError):
     """No byte of the request body arrived for `server.body_timeout_seconds` while it was being
-    read (a stalled or deliberately slow upload): the front answers `408` and closes."""
+    read (a stalled or deliberately slow upload)."""
+
+    status = 408
+    code = "request_timeout"
+    sentence = "the request body stopped arriving (server.body_timeout_seconds)"
 
 
 class Streamed:

@@ -86,7 +86,7 @@ _STATUS_LINES = {int(s): _status_line(int(s), None) for s in HTTPStatus}
 
 def _invalid_request() -> Answer:
     # Never the parser's message: it may quote the request's bytes, and tokens travel in them.
-    return error_answer(400, "invalid_request", message="the request is not valid HTTP/1.1")
+    return error_answer(400, "invalid_request", message=RequestBodyError.sentence)
 
 
 def _unknown_method() -> Answer:
@@ -836,16 +836,11 @@ class FrontProtocol(asyncio.Protocol):
             await handler(request)
         except asyncio.CancelledError:
             raise
-        except RequestBodyTimeout:
-            self._ctx.stats.body_timeouts += 1
-            fallback = error_answer(
-                408,
-                "request_timeout",
-                message="the request body stopped arriving (server.body_timeout_seconds)",
-            )
+        except RequestBodyError as error:
+            if isinstance(error, RequestBodyTimeout):
+                self._ctx.stats.body_timeouts += 1
+            fallback = error_answer(error.status, error.code, message=error.sentence)
             fallback.close = True
-        except RequestBodyError:
-            fallback = _invalid_request_closing()
         except ConnectionError:
             if not self._lost:  # not the client leaving: something the handler did failed
                 self._ctx.stats.handler_errors += 1
@@ -1147,9 +1142,3 @@ def _encode_head(lines: list[str], extra_crlf: int) -> bytes:
     if text.count("\n") != expected or text.count("\r") != expected:
         raise ValueError("a header name or value contains CR or LF")
     return text.encode("utf-8", "surrogateescape")
-
-
-def _invalid_request_closing() -> Answer:
-    answer = _invalid_request()
-    answer.close = True
-    return answer

@@ -129,9 +129,7 @@ def aiohttp_handler(
         incoming = AiohttpIncoming(request)
         await pipeline(request)(incoming)
         if incoming.response is None:
-            return error_response(
-                500, "internal_error", message="Countersign failed to handle this request"
-            )
+            return error_response(500, "internal_error")
         return incoming.response
 
     return handle

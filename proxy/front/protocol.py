@@ -108,7 +108,7 @@ def _head_too_large() -> Answer:
 
 
 def _internal_error() -> Answer:
-    return error_answer(500, "internal_error", message="Countersign failed to handle this request")
+    return error_answer(500, "internal_error")
 
 
 @dataclass(frozen=True, slots=True)

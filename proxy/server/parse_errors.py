@@ -33,9 +33,7 @@ class _JsonErrorHandler(RequestHandler):
             )
         elif status == 500:
             self.log_exception("Error handling request", exc_info=exc)
-            response = error_response(
-                500, "internal_error", message="Countersign failed to handle this request"
-            )
+            response = error_response(500, "internal_error")
         else:
             # The parser's own message quotes the request's bytes: never echo them.
             response = error_response(

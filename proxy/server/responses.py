@@ -70,6 +70,7 @@ DEFAULT_MESSAGES: dict[str, str] = {
     "upstream_unavailable": "the upstream could not be reached",
     "upstream_timeout": "the upstream did not answer in time",
     "audit_unavailable": "the audit trail cannot be written; nothing was forwarded",
+    "internal_error": "Countersign failed to handle this request",
 }
 # What an agent hears when `policy.default: approve` held its request: nobody can decide it.
 NO_APPROVERS_MESSAGE = (

@@ -10,6 +10,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -63,6 +64,37 @@ async def recording_upstream() -> AsyncIterator[tuple[TestServer, Upstream]]:
     await server.close()
 
 
+@dataclass(frozen=True)
+class Running:
+    """A `countersign run` in front of the recording upstream."""
+
+    proc: Process
+    port: int
+    upstream: Upstream
+    audit_file: Path
+
+
+StartFront = Callable[..., Running]
+
+
+@pytest.fixture
+def start_front(
+    run_countersign: StartFn,
+    recording_upstream: tuple[TestServer, Upstream],
+    tmp_path: Path,
+) -> StartFront:
+    """`start_front(**server_settings)`: the proxy of `config`, with those `server.` keys."""
+    server, state = recording_upstream
+
+    def start(**server_settings: object) -> Running:
+        port = free_port()
+        audit_file = tmp_path / "audit.jsonl"
+        text = config(port, str(server.make_url("/")), audit_file, **server_settings)
+        return Running(run_countersign(text, port), port, state, audit_file)
+
+    return start
+
+
 def config(port: int, upstream: str, audit_file: Path, **server: object) -> str:
     limits = "".join(f", {key}: {value}" for key, value in server.items())
     return f"""
@@ -104,14 +136,9 @@ def open_fds(proc: Process) -> int:
 
 
 async def test_a_slow_request_head_is_cut_off_at_the_header_timeout(
-    run_countersign: StartFn, recording_upstream: tuple[TestServer, Upstream], tmp_path: Path
+    start_front: StartFront,
 ) -> None:
-    server, _ = recording_upstream
-    port = free_port()
-    run_countersign(
-        config(port, str(server.make_url("/")), tmp_path / "a.jsonl", header_timeout_seconds=0.5),
-        port,
-    )
+    port = start_front(header_timeout_seconds=0.5).port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     started = time.monotonic()
     writer.write(b"GET /cloud/hello HTTP/1.1\r\nHost: x\r\nX-Slow: ")
@@ -134,14 +161,9 @@ async def test_a_slow_request_head_is_cut_off_at_the_header_timeout(
 
 
 async def test_an_idle_keep_alive_connection_is_closed(
-    run_countersign: StartFn, recording_upstream: tuple[TestServer, Upstream], tmp_path: Path
+    start_front: StartFront,
 ) -> None:
-    server, _ = recording_upstream
-    port = free_port()
-    run_countersign(
-        config(port, str(server.make_url("/")), tmp_path / "a.jsonl", idle_timeout_seconds=0.5),
-        port,
-    )
+    port = start_front(idle_timeout_seconds=0.5).port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"GET /cloud/hello HTTP/1.1\r\nHost: x\r\n{AUTH_LINE}\r\n".encode())
     status, headers, _ = await read_answer(reader)
@@ -154,14 +176,9 @@ async def test_an_idle_keep_alive_connection_is_closed(
 
 
 async def test_a_head_over_max_header_bytes_is_431(
-    run_countersign: StartFn, recording_upstream: tuple[TestServer, Upstream], tmp_path: Path
+    start_front: StartFront,
 ) -> None:
-    server, _ = recording_upstream
-    port = free_port()
-    run_countersign(
-        config(port, str(server.make_url("/")), tmp_path / "a.jsonl", max_header_bytes=8192),
-        port,
-    )
+    port = start_front(max_header_bytes=8192).port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     filler = "".join(f"X-Filler-{i}: {'v' * 100}\r\n" for i in range(100))  # ~11 KiB
     writer.write(f"GET /cloud/hello HTTP/1.1\r\nHost: x\r\n{AUTH_LINE}{filler}\r\n".encode())
@@ -173,13 +190,9 @@ async def test_a_head_over_max_header_bytes_is_431(
 
 
 async def test_connections_beyond_the_cap_are_refused_and_earlier_ones_served(
-    run_countersign: StartFn, recording_upstream: tuple[TestServer, Upstream], tmp_path: Path
+    start_front: StartFront,
 ) -> None:
-    server, _ = recording_upstream
-    port = free_port()
-    run_countersign(
-        config(port, str(server.make_url("/")), tmp_path / "a.jsonl", max_connections=3), port
-    )
+    port = start_front(max_connections=3).port
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
     await asyncio.sleep(0.2)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -204,11 +217,9 @@ async def test_connections_beyond_the_cap_are_refused_and_earlier_ones_served(
 
 
 async def test_pipelined_requests_are_answered_in_order_and_share_with_the_control_plane(
-    run_countersign: StartFn, recording_upstream: tuple[TestServer, Upstream], tmp_path: Path
+    start_front: StartFront,
 ) -> None:
-    server, _ = recording_upstream
-    port = free_port()
-    run_countersign(config(port, str(server.make_url("/")), tmp_path / "a.jsonl"), port)
+    port = start_front().port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     pipelined = b"".join(
         f"GET /cloud/hello?n={n} HTTP/1.1\r\nHost: x\r\n{AUTH_LINE}\r\n".encode() for n in range(3)
@@ -236,12 +247,10 @@ async def test_pipelined_requests_are_answered_in_order_and_share_with_the_contr
 
 
 async def test_a_client_that_leaves_mid_body_cancels_its_upstream_exchange(
-    run_countersign: StartFn, recording_upstream: tuple[TestServer, Upstream], tmp_path: Path
+    start_front: StartFront,
 ) -> None:
-    server, state = recording_upstream
-    port = free_port()
-    audit_file = tmp_path / "a.jsonl"
-    proc = run_countersign(config(port, str(server.make_url("/")), audit_file), port)
+    running = start_front()
+    port, proc, state, audit_file = running.port, running.proc, running.upstream, running.audit_file
     await asyncio.sleep(0.2)
     baseline = open_fds(proc)
     _reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -274,11 +283,9 @@ async def test_a_client_that_leaves_mid_body_cancels_its_upstream_exchange(
 
 
 async def test_connect_and_unknown_methods_are_405_in_the_json_shape(
-    run_countersign: StartFn, recording_upstream: tuple[TestServer, Upstream], tmp_path: Path
+    start_front: StartFront,
 ) -> None:
-    server, _ = recording_upstream
-    port = free_port()
-    run_countersign(config(port, str(server.make_url("/")), tmp_path / "a.jsonl"), port)
+    port = start_front().port
     for request_line in ("CONNECT example.com:443", "BREW /cloud/pot", "get /cloud/hello"):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(f"{request_line} HTTP/1.1\r\nHost: x\r\n{AUTH_LINE}\r\n".encode())
@@ -289,17 +296,12 @@ async def test_connect_and_unknown_methods_are_405_in_the_json_shape(
 
 
 async def test_a_stalled_body_is_cut_on_the_control_plane_and_on_proxied_uploads(
-    run_countersign: StartFn, recording_upstream: tuple[TestServer, Upstream], tmp_path: Path
+    start_front: StartFront,
 ) -> None:
     """Bodies read before anyone is authenticated (a control-plane request is read whole before
     aiohttp sees it) must not hold a connection forever: no byte for
     `server.body_timeout_seconds` is `408` and the connection closes."""
-    server, _ = recording_upstream
-    port = free_port()
-    run_countersign(
-        config(port, str(server.make_url("/")), tmp_path / "a.jsonl", body_timeout_seconds=0.5),
-        port,
-    )
+    port = start_front(body_timeout_seconds=0.5).port
     for head in (
         "POST /_countersign/api/decisions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n",
         f"POST /cloud/upload HTTP/1.1\r\nHost: x\r\n{AUTH_LINE}Content-Length: 1000\r\n\r\n",

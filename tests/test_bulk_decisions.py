@@ -16,7 +16,7 @@ import pytest
 from proxy.approvals.service import ApprovalService
 from proxy.audit import AuditLog
 from proxy.config import ApprovalsSettings, ApproversSettings, RuleSettings
-from proxy.model import Action, ApprovalState, Identity, Verdict
+from proxy.model import Action, Approval, ApprovalState, Identity, Verdict
 from proxy.model.binding import binding_of
 from proxy.store.base import Store
 from proxy.store.memory import MemoryStore
@@ -300,6 +300,30 @@ RULE = RuleSettings(
 MANY = 2_000
 
 
+async def open_one(service: ApprovalService, n: int, requester: Identity = REQUESTER) -> Approval:
+    """Open (as a held request would) the approval of `POST /cloud/exports/{n}`."""
+    approval, created = await service.open(
+        identity=requester,
+        rule=RULE,
+        binding=binding_of(
+            method="POST",
+            target=f"/api/exports/{n}".encode(),
+            headers=((b"content-type", b"application/json"),),
+            body=f'{{"n": {n}}}'.encode(),
+            route="cloud",
+            rule="exports",
+            identity=requester,
+        ),
+        path=f"/cloud/exports/{n}",
+        query="",
+        upstream_url=f"http://upstream/api/exports/{n}",
+        reason=None,
+        request_id=f"r{n}",
+    )
+    assert created
+    return approval
+
+
 @pytest.fixture(params=["memory", "redis"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     if request.param == "memory":
@@ -320,26 +344,7 @@ async def test_two_thousand_held_requests_released_by_one_bulk_decision(store: S
     )
 
     async def hold(n: int) -> ApprovalState:
-        body = f'{{"n": {n}}}'.encode()
-        approval, created = await service.open(
-            identity=REQUESTER,
-            rule=RULE,
-            binding=binding_of(
-                method="POST",
-                target=f"/api/exports/{n}".encode(),
-                headers=((b"content-type", b"application/json"),),
-                body=body,
-                route="cloud",
-                rule="exports",
-                identity=REQUESTER,
-            ),
-            path=f"/cloud/exports/{n}",
-            query="",
-            upstream_url=f"http://upstream/api/exports/{n}",
-            reason=None,
-            request_id=f"r{n}",
-        )
-        assert created
+        approval = await open_one(service, n)
         decided = await service.wait_for_decision(approval.id)
         if decided.state is ApprovalState.APPROVED:
             return (await service.claim(approval.id)).state  # what a released request does

@@ -17,9 +17,8 @@ import pytest
 from proxy.approvals import service as service_module
 from proxy.approvals.service import ApprovalService
 from proxy.audit import AuditLog
-from proxy.config import ApprovalsSettings, ApproversSettings, RuleSettings
+from proxy.config import ApprovalsSettings
 from proxy.model import (
-    Action,
     Approval,
     ApprovalState,
     DecisionRecord,
@@ -29,30 +28,14 @@ from proxy.model import (
     Verdict,
 )
 from proxy.model.approval import evolve
-from proxy.model.binding import binding_of
 from proxy.model.state import ApprovalError
 from proxy.store.base import Store, StoreUnavailable
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
 from tests.helpers import ListSink
 from tests.redis_fixture import RedisServer
+from tests.test_bulk_decisions import APPROVER, REQUESTER, open_one
 
-REQUESTER = Identity(
-    subject="agent-7", issuer="https://idp", groups=frozenset({"agents"}), owner="bob@example.com"
-)
-APPROVER = Identity(
-    subject="alice",
-    issuer="https://idp",
-    email="alice@example.com",
-    groups=frozenset({"data-owners"}),
-    email_verified=True,
-)
-RULE = RuleSettings(
-    name="exports",
-    action=Action.APPROVE,
-    approvers=ApproversSettings(groups=("data-owners",)),
-    timeout_seconds=300,
-)
 CHUNK = 10  # the tests shrink the release chunk: several chunks with few approvals
 
 
@@ -73,29 +56,6 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     redis = RedisStore(server.url, key_prefix="test-" + secrets.token_hex(6))
     yield redis
     await redis.aclose()
-
-
-async def open_one(service: ApprovalService, n: int, requester: Identity = REQUESTER) -> Approval:
-    approval, created = await service.open(
-        identity=requester,
-        rule=RULE,
-        binding=binding_of(
-            method="POST",
-            target=f"/api/exports/{n}".encode(),
-            headers=((b"content-type", b"application/json"),),
-            body=f'{{"n": {n}}}'.encode(),
-            route="cloud",
-            rule="exports",
-            identity=requester,
-        ),
-        path=f"/cloud/exports/{n}",
-        query="",
-        upstream_url=f"http://upstream/api/exports/{n}",
-        reason=None,
-        request_id=f"r{n}",
-    )
-    assert created
-    return approval
 
 
 async def test_the_first_chunk_is_released_before_the_bulk_decision_returns(

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .h1.connection import UpstreamConnection
-from .h1.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .h1.errors import RequestBodyFailed, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .h1.pool import ConnectionPool, Origin
 from .h1.tunnel import TunnelProtocol
 from .model.binding import connection_tokens
@@ -27,6 +27,7 @@ from .model.binding import connection_tokens
 __all__ = [
     "HOP_BY_HOP",
     "Forwarder",
+    "RequestBodyFailed",
     "UpstreamError",
     "UpstreamResponse",
     "UpstreamTimeout",
@@ -336,4 +337,4 @@ async def _stream_body(conn: UpstreamConnection, body: AsyncIterable[bytes], chu
     except UpstreamError:
         pass  # the exchange has failed already, and says so to whoever reads the response
     except Exception as exc:  # the client's upload broke off
-        conn.fail(UpstreamUnavailable(f"the request body could not be read: {exc}"))
+        conn.fail(RequestBodyFailed(f"the request body could not be read: {exc}", exc))

@@ -35,6 +35,7 @@ from .config import RouteSettings, ServerSettings
 from .forward import (
     HOP_BY_HOP,
     Forwarder,
+    RequestBodyFailed,
     UpstreamError,
     UpstreamResponse,
     UpstreamUnavailable,
@@ -370,6 +371,12 @@ class ProxyHandler:
             body = exchange.request.body()
         try:
             upstream = await self.open_upstream(exchange, body)
+        except RequestBodyFailed as exc:
+            if isinstance(exc.cause, RequestBodyError):
+                # The client's upload stalled or broke off: answered (408, 400) and audited as
+                # the client's failure, not as an upstream that failed.
+                raise exc.cause from None
+            return self.upstream_failed(exchange, exc)
         except UpstreamError as exc:
             return self.upstream_failed(exchange, exc)
         route = exchange.route

@@ -20,3 +20,13 @@ class UpstreamTimeout(UpstreamError):
 
     status = 504
     code = "upstream_timeout"
+
+
+class RequestBodyFailed(UpstreamUnavailable):
+    """The client's request body broke off while it streamed to the upstream (a stalled or
+    cut-short upload): the exchange is abandoned, but the failure is the client's, not the
+    upstream's. `cause` is what reading the body raised, for the proxy to answer as that."""
+
+    def __init__(self, message: str, cause: BaseException) -> None:
+        super().__init__(message)
+        self.cause = cause

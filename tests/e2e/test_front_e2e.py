@@ -300,8 +300,11 @@ async def test_a_stalled_body_is_cut_on_the_control_plane_and_on_proxied_uploads
 ) -> None:
     """Bodies read before anyone is authenticated (a control-plane request is read whole before
     aiohttp sees it) must not hold a connection forever: no byte for
-    `server.body_timeout_seconds` is `408` and the connection closes."""
-    port = start_front(body_timeout_seconds=0.5).port
+    `server.body_timeout_seconds` is `408` and the connection closes. A proxied upload that
+    stalls on its way upstream is the client's failure, and the audit says so (not an
+    upstream error)."""
+    running = start_front(body_timeout_seconds=0.5)
+    port = running.port
     for head in (
         "POST /_countersign/api/decisions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n",
         f"POST /cloud/upload HTTP/1.1\r\nHost: x\r\n{AUTH_LINE}Content-Length: 1000\r\n\r\n",
@@ -313,6 +316,13 @@ async def test_a_stalled_body_is_cut_on_the_control_plane_and_on_proxied_uploads
         answer = await closed_within(reader, 5)
         assert 0.4 <= time.monotonic() - started < 3, head
         writer.close()
-        if head.startswith("POST /_countersign"):
-            assert answer.startswith(b"HTTP/1.1 408 "), answer[:60]
-            assert b"request_timeout" in answer
+        assert answer.startswith(b"HTTP/1.1 408 "), (head, answer[:60])
+        assert b"request_timeout" in answer
+    for _ in range(100):
+        lines = [json.loads(x) for x in running.audit_file.read_text().splitlines() if x]
+        completed = [x for x in lines if x.get("event") == "request.completed"]
+        if completed:
+            break
+        await asyncio.sleep(0.05)
+    (upload,) = [x for x in completed if x["path"] == "/cloud/upload"]
+    assert (upload["status"], upload["error"]) == (408, "request_timeout")

@@ -69,15 +69,38 @@ def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[s
     return _connection_tokens(headers.getall("Connection", ()))
 
 
+# `Connection` values seen, and the names each declares hop-by-hop beyond HOP_BY_HOP: nearly every
+# answer carries one of a handful (`keep-alive`, `close`), read once each. Bounded: an upstream
+# sending ever-new values only refills it.
+_NAMED_BY: dict[str, frozenset[str]] = {}
+_NAMED_BY_MAX = 256
+
+
+def _named_beyond_hop_by_hop(value: str) -> frozenset[str]:
+    named = _NAMED_BY.get(value)
+    if named is None:
+        named = frozenset(connection_tokens(value)) - HOP_BY_HOP
+        if len(_NAMED_BY) >= _NAMED_BY_MAX:
+            _NAMED_BY.clear()
+        _NAMED_BY[value] = named
+    return named
+
+
 def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The headers without hop-by-hop ones, including those named in `Connection`."""
-    headers = list(headers)
-    named = _connection_tokens(v for k, v in headers if k.lower() == "connection")
-    return [
-        (key, value)
-        for key, value in headers
-        if (lower := key.lower()) not in HOP_BY_HOP and lower not in named
-    ]
+    """The headers without hop-by-hop ones, including those named in `Connection` (before or
+    after it)."""
+    kept: list[tuple[str, str]] = []
+    named: frozenset[str] = frozenset()
+    for key, value in headers:
+        lower = key.lower()
+        if lower in HOP_BY_HOP:
+            if lower == "connection":
+                named |= _named_beyond_hop_by_hop(value)
+            continue
+        kept.append((key, value))
+    if named:
+        kept = [(key, value) for key, value in kept if key.lower() not in named]
+    return kept
 
 
 class UpstreamResponse:

@@ -840,6 +840,31 @@ async def test_no_answer_within_the_read_timeout_is_504(serve: Serve, forwarder:
     assert len(server.requests) == 1
 
 
+async def test_a_shorter_read_timeout_on_a_reused_connection_still_holds(
+    serve: Serve, forwarder: Forwarder
+) -> None:
+    """The read timer is one per connection, left armed between exchanges: an exchange with a
+    shorter timeout than the one before on the same connection must still fail at its own."""
+    answered = 0
+
+    async def first_then_silent(_: Received, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        answered += 1
+        if answered == 1:
+            writer.write(OK)
+        else:
+            await asyncio.sleep(3600)
+
+    server = await serve(first_then_silent)
+    _, body = await fetch(forwarder, server.url + "/", read_timeout=30)
+    assert body == b"ok"
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout, match=r"for 0\.2 s"):
+        await forwarder.send("GET", server.url + "/", [], None, read_timeout=0.2)
+    assert 0.15 < time.monotonic() - started < 1.0
+    assert [r.connection for r in server.requests] == [1, 1]  # the same connection
+
+
 async def test_stall_mid_body_times_out_the_read(serve: Serve, forwarder: Forwarder) -> None:
     async def stall(_: Received, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")

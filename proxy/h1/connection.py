@@ -6,8 +6,11 @@ Content-Length or malformed chunking fails the exchange (502) instead of being g
 
 Reading is flow-controlled: when more than `_HIGH_WATER` bytes of body wait for the client, the
 socket stops being read until the client has taken them. The read timeout is the time without a
-byte from the upstream (aiohttp's `sock_read`), kept with one timer per exchange that re-arms
-itself lazily rather than one timer per read.
+byte from the upstream (aiohttp's `sock_read`), kept with one timer per connection that re-arms
+itself lazily rather than one timer per read or per exchange: an exchange that ends leaves it
+armed (when it fires with nothing in progress it just lapses), and the next one moves it only
+when its own deadline comes sooner. The response parser, likewise, carries on from one
+keep-alive exchange to the next instead of being made anew for each.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class UpstreamConnection(asyncio.Protocol):
         # The exchange in progress, if any.
         self._busy = False
         self._parser: httptools.HttpResponseParser | None = None
+        # The parser of the last exchange, when it ended cleanly at a message boundary: the next
+        # exchange goes on with it (llhttp starts a new message after a complete one).
+        self._spare_parser: httptools.HttpResponseParser | None = None
         self._head: asyncio.Future[ResponseHead] | None = None
         self._head_only = False
         self._informational = False
@@ -80,6 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._read_timeout = 0.0
         self._last_progress = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # ------------------------------------------------------------------ used by the client
 
@@ -89,7 +96,8 @@ class UpstreamConnection(asyncio.Protocol):
         """Start an exchange: the returned future resolves when the response head is in.
         `upgrade`: the request asks to switch protocols, and a `101` answer is accepted."""
         self._busy = True
-        self._parser = httptools.HttpResponseParser(self)
+        parser, self._spare_parser = self._spare_parser, None
+        self._parser = parser if parser is not None else httptools.HttpResponseParser(self)
         self._head = self._loop.create_future()
         self._head_only = head_only
         self._upgrade = upgrade
@@ -106,7 +114,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._read_timeout = read_timeout
         self._last_progress = self._loop.time()
-        self._timer = self._loop.call_at(self._last_progress + read_timeout, self._on_timer)
+        self._arm(self._last_progress + read_timeout)
         return self._head
 
     def write(self, data: bytes) -> None:
@@ -180,8 +188,9 @@ class UpstreamConnection(asyncio.Protocol):
     def finish(self) -> None:
         """The exchange is over (whether the pool keeps the connection is its decision)."""
         self._busy = False
+        if self.reusable and not self._head_only and not self._upgrade:
+            self._spare_parser = self._parser
         self._parser = None
-        self._cancel_timer()
         if self._head is not None and not self._head.done():
             self._head.cancel()
         self._head = None
@@ -377,7 +386,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = self._parser.should_keep_alive()
         self._complete = True
         self._parser = None if self._head_only else self._parser
-        self._cancel_timer()
         self._wake()
 
     def _wake(self) -> None:
@@ -386,6 +394,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _arm(self, when: float) -> None:
+        """Have the timer fire at `when` at the latest (an earlier one stays: it re-arms)."""
+        if self._timer is None or self._timer_at > when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(when, self._on_timer)
+            self._timer_at = when
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -404,4 +420,4 @@ class UpstreamConnection(asyncio.Protocol):
         if now >= deadline:
             self.fail(UpstreamTimeout(f"no data from the upstream for {self._read_timeout:g} s"))
         else:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._arm(deadline)

@@ -151,6 +151,8 @@ class ApprovalGate:
         # Set on SIGTERM: held requests stop waiting and are answered 503 shutting_down.
         self._draining = asyncio.Event()
         self._drain_retry_after = 5
+        # The waits for a decision under way (one task per held request): `drain` cancels them.
+        self._deciding: set[asyncio.Future[Approval]] = set()
 
     def drain(self, retry_after: int = 5) -> None:
         """Stop holding: every request waiting for a decision (and any that would start
@@ -158,6 +160,8 @@ class ApprovalGate:
         already being forwarded after its approval is not touched."""
         self._drain_retry_after = retry_after
         self._draining.set()
+        for deciding in list(self._deciding):
+            deciding.cancel()  # a decision already in is kept (cancel does nothing then)
 
     @property
     def draining(self) -> bool:
@@ -418,22 +422,22 @@ class ApprovalGate:
         if self._draining.is_set():
             raise Draining
         deciding = asyncio.ensure_future(self._service.wait_for_decision(approval.id))
-        draining = asyncio.ensure_future(self._draining.wait())
+        self._deciding.add(deciding)
         try:
-            await asyncio.wait({deciding, draining}, return_when=asyncio.FIRST_COMPLETED)
+            # Decided (even at the same moment as a drain, which then cannot cancel it): the
+            # decision is honoured.
+            return await deciding
         except asyncio.CancelledError:
+            waiter = asyncio.current_task()
+            if self._draining.is_set() and (waiter is None or not waiter.cancelling()):
+                raise Draining from None  # `drain` cancelled the wait, not the client
             deciding.cancel()
             task = asyncio.ensure_future(self._service.abandon(approval.id))
             _BACKGROUND.add(task)
             task.add_done_callback(_BACKGROUND.discard)
             raise
         finally:
-            draining.cancel()
-        if deciding.done():
-            # Decided (even at the same moment as the drain): the decision is honoured.
-            return deciding.result()
-        deciding.cancel()
-        raise Draining
+            self._deciding.discard(deciding)
 
     def _accepted(self, exchange: Exchange, approval: Approval, asked: bool) -> Answer:
         """The async answer: not an error, a receipt for a pending approval."""

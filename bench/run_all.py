@@ -16,7 +16,8 @@ keep-alive connections, one thread and blocking socket each (precise sleeps, unl
 loop's millisecond timers), and each latency is measured from its scheduled send time (no
 coordinated omission). Then `bench/bench_release.py` (10,000 held requests released by one bulk
 decision), `bench/bench_slowloris.py` (legitimate latency under 2,000 slow connections),
-`bench/bench_policy.py` and `bench/bench_replicas.py --held N --samples M` run and their key
+`bench/bench_policy.py`, `bench/bench_floor.py` (what a Python relay costs here at all) and
+`bench/bench_replicas.py --held N --samples M` run and their key
 lines are kept. Everything is written as a new section at the top
 of bench/RESULTS.md (`--no-write` only prints it). Every child process is stopped on exit.
 """
@@ -542,6 +543,7 @@ def main() -> None:
         scripts["release"] = run_script([PY, "bench/bench_release.py"], 300)
         scripts["slowloris"] = run_script([PY, "bench/bench_slowloris.py"], 300)
         scripts["policy"] = run_script([PY, "bench/bench_policy.py"], 300)
+        scripts["floor"] = run_script([PY, "bench/bench_floor.py", "--rounds", "1"], 300)
         scripts["replicas"] = run_script(
             [
                 PY,
@@ -736,6 +738,16 @@ def render(
             "leaf functions:",
             *(f"{pc:5.1f} %  {name}" for name, pc in prof["self"]),
             "```",
+        ]
+    floor = [line for line in scripts.get("floor", "").splitlines() if line.startswith("|")]
+    if floor:
+        lines += [
+            "",
+            "The floor under the throughput targets (bench/bench_floor.py, same nginx upstream): "
+            "a bare Python relay (asyncio + httptools, no proxy duties), and Countersign's front "
+            "and upstream client with nothing between them:",
+            "",
+            *floor,
         ]
     if pol or rep or release or slow:
         lines += ["", "Key lines of the scripts:", "", "```"]

@@ -49,7 +49,7 @@ from .server.internal import (
     health_routes,
     reserved_routes,
 )
-from .server.keys import AUTHENTICATOR, PROXY, SLACK_APP
+from .server.keys import AUTHENTICATOR, PROXY, SLACK_APP, add_slots
 from .server.metrics import Metrics
 from .store.base import Store
 from .store.memory import MemoryStore
@@ -168,8 +168,8 @@ class Reloader:
         self, handler: ProxyHandler, authenticator: Authenticator, oidc: OIDCVerifier
     ) -> None:
         """Make them the ones new requests use; warm the issuers' keys in the background."""
-        self._app[AUTHENTICATOR] = authenticator
-        self._app[PROXY] = handler
+        self._app[AUTHENTICATOR].put(authenticator)
+        self._app[PROXY].put(handler)
         self.oidc = oidc
         task = asyncio.create_task(oidc.prefetch())
         self._tasks.add(task)
@@ -435,7 +435,7 @@ async def start_slack(
         )
     actions = SlackActions(client, approvals, settings.approvals.groups)
     bolt = SlackApp(client, actions, signing_secret=slack.signing_secret, app_token=slack.app_token)
-    app[SLACK_APP] = bolt
+    app[SLACK_APP].put(bolt)
     # The setup is checked in the background: what is wrong is logged, never fatal.
     bolt.start(check_setup(client, slack.channel, health=health))
     return [bolt]
@@ -562,6 +562,7 @@ def build_app(
     # client_max_size bounds only bodies the proxy itself reads (API calls); proxied bodies
     # are streamed and never read whole.
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[json_errors])
+    add_slots(app)
     app[SETTINGS_KEY] = settings
     app[METRICS_KEY] = metrics
     app[AUDIT_KEY] = audit_log
@@ -699,6 +700,6 @@ def build_app(
     # `100 Continue` only once a request is judged (Incoming.send_continue). `countersign run`
     # serves proxied paths on its own front (proxy.front); this route serves them when the
     # app alone is driven (in-process tests).
-    proxy = aiohttp_handler(lambda request: request.app[PROXY].handle)
+    proxy = aiohttp_handler(lambda request: request.app[PROXY].get().handle)
     app.router.add_route("*", r"/{tail:[\s\S]*}", proxy, expect_handler=defer_continue)
     return app

@@ -38,7 +38,7 @@ def api_routes(
 
     async def who(request: web.Request) -> Identity:
         try:
-            authenticator = request.app[AUTHENTICATOR]
+            authenticator = request.app[AUTHENTICATOR].get()
             return await authenticator.authenticate(request.headers.get("Authorization"))
         except AuthError as exc:
             description = exc.description.replace('"', "'")

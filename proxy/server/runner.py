@@ -101,9 +101,11 @@ async def start(
     assert runner.server is not None
     use_json_parse_errors(runner.server)
 
+    request_path = app[PROXY]
+
     def handle(incoming: Incoming) -> Awaitable[None]:
         # Looked up per request: a reload (SIGHUP) swaps the request path in force.
-        return app[PROXY].handle(incoming)
+        return request_path.get().handle(incoming)
 
     front = FrontServer(
         handle,

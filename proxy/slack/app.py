@@ -177,6 +177,6 @@ def slack_routes(signing_secret: str) -> web.RouteTableDef:
         headers: dict[str, str | Sequence[str]] = {
             name.lower(): value for name, value in request.headers.items()
         }
-        return await request.app[SLACK_APP].dispatch(text, headers)
+        return await request.app[SLACK_APP].get().dispatch(text, headers)
 
     return routes

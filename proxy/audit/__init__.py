@@ -69,9 +69,11 @@ class AuditLog:
         self.signing_key = signing_key
         self._after_close = list(after_close)  # the anchors: after the last checkpoint
         self._processors: list[Processor] = [
+            redactor if redactor is not None else DEFAULT_REDACTOR,
+            # After redaction: the proxy's own stamp holds no secret, and a value new at every
+            # event would only churn the redactor's cache of the strings that recur.
             IsoUtcStamper("ts"),  # structlog's TimeStamper(fmt="iso", utc=True), cheaper
             _add_schema,
-            redactor if redactor is not None else DEFAULT_REDACTOR,
         ]
         self._soon: list[dict[str, Any]] = []  # `emit_soon`'s events of this loop turn
         self._soon_scheduled = False

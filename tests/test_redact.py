@@ -395,3 +395,21 @@ def test_logs_are_redacted_exception_text_included() -> None:
     text = done.stderr
     for secret in ("abc123", "upstream-secret-123", "k-123456", "hunter2"):
         assert secret not in text, secret
+
+
+def test_an_events_own_request_id_is_not_scanned_but_a_nested_one_is() -> None:
+    """The top-level `request_id` is the proxy's own (left as it is: new at every event, scanning
+    it would only churn the cache); the same name inside a caller's data is scrubbed as usual."""
+    secret = KEYS["openai"]
+    event = {
+        "event": "request.completed",
+        "request_id": "0f3a9c1e2b4d5a6f0000000000000001",
+        "path": f"/cloud/{secret}",
+        "body": {"request_id": secret},
+    }
+    redactor = Redactor()
+    for _ in range(2):  # the first call learns the field names; the second takes the fast path
+        redacted = redactor(None, "info", dict(event))
+        assert redacted["request_id"] == event["request_id"]
+        assert redacted["path"] == f"/cloud/{REDACTED}"
+        assert redacted["body"] == {"request_id": REDACTED}

@@ -217,6 +217,11 @@ _MAX_PASSES = 3  # passes of the secret patterns over a text where they found so
 _INERT = frozenset({int, float, bool, type(None)})
 
 _CACHED_MAX_LEN = 256  # strings up to this length have their redacted form remembered ...
+# Top-level event fields whose values the proxy makes itself (a request's id: a random prefix and
+# a counter), new at every event: not scanned, which would only churn the cache. Only at the top
+# level of an event, where no caller's data is put under these names (a body's own `request_id`
+# member, nested, is scrubbed like any value).
+_OWN_IDS = frozenset({"request_id"})
 _CACHE_SIZE = 8192  # ... this many of them at most
 _KEYS_SIZE = 1024  # field names whose sensitivity is remembered
 
@@ -439,6 +444,8 @@ class Redactor:
         for key, value in event.items():
             cls = value.__class__
             if cls is str:
+                if key in _OWN_IDS:
+                    continue
                 scrubbed = cache.get(value)
                 event[key] = scrubbed if scrubbed is not None else self._text(value)
             elif cls is dict:

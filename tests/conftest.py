@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -12,6 +13,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.app import build_app
 from proxy.audit import AuditLog
 from proxy.config import Settings
+from proxy.store.base import Store
+from proxy.store.memory import MemoryStore
+from proxy.store.redis import RedisStore
 from tests.helpers import ListSink, settings_for
 from tests.idp_fixture import DEFAULT_CLIENTS, TestIdP, start_idp
 from tests.redis_fixture import RedisServer
@@ -84,3 +88,18 @@ def fresh_redis(redis_server: RedisServer) -> Iterator[RedisServer]:
     yield redis_server
     if redis_server.proc is None:
         redis_server.start()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """The memory store, then a Redis store on a fresh redis-server (a test module with a
+    `store` of its own, as the store conformance suites have, uses that one)."""
+    if request.param == "memory":
+        memory = MemoryStore()
+        yield memory
+        await memory.aclose()
+        return
+    server: RedisServer = request.getfixturevalue("fresh_redis")
+    redis = RedisStore(server.url, key_prefix="test-" + secrets.token_hex(6))
+    yield redis
+    await redis.aclose()

@@ -6,12 +6,8 @@ requests on both stores."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
-from collections.abc import AsyncIterator
 from typing import Any
-
-import pytest
 
 from proxy.approvals.service import ApprovalService
 from proxy.audit import AuditLog
@@ -19,8 +15,6 @@ from proxy.config import ApprovalsSettings, ApproversSettings, RuleSettings
 from proxy.model import Action, Approval, ApprovalState, Identity, Verdict
 from proxy.model.binding import binding_of
 from proxy.store.base import Store
-from proxy.store.memory import MemoryStore
-from proxy.store.redis import RedisStore
 from tests.conftest import Client, Factory
 from tests.helpers import (
     AGENT_KEY,
@@ -33,7 +27,6 @@ from tests.helpers import (
     ListSink,
     bearer,
 )
-from tests.redis_fixture import RedisServer
 
 AGENT = bearer(AGENT_KEY)
 CI = bearer(CI_KEY)
@@ -322,19 +315,6 @@ async def open_one(service: ApprovalService, n: int, requester: Identity = REQUE
     )
     assert created
     return approval
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        memory = MemoryStore()
-        yield memory
-        await memory.aclose()
-        return
-    server: RedisServer = request.getfixturevalue("fresh_redis")
-    redis = RedisStore(server.url, key_prefix="test-" + secrets.token_hex(6))
-    yield redis
-    await redis.aclose()
 
 
 async def test_two_thousand_held_requests_released_by_one_bulk_decision(store: Store) -> None:

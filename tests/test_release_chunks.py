@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -31,9 +30,7 @@ from proxy.model.approval import evolve
 from proxy.model.state import ApprovalError
 from proxy.store.base import Store, StoreUnavailable
 from proxy.store.memory import MemoryStore
-from proxy.store.redis import RedisStore
 from tests.helpers import ListSink
-from tests.redis_fixture import RedisServer
 from tests.test_bulk_decisions import APPROVER, REQUESTER, open_one
 
 CHUNK = 10  # the tests shrink the release chunk: several chunks with few approvals
@@ -43,19 +40,6 @@ CHUNK = 10  # the tests shrink the release chunk: several chunks with few approv
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(service_module, "_RELEASE_FIRST", CHUNK)
     monkeypatch.setattr(service_module, "_RELEASE_CHUNK", CHUNK)
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        memory = MemoryStore()
-        yield memory
-        await memory.aclose()
-        return
-    server: RedisServer = request.getfixturevalue("fresh_redis")
-    redis = RedisStore(server.url, key_prefix="test-" + secrets.token_hex(6))
-    yield redis
-    await redis.aclose()
 
 
 async def test_the_first_chunk_is_released_before_the_bulk_decision_returns(

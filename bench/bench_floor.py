@@ -6,7 +6,9 @@ Against one nginx upstream answering `{"ok":true}` (as `make bench`), wrk measur
 - nginx `proxy_pass` (one worker): the reference of the targets;
 - a bare relay: a few dozen lines of asyncio protocols on uvloop and httptools (parse the request,
   write it to a kept-alive upstream connection, parse the answer, write it back), with none of a
-  proxy's duties: the least any Python relay on this machine costs;
+  proxy's duties: the least any Python relay on this machine costs; then two processes of it on
+  one port (SO_REUSEPORT, as `workers: 2`): the most two Python processes get here, where wrk and
+  the nginx upstream share the same two cores;
 - Countersign's front (`proxy/front`) and upstream client (`proxy/forward`, `proxy/h1`) with
   nothing between them: no authentication, policy, audit or metrics (a handler that forwards);
 - the whole `countersign run` is `make bench`'s row (JWT, 1,000 rules, audit file on).
@@ -85,7 +87,8 @@ class Front(asyncio.Protocol):
             self.upstream.transport.write(request)
 
 async def main():
-    server = await asyncio.get_running_loop().create_server(Front, "127.0.0.1", int(sys.argv[2]))
+    server = await asyncio.get_running_loop().create_server(
+        Front, "127.0.0.1", int(sys.argv[2]), reuse_port=True)
     await server.serve_forever()
 
 uvloop.run(main())
@@ -119,19 +122,33 @@ def system_seconds(pid: int) -> float:
 
 
 def relay_row(
-    name: str, code: str | None, up: int, args: argparse.Namespace, procs: list[Any]
+    name: str,
+    code: str,
+    up: int,
+    args: argparse.Namespace,
+    procs: list[Any],
+    processes: int = 1,
 ) -> dict[str, Any]:
+    """wrk against `processes` copies of the relay `code` on one port (SO_REUSEPORT spreads the
+    connections, as `workers:` does for Countersign); CPU per request summed over them."""
     port = run_all.free_port()
-    proc = subprocess.Popen(
-        [run_all.PY, "-c", code, str(up), str(port)], cwd=ROOT, stderr=subprocess.DEVNULL
-    )
-    procs.append(proc)
-    run_all.wait_port(port, proc, name)
-    sys_before = system_seconds(proc.pid)
-    row = run_all.measure(name, port, "/x", None, args, proc.pid)
-    row["sys_us"] = (system_seconds(proc.pid) - sys_before) / max(1, row["requests"]) * 1e6
-    run_all.stop(proc)
-    procs.remove(proc)
+    started = []
+    for _ in range(processes):
+        proc = subprocess.Popen(
+            [run_all.PY, "-c", code, str(up), str(port)], cwd=ROOT, stderr=subprocess.DEVNULL
+        )
+        procs.append(proc)
+        started.append(proc)
+        run_all.wait_port(port, proc, name)
+    before = [(run_all.cpu_seconds(p.pid), system_seconds(p.pid)) for p in started]
+    row = run_all.measure(name, port, "/x", None, args)
+    requests = max(1, row["requests"])
+    after = [(run_all.cpu_seconds(p.pid), system_seconds(p.pid)) for p in started]
+    row["cpu_us"] = sum(a[0] - b[0] for a, b in zip(after, before, strict=True)) / requests * 1e6
+    row["sys_us"] = sum(a[1] - b[1] for a, b in zip(after, before, strict=True)) / requests * 1e6
+    for proc in started:
+        run_all.stop(proc)
+        procs.remove(proc)
     return row
 
 
@@ -155,8 +172,12 @@ def main() -> None:
         for _ in range(args.rounds):
             nginx = run_all.measure("nginx proxy_pass", px, run_all.PATH, None, args)
             rows.append(("nginx proxy_pass", nginx))
-            for name, code in (("bare Python relay", BARE_RELAY), ("front + h1", FRONT_ONLY)):
-                rows.append((name, relay_row(name, code, up, args, procs)))
+            for name, code, processes in (
+                ("bare Python relay", BARE_RELAY, 1),
+                ("bare Python relay, 2 processes", BARE_RELAY, 2),
+                ("front + h1", FRONT_ONLY, 1),
+            ):
+                rows.append((name, relay_row(name, code, up, args, procs, processes)))
                 time.sleep(0.5)
     print()
     print("| relay | req/s | vs nginx (same round) | CPU/request | of it system |")

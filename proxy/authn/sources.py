@@ -103,22 +103,33 @@ def _once_only(sources: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(_read_headers(sources) - (SIGV4_CREDENTIAL_HEADERS - {"authorization"})))
 
 
+@functools.cache
+def _plan(
+    sources: tuple[str, ...],
+) -> tuple[frozenset[str], tuple[str, ...], tuple[tuple[str, str | None], ...], frozenset[str]]:
+    """What `find_credential` works out from `sources` alone, once per route's tuple: the headers
+    read, those allowed at most once, each source with the header it names (or None), and the
+    headers stripped whatever is present (SigV4's)."""
+    always = SIGV4_CREDENTIAL_HEADERS if AWS_SIGV4 in sources else frozenset()
+    steps = tuple((source, _header_name(source)) for source in sources)
+    return _read_headers(sources), _once_only(sources), steps, always
+
+
 def find_credential(sources: tuple[str, ...], headers: HeaderView, target: str) -> Credential:
     """The credential of the first of `sources` present in the request; else `AuthError`."""
-    read = _read_headers(sources)
-    for name in _once_only(sources):
+    read, once_only, steps, always = _plan(sources)
+    for name in once_only:
         if len(headers.getall(name, [])) > 1:
             raise AuthError(f"more than one credential: the {name} header appears more than once")
     # Which headers are present among those read: none of them goes upstream.
-    present = frozenset(n for n in read if headers.getall(n, []))
-    stripped = present | (SIGV4_CREDENTIAL_HEADERS if AWS_SIGV4 in sources else frozenset())
+    present = [n for n in read if headers.getall(n, [])]
+    stripped = frozenset(present) | always
     authorization = headers.getall("authorization", [])
     scheme, credential = "", ""
     if authorization:
         scheme, _, rest = authorization[0].strip().partition(" ")
         credential = rest.strip()
-    for source in sources:
-        header = _header_name(source)
+    for source, header in steps:
         if header is not None:
             values = headers.getall(header, [])
             if not values:

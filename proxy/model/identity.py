@@ -39,6 +39,9 @@ class Identity:
     owner: str | None = None
     claims: Mapping[str, Any] = field(default_factory=dict)
     email_verified: bool = False
+    # `to_log`'s fields, built once: authn's caches hand the same Identity to every request of
+    # a credential, and each of those requests has an audit line naming it.
+    _log: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def person(self) -> str | None:
@@ -46,15 +49,20 @@ class Identity:
         return canonical_email(self.email) if self.email_verified else None
 
     def to_log(self) -> dict[str, Any]:
-        """The fields worth putting in an audit event (never the raw claims: they may hold PII)."""
-        return {
-            "subject": self.subject,
-            "issuer": self.issuer,
-            "client_id": self.client_id,
-            "email": self.email,
-            "groups": sorted(self.groups),
-            "owner": self.owner,
-        }
+        """The fields worth putting in an audit event (never the raw claims: they may hold PII).
+        A new dict each call: the caller may change its own."""
+        log = self._log
+        if log is None:
+            log = {
+                "subject": self.subject,
+                "issuer": self.issuer,
+                "client_id": self.client_id,
+                "email": self.email,
+                "groups": sorted(self.groups),
+                "owner": self.owner,
+            }
+            object.__setattr__(self, "_log", log)  # (frozen: set once, the same every time)
+        return {**log, "groups": list(log["groups"])}
 
 
 @dataclass(frozen=True, slots=True)

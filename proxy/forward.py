@@ -56,17 +56,28 @@ _EMPTY_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _COALESCE_BELOW = 64 * 1024  # a body smaller than this leaves in the same write as the head
 
 
-def _connection_tokens(values: Iterable[str]) -> set[str]:
+# A request's `Connection` values seen, and the names each declares: nearly every client sends
+# one of a handful (`keep-alive`, `close`), read once each. Bounded like `_NAMED_BY` below.
+_TOKENS_OF: dict[str, frozenset[str]] = {}
+
+
+def _tokens_of(value: str) -> frozenset[str]:
     # The binding's own reading (proxy.model.binding): what it binds is exactly what is kept.
-    named: set[str] = set()
-    for value in values:
-        named.update(connection_tokens(value))
-    return named
+    tokens = _TOKENS_OF.get(value)
+    if tokens is None:
+        tokens = frozenset(connection_tokens(value))
+        if len(_TOKENS_OF) >= _NAMED_BY_MAX:
+            _TOKENS_OF.clear()
+        _TOKENS_OF[value] = tokens
+    return tokens
 
 
-def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
     """The (lower-case) header names a `Connection` header declares hop-by-hop."""
-    return _connection_tokens(headers.getall("Connection", ()))
+    values = headers.getall("Connection", ())
+    if len(values) == 1:
+        return _tokens_of(values[0])
+    return frozenset().union(*map(_tokens_of, values))
 
 
 # `Connection` values seen, and the names each declares hop-by-hop beyond HOP_BY_HOP: nearly every

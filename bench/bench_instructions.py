@@ -1,7 +1,7 @@
 """Instructions per pass-through request, counted by valgrind: a figure that a noisy machine does
 not move, for telling whether a change to the request path made it cheaper.
 
-    .venv/bin/python bench/bench_instructions.py [--requests 2000] [--floor]
+    .venv/bin/python bench/bench_instructions.py [--requests 2000] [--floor | --bare]
 
 Runs the proxy under `valgrind --tool=callgrind --instr-atstart=no` (Debian's valgrind), with the
 configuration of `make bench`'s Countersign row (JWT from the test IdP, 1,000 rules with the
@@ -9,7 +9,8 @@ allowing rule last, audit file on, memory store) in front of one nginx upstream;
 requests to warm it up, switches counting on (`callgrind_control -i on`), sends exactly
 `--requests` keep-alive GETs over 8 connections, switches it off, dumps, and prints the
 user-space instructions per request. `--floor`: the same for the front and upstream client with
-nothing between them (bench_floor.py's relay). Starting the proxy under valgrind takes a minute
+nothing between them (bench_floor.py's relay); `--bare`: for bench_floor.py's bare Python relay
+(no proxy duties: the least a Python relay costs). Starting the proxy under valgrind takes a minute
 or two; the run itself about one more. Repeatable to about ±0.5 % (seen here); req/s moved
 ±15 % between identical runs on the same machine.
 """
@@ -62,7 +63,9 @@ def send(port: int, path: str, count: int, connections: int, token: str | None) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--floor", action="store_true", help="front + upstream client only")
+    relay = parser.add_mutually_exclusive_group()
+    relay.add_argument("--floor", action="store_true", help="front + upstream client only")
+    relay.add_argument("--bare", action="store_true", help="the bare Python relay")
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control", "nginx"):
         if not shutil.which(tool):
@@ -70,7 +73,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="countersign-instr-"))
     out = tmp / "callgrind.out"
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
-    idp = None if args.floor else run_all.start_idp(run_all.DEFAULT_CLIENTS)
+    relay_only = args.floor or args.bare
+    idp = None if relay_only else run_all.start_idp(run_all.DEFAULT_CLIENTS)
     try:
         with run_all.processes() as procs:
             up, port = run_all.free_port(), run_all.free_port()
@@ -79,7 +83,8 @@ def main() -> None:
             run_all.wait_port(up, procs[-1], "nginx upstream")
             token = None
             if idp is None:
-                command = [run_all.PY, "-c", bench_floor.FRONT_ONLY, str(up), str(port)]
+                code = bench_floor.BARE_RELAY if args.bare else bench_floor.FRONT_ONLY
+                command = [run_all.PY, "-c", code, str(up), str(port)]
                 path = "/x"
             else:
                 conf = run_all.countersign_config(tmp, port, up, idp.issuer, 1000, 1, "memory://")
@@ -107,7 +112,10 @@ def main() -> None:
             totals = re.search(r"^totals: (\d+)", dumps[-1].read_text(), re.M)
             if totals is None:
                 raise SystemExit(f"no totals in {dumps[-1]}")
-            what = "front + upstream client" if args.floor else "countersign run"
+            if args.bare:
+                what = "bare Python relay"
+            else:
+                what = "front + upstream client" if args.floor else "countersign run"
             count = args.requests // 8 * 8  # what the 8 connections sent
             print(f"{what}: {int(totals.group(1)) / count:,.0f} instructions per request")
             print(f"({count} requests, non-200: {failures})")

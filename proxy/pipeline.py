@@ -53,7 +53,7 @@ from .model import Action, AmbiguousField, Identity, RequestBody, RequestInfo, U
 from .paths import (
     AmbiguousRequest,
     check_method,
-    check_method_override,
+    check_method_override_headers,
     normalize_path,
 )
 from .policy import Policy
@@ -509,7 +509,7 @@ class ProxyHandler:
             )
         try:
             check_method(request.method)
-            check_method_override(request.headers.keys())
+            check_method_override_headers(request.headers)
             exchange.path = normalize_path(exchange.raw_path)
         except AmbiguousRequest as exc:
             # Not routed (the path cannot be trusted), but the route its prefix names, if

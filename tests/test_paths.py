@@ -6,11 +6,13 @@ import random
 import re
 
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.paths import (
     METHOD_OVERRIDE_HEADERS,
     AmbiguousRequest,
     check_method_override,
+    check_method_override_headers,
     encode_path,
     normalize_path,
 )
@@ -294,6 +296,24 @@ def test_no_method_override_passes() -> None:
     check_method_override([])
     check_method_override(["Host", "Content-Type", "X-HTTP-Method-Overrides", "X-Method"])
     check_method_override(iter(["Authorization"]))  # any iterable
+
+
+@pytest.mark.parametrize(
+    "name", ["X-HTTP-Method-Override", "x-http-method", "X-Method-Override", "X-HTTP-METHOD"]
+)
+def test_method_override_refused_from_request_headers(name: str) -> None:
+    """The request path's form looks the names up (any case) and names the header as sent."""
+    headers = CIMultiDictProxy(CIMultiDict([("Host", "h"), ("Accept", "*/*"), (name, "DELETE")]))
+    with pytest.raises(AmbiguousRequest) as info:
+        check_method_override_headers(headers)
+    assert info.value.reason == "method_override"
+    assert f"({name})" in info.value.message
+
+
+def test_no_method_override_in_request_headers_passes() -> None:
+    names = ["Host", "Content-Type", "X-HTTP-Method-Overrides", "X-Method", "Authorization"]
+    check_method_override_headers(CIMultiDictProxy(CIMultiDict((n, "v") for n in names)))
+    check_method_override_headers(CIMultiDictProxy(CIMultiDict()))
 
 
 def test_check_method_refuses_lower_case() -> None:

@@ -362,13 +362,44 @@ def _pack(args: tuple[Any, ...]) -> bytes:
 
 class _Waiter:
     """One `wait` call: woken by a change notice, with the approval's new value when the
-    notice carried one (else None: read Redis)."""
+    notice carried one (else None: read Redis).
 
-    __slots__ = ("event", "noticed")
+    An event of its own, lighter than `asyncio.Event` (which keeps a deque, ~0.9 KiB, and
+    `asyncio.timeout` adds more): one of these lives for every held request."""
+
+    __slots__ = ("_future", "_woken", "noticed")
 
     def __init__(self) -> None:
-        self.event = asyncio.Event()
+        self._woken = False
+        self._future: asyncio.Future[None] | None = None
         self.noticed: tuple[str, Approval] | None = None
+
+    def set(self) -> None:
+        self._woken = True
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def clear(self) -> None:
+        self._woken = False
+
+    async def wait(self, seconds: float) -> None:
+        """Until `set` (at once if it was set since `clear`), or `seconds` have passed."""
+        if self._woken:
+            return
+        loop = asyncio.get_running_loop()
+        future = self._future = loop.create_future()
+        timer = loop.call_later(seconds, _release, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+            self._future = None
+
+
+def _release(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class RedisStore:
@@ -1042,7 +1073,7 @@ class RedisStore:
                 # Take the notice and clear, then read only without a notice: a change
                 # published after this point sets the event again, so it is never missed.
                 noticed, waiter.noticed = waiter.noticed, None
-                waiter.event.clear()
+                waiter.clear()
                 approval: Approval | None
                 if noticed is not None:
                     raw, approval = noticed
@@ -1056,9 +1087,7 @@ class RedisStore:
                     return approval
                 if not self._subscribed.is_set():
                     remaining = min(remaining, 0.5)  # no subscription right now: poll
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(remaining):
-                        await waiter.event.wait()
+                await waiter.wait(remaining)
         finally:
             waiters = self._waiters.get(approval_id)
             if waiters is not None:
@@ -1243,14 +1272,14 @@ class RedisStore:
                 log.warning("store.unreadable_notice", approval_id=approval_id, error=str(exc))
         for waiter in waiters:
             waiter.noticed = noticed
-            waiter.event.set()
+            waiter.set()
 
     def _wake_all(self) -> None:
         """Every local waiter reads its approval from Redis again."""
         for waiters in self._waiters.values():
             for waiter in waiters:
                 waiter.noticed = None
-                waiter.event.set()
+                waiter.set()
 
     async def _listen(self) -> None:
         backoff = 0.1

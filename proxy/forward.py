@@ -56,17 +56,20 @@ _EMPTY_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _COALESCE_BELOW = 64 * 1024  # a body smaller than this leaves in the same write as the head
 
 
-# A request's `Connection` values seen, and the names each declares: nearly every client sends
-# one of a handful (`keep-alive`, `close`), read once each. Bounded like `_NAMED_BY` below.
-_TOKENS_OF: dict[str, frozenset[str]] = {}
+# `Connection` values seen, each with the names it declares, all of them and those beyond
+# HOP_BY_HOP: nearly every request and answer carries one of a handful (`keep-alive`, `close`),
+# read once each. Bounded: a peer sending ever-new values only refills it.
+_TOKENS_OF: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+_TOKENS_OF_MAX = 256
 
 
-def _tokens_of(value: str) -> frozenset[str]:
+def _tokens_of(value: str) -> tuple[frozenset[str], frozenset[str]]:
     # The binding's own reading (proxy.model.binding): what it binds is exactly what is kept.
     tokens = _TOKENS_OF.get(value)
     if tokens is None:
-        tokens = frozenset(connection_tokens(value))
-        if len(_TOKENS_OF) >= _NAMED_BY_MAX:
+        named = frozenset(connection_tokens(value))
+        tokens = (named, named - HOP_BY_HOP)
+        if len(_TOKENS_OF) >= _TOKENS_OF_MAX:
             _TOKENS_OF.clear()
         _TOKENS_OF[value] = tokens
     return tokens
@@ -76,25 +79,8 @@ def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> froze
     """The (lower-case) header names a `Connection` header declares hop-by-hop."""
     values = headers.getall("Connection", ())
     if len(values) == 1:
-        return _tokens_of(values[0])
-    return frozenset().union(*map(_tokens_of, values))
-
-
-# `Connection` values seen, and the names each declares hop-by-hop beyond HOP_BY_HOP: nearly every
-# answer carries one of a handful (`keep-alive`, `close`), read once each. Bounded: an upstream
-# sending ever-new values only refills it.
-_NAMED_BY: dict[str, frozenset[str]] = {}
-_NAMED_BY_MAX = 256
-
-
-def _named_beyond_hop_by_hop(value: str) -> frozenset[str]:
-    named = _NAMED_BY.get(value)
-    if named is None:
-        named = frozenset(connection_tokens(value)) - HOP_BY_HOP
-        if len(_NAMED_BY) >= _NAMED_BY_MAX:
-            _NAMED_BY.clear()
-        _NAMED_BY[value] = named
-    return named
+        return _tokens_of(values[0])[0]
+    return frozenset().union(*(_tokens_of(value)[0] for value in values))
 
 
 def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -106,7 +92,7 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]
         lower = key.lower()
         if lower in HOP_BY_HOP:
             if lower == "connection":
-                named |= _named_beyond_hop_by_hop(value)
+                named |= _tokens_of(value)[1]
             continue
         kept.append((key, value))
     if named:

@@ -586,8 +586,7 @@ class ProxyHandler:
         route = exchange.route
         assert route is not None
         recognizer = route.recognizer
-        if recognizer is None:
-            return None
+        assert recognizer is not None  # (`_handle` skips this stage without one)
         request = exchange.request
         if exchange.body is None and recognizer.needs_body(request.method):
             answer = await self._read_body(exchange)

@@ -7,6 +7,7 @@ and durable and wakes whoever waits on an approval.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
 from collections.abc import Sequence
@@ -23,6 +24,12 @@ class StoreUnavailable(Exception):
 
 class InvalidCursor(ValueError):
     """A listing cursor that no store handed out."""
+
+
+def settle(waiter: asyncio.Future[None]) -> None:
+    """Let a waiter go (a change, or its time is up), unless it has gone already."""
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def cursor_after(approval: Approval) -> str:

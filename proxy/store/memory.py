@@ -22,7 +22,7 @@ from dataclasses import replace
 from ..model import Approval, ApprovalState, DecisionRecord, Outcome
 from ..model import state as transitions
 from ..model.grant import Grant
-from .base import StoreUnavailable, cursor_after, parse_cursor
+from .base import StoreUnavailable, cursor_after, parse_cursor, settle
 
 _EXPIRABLE = (ApprovalState.PENDING, ApprovalState.APPROVED)
 _FINISHED = (
@@ -243,7 +243,7 @@ class MemoryStore:
         waiter: asyncio.Future[None] = loop.create_future()
         waiters = self._changed.setdefault(approval_id, [])
         waiters.append(waiter)
-        timer = loop.call_later(seconds, _settle, waiter)
+        timer = loop.call_later(seconds, settle, waiter)
         try:
             await waiter
         finally:
@@ -356,12 +356,6 @@ def _discard(index: list[tuple[float, str]], position: tuple[float, str]) -> Non
         del index[at]
 
 
-def _settle(waiter: asyncio.Future[None]) -> None:
-    """Let a waiter go (a change, or its time is up), unless it has gone already."""
-    if not waiter.done():
-        waiter.set_result(None)
-
-
 def _wake(waiters: list[asyncio.Future[None]]) -> None:
     for waiter in waiters:
-        _settle(waiter)
+        settle(waiter)

@@ -79,7 +79,7 @@ from ..model import state as transitions
 from ..model.grant import Grant
 from ..tasks import stop_task
 from . import codec
-from .base import StoreUnavailable, encode_cursor, parse_cursor
+from .base import StoreUnavailable, encode_cursor, parse_cursor, settle
 
 log = structlog.get_logger("countersign.store")
 
@@ -376,9 +376,8 @@ class _Waiter:
 
     def set(self) -> None:
         self._woken = True
-        future = self._future
-        if future is not None and not future.done():
-            future.set_result(None)
+        if self._future is not None:
+            settle(self._future)
 
     def clear(self) -> None:
         self._woken = False
@@ -389,17 +388,12 @@ class _Waiter:
             return
         loop = asyncio.get_running_loop()
         future = self._future = loop.create_future()
-        timer = loop.call_later(seconds, _release, future)
+        timer = loop.call_later(seconds, settle, future)
         try:
             await future
         finally:
             timer.cancel()
             self._future = None
-
-
-def _release(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class RedisStore:
